@@ -1,0 +1,107 @@
+"""JSON with types: datetime, date, Decimal and UUID survive the round trip.
+
+A typed value is stored as a one-key object, readable by plain SQL:
+``{"$datetime": "2026-11-23T05:41:46+00:00"}``, ``{"$date": "2026-11-23"}``,
+``{"$decimal": "19.90"}``, ``{"$uuid": "…"}``. Naive datetimes are written without
+an offset and come back naive. One-key objects with these keys are reserved.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from .errors import UnserializableData
+
+ALLOWED = "a str, number, bool, None, list, dict, datetime, date, Decimal or UUID"
+
+_DECODERS = {
+    "$datetime": datetime.fromisoformat,
+    "$date": date.fromisoformat,
+    "$decimal": Decimal,
+    "$uuid": UUID,
+}
+
+
+def _tag(value: Any) -> dict[str, str]:
+    # datetime before date: a datetime is a date too.
+    if isinstance(value, datetime):
+        return {"$datetime": value.isoformat()}
+    if isinstance(value, date):
+        return {"$date": value.isoformat()}
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError("non-finite Decimal")
+        return {"$decimal": str(value)}
+    if isinstance(value, UUID):
+        return {"$uuid": str(value)}
+    raise TypeError(type(value).__name__)
+
+
+def dumps(value: Any, *, what: str = "data", max_bytes: int | None = None) -> str:
+    """Encode `value`, or raise UnserializableData naming the offending path."""
+    try:
+        text = json.dumps(value, default=_tag, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):
+        raise UnserializableData(_explain(value, what)) from None
+    if max_bytes is not None and len(text) > max_bytes:
+        size = len(text.encode())
+        if size > max_bytes:
+            raise UnserializableData(
+                f"{what} is {size} bytes encoded, over the limit of {max_bytes}; store large "
+                "payloads elsewhere and pass a reference, or raise max_data_bytes")
+    return text
+
+
+def loads(text: str | None) -> Any:
+    if text is None:
+        return None
+    return json.loads(text, object_hook=_untag)
+
+
+def _untag(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1:
+        ((key, raw),) = obj.items()
+        decode = _DECODERS.get(key)
+        if decode is not None and isinstance(raw, str):
+            return decode(raw)
+    return obj
+
+
+def _explain(value: Any, path: str, seen: frozenset[int] = frozenset()) -> str:
+    """Slow path, only on failure: find the first value the codec refuses."""
+    if isinstance(value, str | bool | int | type(None)):
+        return f"{path}: unexpected encoding failure"
+    if isinstance(value, float):
+        return f"{path}: {value!r} is not a finite number; JSON has no NaN or infinity"
+    if isinstance(value, Decimal | datetime | date | UUID):
+        return f"{path}: {value!r} cannot be stored (a Decimal must be finite)"
+    if id(value) in seen:
+        return f"{path}: refers to itself; data must be a tree, not a cycle"
+    seen = seen | {id(value)}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str | int | float | bool | type(None)):
+                return (f"{path}: key {key!r} of type {type(key).__name__} is not allowed; "
+                        "dict keys must be strings")
+            if _fails(item):
+                return _explain(item, f"{path}[{json.dumps(key)}]", seen)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            if _fails(item):
+                return _explain(item, f"{path}[{i}]", seen)
+    else:
+        return (f"{path}: object of type {type(value).__name__} is not serializable; "
+                f"pass {ALLOWED}")
+    return f"{path}: cannot be serialized; pass {ALLOWED}"
+
+
+def _fails(value: Any) -> bool:
+    try:
+        json.dumps(value, default=_tag, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return True
+    return False

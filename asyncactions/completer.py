@@ -1,0 +1,107 @@
+"""Write outcomes in batches: one fenced statement for everything that finished in
+the last few milliseconds, instead of a transaction per action.
+
+An outcome is never dropped: if the database is away, the batch is kept and written
+again once it is back (or the lease runs out and the action runs again).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+from sqlalchemy import Engine
+from sqlalchemy import exc as sa_exc
+
+from . import queries
+from .database import first_line
+from .outcomes import Outcome
+
+log = logging.getLogger("asyncactions.completer")
+
+FLUSH_INTERVAL = 0.005  # seconds an outcome may wait for company
+MAX_BATCH = 500
+
+
+class Completer:
+    def __init__(self, engine: Engine, on_written: Callable[[list[Outcome]], None]) -> None:
+        self._engine = engine
+        self._on_written = on_written
+        self._queue: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
+        self._unwritten = 0
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._thread = threading.Thread(target=self._loop, name="asyncactions-completer",
+                                        daemon=True)
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, outcome: Outcome) -> None:
+        with self._lock:
+            self._unwritten += 1
+        self._queue.put(outcome)
+
+    @property
+    def unwritten(self) -> int:
+        return self._unwritten
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every outcome handed in so far is written."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._unwritten == 0, timeout)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Flush what is queued, then stop (giving up after `timeout`)."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._stopping.set()
+            self._thread.join(1.0)
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            batch: list[Outcome] = []
+            if first is None:
+                stopping = True
+            else:
+                batch.append(first)
+            # Gather company for a moment: one statement for many outcomes.
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get(timeout=FLUSH_INTERVAL) if batch else \
+                        self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            if batch:
+                self._write(batch)
+
+    def _write(self, batch: list[Outcome]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                with self._engine.begin() as conn:
+                    queries.record(conn, batch)
+                break
+            except sa_exc.DBAPIError as exc:
+                if self._stopping.is_set():
+                    log.error("could not write %d outcomes before stopping: %s; their leases "
+                              "will expire and they will run again", len(batch), first_line(exc))
+                    break
+                log.warning("writing %d outcomes failed (%s); retrying in %.1fs", len(batch),
+                            first_line(exc), delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 5.0)
+        self._on_written(batch)
+        with self._idle:
+            self._unwritten -= len(batch)
+            self._idle.notify_all()

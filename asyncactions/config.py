@@ -1,0 +1,170 @@
+"""Configuration: a TOML file (SPEC §6) plus environment and command-line overrides.
+
+Every value is checked when loaded; a wrong key or value raises ConfigError with
+one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+EMBEDDED_DATABASE_URL = "sqlite:///asyncactions.db"
+DEFAULT_CONFIG_PATHS = (Path("asyncactions.toml"), Path("config/asyncactions.toml"))
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: str | timedelta, *, what: str = "duration") -> timedelta:
+    """'500ms', '30s', '5m', '2h', '7d' -> timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(f"{what}: {value!r} is not a duration; write it like 500ms, 30s, 5m, "
+                          "2h or 7d")
+    return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+
+
+def format_duration(value: timedelta) -> str:
+    seconds = value.total_seconds()
+    for unit in ("d", "h", "m", "s"):
+        size = _UNIT_SECONDS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{round(seconds * 1000)}ms"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    concurrency: int = 10
+    poll_interval: timedelta = timedelta(seconds=1)
+    lease: timedelta = timedelta(seconds=60)
+    shutdown_grace: timedelta = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: str | None = None
+    imports: tuple[str, ...] = ()
+    max_data_bytes: int = 131072
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    # Per-processor overrides, already checked: {name: {setting: value}}.
+    processors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source: str = "defaults"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or EMBEDDED_DATABASE_URL
+
+    def with_overrides(self, **changes: Any) -> Config:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# Processor settings a config file may override, with their checkers.
+def _positive_int(value: Any, what: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{what}: must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+def _bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what}: must be true or false, got {value!r}")
+    return value
+
+
+def _backoff(value: Any, what: str) -> str:
+    if value not in ("fixed", "exponential"):
+        raise ConfigError(f"{what}: must be \"fixed\" or \"exponential\", got {value!r}")
+    return value
+
+
+def _optional_duration(value: Any, what: str) -> timedelta | None:
+    return None if value in (None, "none", "") else parse_duration(value, what=what)
+
+
+PROCESSOR_SETTINGS = {
+    "retries": lambda v, w: _positive_int(v, w),
+    "retry_interval": lambda v, w: parse_duration(v, what=w),
+    "backoff": _backoff,
+    "timeout": _optional_duration,
+    "batch_size": lambda v, w: _positive_int(v, w, 1),
+    "enabled": _bool,
+}
+
+
+def _check_keys(table: dict[str, Any], allowed: set[str] | dict[str, Any], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r}; "
+                              f"allowed: {', '.join(sorted(allowed))}")
+
+
+def _parse(raw: dict[str, Any], source: str) -> Config:
+    _check_keys(raw, {"database_url", "imports", "max_data_bytes", "worker", "processors"},
+                source)
+    url = raw.get("database_url")
+    if url is not None and (not isinstance(url, str) or not url):
+        raise ConfigError(f"{source}: database_url must be a URL string, got {url!r}")
+    imports = raw.get("imports", [])
+    if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
+        raise ConfigError(f"{source}: imports must be a list of module names, got {imports!r}")
+    max_bytes = _positive_int(raw.get("max_data_bytes", 131072), f"{source}: max_data_bytes", 1)
+
+    worker_raw = raw.get("worker", {})
+    if not isinstance(worker_raw, dict):
+        raise ConfigError(f"{source}: [worker] must be a table")
+    where = f"{source}: [worker]"
+    _check_keys(worker_raw, WorkerSettings.__dataclass_fields__, where)
+    worker = WorkerSettings()
+    if "concurrency" in worker_raw:
+        worker = replace(worker, concurrency=_positive_int(
+            worker_raw["concurrency"], f"{where} concurrency", 1))
+    for key in ("poll_interval", "lease", "shutdown_grace"):
+        if key in worker_raw:
+            worker = replace(worker, **{key: parse_duration(worker_raw[key],
+                                                            what=f"{where} {key}")})
+
+    processors: dict[str, dict[str, Any]] = {}
+    for name, table in raw.get("processors", {}).items():
+        where = f"{source}: [processors.{name}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table")
+        _check_keys(table, PROCESSOR_SETTINGS, where)
+        processors[name] = {k: PROCESSOR_SETTINGS[k](v, f"{where} {k}") for k, v in table.items()}
+
+    return Config(database_url=url, imports=tuple(imports), max_data_bytes=max_bytes,
+                  worker=worker, processors=processors, source=source)
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                database_url: str | None = None) -> Config:
+    """Read the config file (explicit path, ASYNCACTIONS_CONFIG, or a default location)
+    and apply ASYNCACTIONS_DATABASE_URL and an explicit database_url on top."""
+    path = path or os.environ.get("ASYNCACTIONS_CONFIG")
+    if path is not None:
+        chosen: Path | None = Path(path)
+        if not chosen.is_file():
+            raise ConfigError(f"config file {str(chosen)!r} does not exist; fix --config or "
+                              "ASYNCACTIONS_CONFIG")
+    else:
+        chosen = next((p for p in DEFAULT_CONFIG_PATHS if p.is_file()), None)
+
+    config = Config()
+    if chosen is not None:
+        try:
+            raw = tomllib.loads(chosen.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{chosen}: malformed TOML: {exc}") from None
+        config = _parse(raw, str(chosen))
+    env_url = os.environ.get("ASYNCACTIONS_DATABASE_URL") or None
+    return config.with_overrides(database_url=database_url or env_url or config.database_url)

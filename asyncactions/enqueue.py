@@ -1,0 +1,195 @@
+"""The outbox: record actions inside the caller's own transaction.
+
+The row and, on PostgreSQL, the wake-up notification belong to the caller's
+transaction, so a rolled-back transaction leaves no action and wakes nobody.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Float,
+    Row,
+    Text,
+    bindparam,
+    func,
+    insert,
+    literal,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from . import codec
+from .action import Action, Status
+from .errors import AsyncActionsError
+from .processors import registered
+from .schema import (
+    ACTIVE_STATUSES,
+    action_columns,
+    as_payload,
+    async_action,
+    db_now,
+)
+
+NOTIFY_CHANNEL = "asyncactions"
+MAX_DATA_BYTES = 131072
+DEFAULT_RETRIES = 3
+
+Database = Session | Connection | Engine
+
+
+@contextmanager
+def connection(db: Database) -> Iterator[Connection]:
+    """The connection to work on: the caller's (joining its transaction) or, for an
+    Engine, a fresh one in a short transaction of its own."""
+    if isinstance(db, Session):
+        yield db.connection()
+    elif isinstance(db, Connection):
+        yield db
+    elif isinstance(db, Engine):
+        with db.begin() as conn:
+            yield conn
+    else:
+        raise TypeError(f"db must be a SQLAlchemy Session, Connection or Engine, not "
+                        f"{type(db).__name__}")
+
+
+def row_to_action(row: Row[Any] | Sequence[Any]) -> Action:
+    """A row selected with schema.action_columns() as an Action (payloads decoded)."""
+    (id_, processor, status, data, related_id, priority, retries, attempts, error, errors,
+     result, unique_key, *times) = row[:18]
+    return Action(id_, processor, Status(status), codec.loads(data), related_id, priority,
+                  retries, attempts, error, codec.loads(errors) or [], codec.loads(result),
+                  unique_key, *times)
+
+
+def _options(processor: str, delay: timedelta | None, eligible_at: datetime | None,
+             retries: int | None, priority: int) -> dict[str, Any]:
+    if delay is not None and eligible_at is not None:
+        raise AsyncActionsError("give either delay or eligible_at, not both")
+    if retries is None:
+        known = registered().get(processor)
+        retries = known.settings.retries if known else DEFAULT_RETRIES
+    if retries < 0:
+        raise AsyncActionsError(f"retries must be >= 0, got {retries}")
+    if not -32768 <= priority <= 32767:
+        raise AsyncActionsError(f"priority must fit a smallint (-32768..32767), got {priority}")
+    return {"retries": retries, "priority": priority,
+            "delay": (delay or timedelta(0)).total_seconds(), "eligible_at": eligible_at}
+
+
+def _insert_values(explicit_time: bool, data: Any) -> dict[str, Any]:
+    """Column values shared by single and bulk inserts; `data` is the data expression."""
+    return {
+        "processor": bindparam("processor", type_=Text),
+        "status": literal(Status.PENDING.value, Text),
+        "data": data,
+        "related_id": bindparam("related_id", type_=Text),
+        "priority": bindparam("priority"),
+        "retries": bindparam("retries"),
+        "unique_key": bindparam("unique_key", type_=Text),
+        "next_eligible_at": (bindparam("eligible_at", type_=async_action.c.next_eligible_at.type)
+                             if explicit_time else db_now(bindparam("delay", type_=Float))),
+        "created_at": db_now(literal(0)),
+    }
+
+
+def _returning(conn: Connection) -> list[Any]:
+    cols: list[Any] = [async_action.c.id, async_action.c.created_at,
+                       async_action.c.next_eligible_at]
+    if conn.dialect.name == "postgresql":
+        # Delivered at commit, never on rollback; an uncorrelated subquery runs once,
+        # so a bulk insert sends one notification.
+        cols.append(select(func.pg_notify(NOTIFY_CHANNEL, bindparam("processor", type_=Text)))
+                    .scalar_subquery())
+    return cols
+
+
+def init_action(db: Database, processor: str, data: Any = None, *,
+                related_id: str | None = None, delay: timedelta | None = None,
+                eligible_at: datetime | None = None, retries: int | None = None,
+                priority: int = 0, unique_key: str | None = None) -> Action:
+    """Record one action in the caller's transaction and return it with its id.
+
+    With a `unique_key` held by a pending or running action, nothing is inserted and
+    that action is returned instead.
+    """
+    options = _options(processor, delay, eligible_at, retries, priority)
+    text = None if data is None else codec.dumps(data, max_bytes=MAX_DATA_BYTES)
+    params = {"processor": processor, "data": text, "related_id": related_id,
+              "unique_key": unique_key, **options}
+    with connection(db) as conn:
+        stmt = _insert_stmt(conn, eligible_at is not None, unique_key is not None)
+        while True:
+            row = conn.execute(stmt, params).first()
+            if row is not None:
+                return _new_action(row, processor, data, params)
+            existing = _live_action_with_key(conn, unique_key)
+            if existing is not None:
+                return existing
+            # The holder of the key finished between our insert and our look-up: try again.
+
+
+def init_actions(db: Database, processor: str, data: Sequence[Any], *,
+                 related_id: str | None = None, delay: timedelta | None = None,
+                 eligible_at: datetime | None = None, retries: int | None = None,
+                 priority: int = 0) -> list[Action]:
+    """Record many actions of one processor in one statement (one round trip)."""
+    options = _options(processor, delay, eligible_at, retries, priority)
+    texts = [None if d is None else codec.dumps(d, what=f"data[{i}]", max_bytes=MAX_DATA_BYTES)
+             for i, d in enumerate(data)]
+    if not texts:
+        return []
+    params = {"processor": processor, "related_id": related_id, "unique_key": None, **options}
+    with connection(db) as conn:
+        if conn.dialect.name == "postgresql":
+            rows = conn.execute(_bulk_insert_pg(conn, eligible_at is not None),
+                                {**params, "datas": texts}).all()
+            rows.sort(key=lambda r: r[0])
+        else:
+            # SQLite has no round trips to save: the single-row statement, many times.
+            stmt = _insert_stmt(conn, eligible_at is not None, False)
+            rows = [conn.execute(stmt, {**params, "data": t}).one() for t in texts]
+    return [_new_action(row, processor, d, params) for row, d in zip(rows, data, strict=True)]
+
+
+def _insert_stmt(conn: Connection, explicit_time: bool, unique: bool) -> Any:
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    stmt = dialect_insert(async_action).values(
+        _insert_values(explicit_time, as_payload(bindparam("data", type_=Text))))
+    if unique:
+        stmt = stmt.on_conflict_do_nothing(
+            index_elements=["unique_key"],
+            index_where=async_action.c.status.in_(ACTIVE_STATUSES)
+            & async_action.c.unique_key.is_not(None))
+    return stmt.returning(*_returning(conn))
+
+
+def _bulk_insert_pg(conn: Connection, explicit_time: bool) -> Any:
+    # unnest WITH ORDINALITY keeps the caller's order in the ids.
+    elems = (func.unnest(bindparam("datas", type_=postgresql.ARRAY(Text)))
+             .table_valued("value", with_ordinality="ord").render_derived(name="elems"))
+    values = _insert_values(explicit_time, as_payload(elems.c.value))
+    select_rows = select(*values.values()).select_from(elems).order_by(elems.c.ord)
+    return (insert(async_action).from_select(list(values), select_rows)
+            .returning(*_returning(conn)))
+
+
+def _new_action(row: Row[Any], processor: str, data: Any, params: dict[str, Any]) -> Action:
+    return Action(row[0], processor, Status.PENDING, data, params["related_id"],
+                  params["priority"], params["retries"], 0, None, [], None,
+                  params["unique_key"], row[2], row[1], None, None, None, None)
+
+
+def _live_action_with_key(conn: Connection, unique_key: str | None) -> Action | None:
+    row = conn.execute(select(*action_columns()).where(
+        async_action.c.unique_key == unique_key,
+        async_action.c.status.in_(ACTIVE_STATUSES))).first()
+    return row_to_action(row) if row else None

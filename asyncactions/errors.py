@@ -1,0 +1,29 @@
+"""Errors raised to callers. Each message names what is wrong and how to fix it."""
+
+
+class AsyncActionsError(Exception):
+    """Base of every error asyncactions raises to its callers."""
+
+
+class ConfigError(AsyncActionsError):
+    """The configuration file, environment or an option is invalid."""
+
+
+class UnserializableData(AsyncActionsError):
+    """Data or a result holds a value the codec cannot store."""
+
+
+class UnknownProcessor(AsyncActionsError):
+    """A processor name that no imported module registered."""
+
+
+class ActionNotFound(AsyncActionsError):
+    """No action has the given id."""
+
+
+class DatabaseError(AsyncActionsError):
+    """The database is unreachable or its schema is missing."""
+
+
+class ImportFailed(AsyncActionsError):
+    """A module named with --import (or `imports`) could not be imported."""

@@ -1,0 +1,96 @@
+"""Turn what a processor did (returned, raised) into one Outcome to record.
+
+The retry decision lives here and nowhere else: a small pure function of the
+action, the processor's settings and the exception.
+"""
+
+from __future__ import annotations
+
+import random
+import traceback
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from . import codec
+from .action import Action, Status
+from .errors import UnserializableData
+from .processors import Defer, PermanentFailure, ProcessorSettings
+
+ERROR_MAX_CHARS = 1000
+ERROR_HISTORY = 20
+EXPONENTIAL_CAP = timedelta(hours=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What to write for one finished attempt. `status` is the row's new status."""
+
+    action: Action
+    status: Status
+    retries: int
+    delay: timedelta = timedelta(0)
+    result: str | None = None  # codec JSON
+    error: str | None = None
+    errors: str | None = None  # codec JSON of the whole history, when it grew
+
+    @property
+    def is_final(self) -> bool:
+        return self.status.is_final
+
+
+def error_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ").strip()
+    return text if len(text) <= ERROR_MAX_CHARS else text[: ERROR_MAX_CHARS - 1] + "…"
+
+
+def completed(action: Action, value: Any) -> Outcome:
+    try:
+        result = None if value is None else codec.dumps(value, what="result")
+    except UnserializableData as exc:
+        return failed_attempt(action, exc, worker=action.claimed_by, permanent=True)
+    return Outcome(action, Status.COMPLETED, action.retries, result=result)
+
+
+def deferred(action: Action, defer: Defer) -> Outcome:
+    return Outcome(action, Status.PENDING, action.retries, delay=defer.delay,
+                   error=action.error)
+
+
+def failed_attempt(action: Action, exc: BaseException, *, worker: str | None,
+                   settings: ProcessorSettings | None = None, permanent: bool = False,
+                   tb: str | None = None) -> Outcome:
+    """A failed attempt: retry after the interval while retries remain, else fail."""
+    line = error_line(exc)
+    if tb is None:
+        tb = "".join(traceback.format_exception(exc)) if exc.__traceback__ else None
+    entry = {"attempt": action.attempts, "at": datetime.now(UTC).isoformat(), "error": line,
+             "traceback": tb, "worker": worker}
+    history = codec.dumps([*action.errors, entry][-ERROR_HISTORY:], what="errors")
+    if permanent or isinstance(exc, PermanentFailure) or action.retries <= 0:
+        return Outcome(action, Status.FAILED, action.retries, error=line, errors=history)
+    return Outcome(action, Status.PENDING, action.retries - 1,
+                   delay=retry_delay(action, settings or ProcessorSettings()),
+                   error=line, errors=history)
+
+
+def retry_delay(action: Action, settings: ProcessorSettings) -> timedelta:
+    base = settings.retry_interval
+    if settings.backoff == "fixed" or base <= timedelta(0):
+        return base
+    # Exponential: double per failed attempt so far, capped, with ±20% jitter so a
+    # burst of failures does not come back as a burst.
+    failures = max(len(action.errors), action.attempts - 1, 0)
+    grown = min(base * (2 ** min(failures, 30)), max(EXPONENTIAL_CAP, base))
+    return grown * random.uniform(0.8, 1.2)
+
+
+def run(fn: Any, action: Action, settings: ProcessorSettings, worker: str) -> Outcome:
+    """Call the processor and classify how it ended."""
+    try:
+        value = fn(action)
+    except Defer as defer:
+        return deferred(action, defer)
+    except Exception as exc:
+        return failed_attempt(action, exc, worker=worker, settings=settings)
+    return completed(action, value)

@@ -1,0 +1,126 @@
+"""The @processor decorator, the registry it fills, and the outcomes a processor raises."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any, Literal
+
+from .config import PROCESSOR_SETTINGS, Config
+from .errors import ConfigError, ImportFailed, UnknownProcessor
+
+
+class PermanentFailure(Exception):
+    """Raise from a processor to fail the action now, without using a retry."""
+
+
+class Defer(Exception):
+    """Raise from a processor to run the action again after `delay`, keeping its retries."""
+
+    def __init__(self, delay: timedelta | float = timedelta(0), reason: str = "") -> None:
+        self.delay = delay if isinstance(delay, timedelta) else timedelta(seconds=delay)
+        super().__init__(reason or f"deferred for {self.delay}")
+
+
+@dataclass(frozen=True)
+class ProcessorSettings:
+    retries: int = 3
+    retry_interval: timedelta = timedelta(minutes=5)
+    backoff: Literal["fixed", "exponential"] = "fixed"
+    timeout: timedelta | None = None
+    batch_size: int = 1
+    enabled: bool = True
+    transactional: bool = False
+    on_failure: Callable[[Any], None] | None = None
+
+
+@dataclass(frozen=True)
+class Processor:
+    name: str
+    fn: Callable[..., Any]
+    settings: ProcessorSettings
+
+    def configured(self, config: Config) -> Processor:
+        """These settings with the config file's [processors.NAME] applied on top."""
+        overrides = config.processors.get(self.name)
+        return replace(self, settings=replace(self.settings, **overrides)) if overrides else self
+
+
+_registry: dict[str, Processor] = {}
+
+
+def processor(name: str, *, retries: int = 3,
+              retry_interval: timedelta = timedelta(minutes=5),
+              backoff: Literal["fixed", "exponential"] = "fixed",
+              timeout: timedelta | None = None, batch_size: int = 1, enabled: bool = True,
+              transactional: bool = False,
+              on_failure: Callable[[Any], None] | None = None) -> Callable[[Callable[..., Any]],
+                                                                          Callable[..., Any]]:
+    """Register the decorated function as the processor called `name`."""
+    settings = ProcessorSettings(retries=retries, retry_interval=retry_interval,
+                                 backoff=backoff, timeout=timeout, batch_size=batch_size,
+                                 enabled=enabled, transactional=transactional,
+                                 on_failure=on_failure)
+    for key, check in PROCESSOR_SETTINGS.items():
+        check(getattr(settings, key), f"@processor({name!r}) {key}")
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        existing = _registry.get(name)
+        if existing is not None and existing.fn is not fn and _qualname(existing.fn) != \
+                _qualname(fn):
+            raise ConfigError(f"processor {name!r} is registered twice ({_qualname(existing.fn)}"
+                              f" and {_qualname(fn)}); give each processor its own name")
+        _registry[name] = Processor(name, fn, settings)
+        return fn
+
+    return register
+
+
+def _qualname(fn: Callable[..., Any]) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+def registered() -> dict[str, Processor]:
+    return dict(_registry)
+
+
+def unregister(name: str) -> None:
+    _registry.pop(name, None)
+
+
+def import_modules(modules: Iterable[str]) -> None:
+    """Import the modules that define processors; the current directory is importable."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise ImportFailed(f"cannot import {module!r}: {type(exc).__name__}: {exc}; check "
+                               "--import / imports and that the module is on the path") from None
+
+
+def select(config: Config, names: Iterable[str] | None = None) -> dict[str, Processor]:
+    """The processors this worker runs: named ones (or all), with config applied,
+    enabled ones only."""
+    available = {name: p.configured(config) for name, p in _registry.items()}
+    for name in config.processors:
+        if name not in available:
+            raise UnknownProcessor(f"{config.source}: [processors.{name}] names no registered "
+                                   f"processor; registered: {_names(available)}")
+    if names is not None:
+        names = list(names)
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise UnknownProcessor(f"unknown processor {', '.join(map(repr, unknown))}; "
+                                   f"registered: {_names(available)} (is --import missing?)")
+        available = {n: available[n] for n in names}
+    return {n: p for n, p in available.items() if p.settings.enabled}
+
+
+def _names(processors: dict[str, Processor]) -> str:
+    return ", ".join(sorted(processors)) or "none"

@@ -1,0 +1,184 @@
+"""Table definitions and the few SQL constructs whose spelling differs by dialect.
+
+The migrations create these tables; the queries are written against them with
+SQLAlchemy Core so that one statement serves PostgreSQL and SQLite alike.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    TypeDecorator,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import ColumnElement, FunctionElement
+
+from .action import Status
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """timestamptz on PostgreSQL; on SQLite, UTC text that sorts like time does.
+
+    Naive datetimes given by callers are taken to be UTC; values always come back aware.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+# Payload columns hold JSON written by our own codec (see codec.py). SQLite gets
+# plain TEXT: a column declared JSON would have NUMERIC affinity there and turn
+# the document `5` into the integer 5.
+Payload = Text().with_variant(JSONB(), "postgresql")
+
+STATUSES = tuple(s.value for s in Status)
+ACTIVE_STATUSES = (Status.PENDING.value, Status.RUNNING.value)
+
+metadata = MetaData()
+
+async_action = Table(
+    "async_action",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("processor", Text, nullable=False),
+    Column("status", Text, nullable=False, server_default="pending"),
+    Column("data", Payload),
+    Column("related_id", Text),
+    Column("priority", SmallInteger, nullable=False, server_default="0"),
+    Column("retries", Integer, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("error", Text),
+    Column("errors", Payload),
+    Column("result", Payload),
+    Column("unique_key", Text),
+    Column("next_eligible_at", UtcDateTime, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("started_at", UtcDateTime),
+    Column("finished_at", UtcDateTime),
+    Column("claimed_by", Text),
+    Column("lease_expires_at", UtcDateTime),
+    CheckConstraint(f"status IN {STATUSES!r}", name="async_action_status_check"),
+)
+
+# The claim query's index: only runnable rows, in the claim's sort order, so the
+# claim stays fast however many finished rows the table keeps.
+Index("async_action_claim_idx", async_action.c.priority, async_action.c.next_eligible_at,
+      async_action.c.id, postgresql_where=text("status = 'pending'"),
+      sqlite_where=text("status = 'pending'"))
+# unique_key is unique among live actions only; finished ones keep theirs for audit.
+Index("async_action_unique_key_idx", async_action.c.unique_key, unique=True,
+      postgresql_where=text("status IN ('pending', 'running') AND unique_key IS NOT NULL"),
+      sqlite_where=text("status IN ('pending', 'running') AND unique_key IS NOT NULL"))
+# Lease recovery scans running rows by lease expiry.
+Index("async_action_lease_idx", async_action.c.lease_expires_at,
+      postgresql_where=text("status = 'running'"), sqlite_where=text("status = 'running'"))
+Index("async_action_related_idx", async_action.c.related_id)
+Index("async_action_status_finished_idx", async_action.c.status, async_action.c.finished_at)
+
+async_action_worker = Table(
+    "async_action_worker",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("hostname", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("processors", Text, nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("heartbeat_at", UtcDateTime, nullable=False),
+)
+
+
+# --- dialect-specific spellings --------------------------------------------------
+
+class db_now(FunctionElement[datetime]):
+    """The database's clock plus an offset in seconds (a bind parameter or literal).
+
+    Using the database's clock keeps every worker and host on one time line.
+    """
+
+    type = UtcDateTime()
+    inherit_cache = True
+
+
+@compiles(db_now, "postgresql")
+def _db_now_pg(element: db_now, compiler: Any, **kw: Any) -> str:
+    (offset,) = element.clauses
+    return f"(now() + make_interval(secs => {compiler.process(offset, **kw)}))"
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element: db_now, compiler: Any, **kw: Any) -> str:
+    # Same text layout as SQLAlchemy stores (microseconds), so comparisons sort correctly.
+    (offset,) = element.clauses
+    return (f"(strftime('%Y-%m-%d %H:%M:%f', 'now', ({compiler.process(offset, **kw)})"
+            " || ' seconds') || '000')")
+
+
+class as_payload(FunctionElement[Any]):
+    """A text bind parameter holding codec JSON, stored into a payload column."""
+
+    type = Payload
+    inherit_cache = True
+
+
+@compiles(as_payload, "postgresql")
+def _as_payload_pg(element: as_payload, compiler: Any, **kw: Any) -> str:
+    return f"CAST({compiler.process(element.clauses, **kw)} AS JSONB)"
+
+
+@compiles(as_payload, "sqlite")
+def _as_payload_sqlite(element: as_payload, compiler: Any, **kw: Any) -> str:
+    return compiler.process(element.clauses, **kw)
+
+
+class payload_text(FunctionElement[str]):
+    """A payload column read back as JSON text, decoded by our codec (not the engine's)."""
+
+    type = Text()
+    inherit_cache = True
+
+
+@compiles(payload_text, "postgresql")
+def _payload_text_pg(element: payload_text, compiler: Any, **kw: Any) -> str:
+    return f"CAST({compiler.process(element.clauses, **kw)} AS TEXT)"
+
+
+@compiles(payload_text, "sqlite")
+def _payload_text_sqlite(element: payload_text, compiler: Any, **kw: Any) -> str:
+    return compiler.process(element.clauses, **kw)
+
+
+def action_columns() -> list[ColumnElement[Any]]:
+    """Every column of async_action, payloads as text, in Action's field order."""
+    cols: list[ColumnElement[Any]] = []
+    for col in async_action.c:
+        if col.name in ("data", "errors", "result"):
+            cols.append(payload_text(col).label(col.name))
+        else:
+            cols.append(col)
+    return cols
