@@ -1,6 +1,7 @@
 """asyncactions: a durable work queue in your own database (the transactional outbox)."""
 
 from .action import Action, Status, format_id
+from .admin import cancel, get_action, retry, wait_for
 from .enqueue import init_action, init_actions
 from .errors import (
     ActionNotFound,
@@ -12,6 +13,7 @@ from .errors import (
     UnserializableData,
 )
 from .processors import Defer, PermanentFailure, processor
+from .worker import Worker
 
 __all__ = [
     "Action",
@@ -25,8 +27,13 @@ __all__ = [
     "Status",
     "UnknownProcessor",
     "UnserializableData",
+    "Worker",
+    "cancel",
     "format_id",
+    "get_action",
     "init_action",
     "init_actions",
     "processor",
+    "retry",
+    "wait_for",
 ]

@@ -32,6 +32,7 @@ from .errors import AsyncActionsError
 from .processors import registered
 from .schema import (
     ACTIVE_STATUSES,
+    NOW,
     action_columns,
     as_payload,
     async_action,
@@ -97,7 +98,7 @@ def _insert_values(explicit_time: bool, data: Any) -> dict[str, Any]:
         "unique_key": bindparam("unique_key", type_=Text),
         "next_eligible_at": (bindparam("eligible_at", type_=async_action.c.next_eligible_at.type)
                              if explicit_time else db_now(bindparam("delay", type_=Float))),
-        "created_at": db_now(literal(0)),
+        "created_at": NOW,
     }
 
 

@@ -17,7 +17,6 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
-    literal,
     null,
     select,
     update,
@@ -27,10 +26,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from .action import Action, Status
 from .enqueue import row_to_action
 from .outcomes import Outcome
-from .schema import action_columns, as_payload, async_action, async_action_worker, db_now
+from .schema import NOW, action_columns, as_payload, async_action, async_action_worker, db_now
 
 t = async_action
-NOW = db_now(literal(0))
 
 # Claim exactly the free capacity in one statement. The MATERIALIZED CTE is an
 # optimisation fence: the planner cannot run the LIMITed, SKIP LOCKED select more than

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    literal,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -137,6 +138,9 @@ def _db_now_sqlite(element: db_now, compiler: Any, **kw: Any) -> str:
     (offset,) = element.clauses
     return (f"(strftime('%Y-%m-%d %H:%M:%f', 'now', ({compiler.process(offset, **kw)})"
             " || ' seconds') || '000')")
+
+
+NOW = db_now(literal(0))
 
 
 class as_payload(FunctionElement[Any]):

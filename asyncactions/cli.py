@@ -1,0 +1,286 @@
+"""The `asyncactions` command: a thin layer over the Python API.
+
+User mistakes end as one line on stderr and exit status 2 (1 for a failed
+`enqueue --wait`); never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+from sqlalchemy import Engine, select
+from sqlalchemy import exc as sa_exc
+
+from . import admin, codec, migrate
+from . import processors as registry
+from .action import Action
+from .config import Config, format_duration, load_config, parse_duration
+from .database import describe, first_line, make_engine, require_schema
+from .enqueue import init_action
+from .errors import AsyncActionsError, ConfigError, UnknownProcessor
+from .output import FORMATS, emit
+from .schema import async_action, async_action_worker
+
+
+@dataclass
+class State:
+    config_path: str | None
+    database_url: str | None
+    _config: Config | None = None
+    _engine: Engine | None = field(default=None, repr=False)
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.config_path, self.database_url)
+        return self._config
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.config.effective_database_url)
+        return self._engine
+
+
+class Group(click.Group):
+    """Turn our errors and database outages into one line and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AsyncActionsError as exc:
+            _fail(f"{type(exc).__name__}: {exc}")
+        except sa_exc.OperationalError as exc:
+            _fail(f"DatabaseError: {first_line(exc)}; check --database-url / "
+                  "ASYNCACTIONS_DATABASE_URL and that the server is running")
+        except sa_exc.ProgrammingError as exc:
+            _fail(f"DatabaseError: {first_line(exc)}; has `asyncactions db upgrade` been run?")
+
+
+def run() -> None:
+    """Console entry point: click's own usage errors also end as one line."""
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("aborted", code=130)
+    except click.ClickException as exc:
+        hint = f" (see `asyncactions {exc.ctx.command_path.split(' ', 1)[-1]} --help`)" \
+            if getattr(exc, "ctx", None) and " " in exc.ctx.command_path else ""
+        _fail(exc.format_message().replace("\n", " ") + hint, code=exc.exit_code)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _duration(_ctx: Any, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value, what=f"--{param.name.replace('_', '-')}")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc).split(": ", 1)[1]) from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="PATH",
+              help="TOML config (default ./asyncactions.toml, then config/asyncactions.toml).")
+@click.option("--database-url", metavar="URL",
+              help="Database URL (env ASYNCACTIONS_DATABASE_URL; default sqlite:///asyncactions.db).")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, database_url: str | None) -> None:
+    """asyncactions: a durable work queue in your own database."""
+    ctx.obj = State(config_path, database_url)
+
+
+# --- worker ---------------------------------------------------------------------------
+
+@main.command()
+@click.option("--import", "imports", multiple=True, metavar="MODULE",
+              help="Module that registers processors (repeatable).")
+@click.option("--processors", metavar="A,B", help="Run only these processors.")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Actions in flight at once.")
+@click.option("--burst", is_flag=True, help="Drain what is eligible now, then exit 0.")
+@click.pass_obj
+def worker(state: State, imports: tuple[str, ...], processors: str | None,
+           concurrency: int | None, burst: bool) -> None:
+    """Run a worker until SIGTERM/SIGINT (or, with --burst, until nothing is eligible)."""
+    from .worker import Worker
+
+    _configure_logging()
+    names = [n.strip() for n in processors.split(",") if n.strip()] if processors else None
+    Worker(config=state.config, imports=imports, processors=names,
+           concurrency=concurrency).run(burst=burst)
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apscheduler", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# --- db -------------------------------------------------------------------------------
+
+@main.group()
+def db() -> None:
+    """Schema migrations (Alembic, version table asyncactions_alembic_version)."""
+
+
+@db.command()
+@click.pass_obj
+def upgrade(state: State) -> None:
+    """Create or upgrade the schema to the newest revision."""
+    migrate.upgrade(state.engine)
+    click.echo(f"{describe(state.engine)} is at revision {migrate.current(state.engine)}")
+
+
+@db.command()
+@click.argument("revision")
+@click.pass_obj
+def downgrade(state: State, revision: str) -> None:
+    """Downgrade the schema to REVISION ("base" removes it)."""
+    try:
+        migrate.downgrade(state.engine, revision)
+    except Exception as exc:  # alembic reports unknown revisions with its own exceptions
+        if isinstance(exc, AsyncActionsError | sa_exc.OperationalError):
+            raise
+        raise AsyncActionsError(f"cannot downgrade to {revision!r}: {first_line(exc)}; "
+                                "`asyncactions db current` shows the revision") from None
+    click.echo(f"{describe(state.engine)} is at revision "
+               f"{migrate.current(state.engine) or 'base'}")
+
+
+@db.command()
+@click.pass_obj
+def current(state: State) -> None:
+    """Show the schema's revision and the newest one."""
+    rev = migrate.current(state.engine)
+    head = migrate.head()
+    click.echo(f"{rev or 'base (no schema)'}" + ("" if rev == head else f" (newest: {head})"))
+
+
+@db.command()
+@click.option("--dialect", type=click.Choice(["postgresql", "sqlite"]),
+              help="Default: the configured database's, else postgresql.")
+@click.pass_obj
+def sql(state: State, dialect: str | None) -> None:
+    """Print the DDL of every migration, for a DBA to review or apply."""
+    if dialect is None:
+        url = state.config.database_url
+        dialect = "sqlite" if url and url.startswith("sqlite") else "postgresql"
+    click.echo(migrate.offline_sql(dialect), nl=False)
+
+
+# --- enqueue and single actions ----------------------------------------------------------
+
+@main.command()
+@click.argument("processor")
+@click.option("--data", default=None, metavar="JSON", help="The action's data, as JSON.")
+@click.option("--related-id", metavar="ID", help="Id of the related business record.")
+@click.option("--delay", callback=_duration, metavar="DURATION", help="Eligible after, e.g. 5m.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Lower runs first.")
+@click.option("--unique-key", metavar="KEY", help="Skip if a live action holds this key.")
+@click.option("--import", "imports", multiple=True, metavar="MODULE",
+              help="Module that registers processors (to check the name).")
+@click.option("--wait", is_flag=True, help="Block until the action is final; print its result.")
+@click.option("--timeout", callback=_duration, default="60s", show_default=True,
+              metavar="DURATION", help="With --wait: give up after this long (exit 3).")
+@click.pass_obj
+def enqueue(state: State, processor: str, data: str | None, related_id: str | None,
+            delay: Any, priority: int, unique_key: str | None, imports: tuple[str, ...],
+            wait: bool, timeout: Any) -> None:
+    """Enqueue one action by hand."""
+    try:
+        payload = None if data is None else codec.loads(data)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc})", param_hint="--data") from None
+    engine = state.engine
+    require_schema(engine)
+    _check_processor_known(state, engine, processor, imports)
+    action = init_action(engine, processor, payload, related_id=related_id, delay=delay,
+                         priority=priority, unique_key=unique_key)
+    click.echo(action.display_id)
+    if wait:
+        try:
+            final = admin.wait_for(engine, action.id, timeout.total_seconds())
+        except TimeoutError as exc:
+            _fail(f"TimeoutError: {exc}", code=3)
+        _print_final(final)
+
+
+def _print_final(action: Action) -> None:
+    click.echo(f"{action.display_id} {action.status}")
+    if action.result is not None:
+        click.echo(codec.dumps(action.result))
+    if action.status != "completed":
+        _fail(f"{action.display_id} {action.status}: {action.error or 'no error recorded'}",
+              code=1)
+
+
+def _check_processor_known(state: State, engine: Engine, name: str,
+                           imports: tuple[str, ...]) -> None:
+    """Producers need not import processors, so a name is known if it is registered here,
+    run by a live worker, or already in the table."""
+    registry.import_modules([*state.config.imports, *imports])
+    known = set(registry.registered())
+    with engine.connect() as conn:
+        for (listed,) in conn.execute(select(async_action_worker.c.processors)):
+            known.update(listed.split(","))
+        if name in known:
+            return
+        if conn.execute(select(async_action.c.id).where(async_action.c.processor == name)
+                        .limit(1)).first():
+            return
+    raise UnknownProcessor(f"unknown processor {name!r}; known: "
+                           f"{', '.join(sorted(known)) or 'none'} (pass --import MODULE that "
+                           "registers it, or start a worker that runs it)")
+
+
+@main.command()
+@click.argument("action_id", metavar="ID")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table")
+@click.pass_obj
+def show(state: State, action_id: str, fmt: str) -> None:
+    """Show one action: every field and its error history."""
+    action = admin.get_action(state.engine, action_id)
+    fields = {f: getattr(action, f) for f in action.__dataclass_fields__}
+    if fmt == "json":
+        emit([fields], list(fields), "json")
+        return
+    rows = [{"field": "id", "value": action.display_id}]
+    rows += [{"field": k, "value": v} for k, v in fields.items() if k not in ("id", "errors")]
+    emit(rows, ["field", "value"], fmt, title=str(action))
+    for entry in action.errors:
+        click.echo(f"\nattempt {entry.get('attempt')} at {entry.get('at')} on "
+                   f"{entry.get('worker')}: {entry.get('error')}")
+        if entry.get("traceback"):
+            click.echo(entry["traceback"].rstrip())
+
+
+@main.command("processors")
+@click.option("--import", "imports", multiple=True, metavar="MODULE")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table")
+@click.pass_obj
+def processors_cmd(state: State, imports: tuple[str, ...], fmt: str) -> None:
+    """Registered processors with their effective settings (decorator, then config)."""
+    registry.import_modules([*state.config.imports, *imports])
+    registry.select(state.config)  # validates [processors.*] names
+    rows = []
+    for name, proc in sorted(registry.registered().items()):
+        s = proc.configured(state.config).settings
+        rows.append({"name": name, "retries": s.retries,
+                     "retry_interval": format_duration(s.retry_interval),
+                     "backoff": s.backoff,
+                     "timeout": format_duration(s.timeout) if s.timeout else None,
+                     "batch_size": s.batch_size, "enabled": s.enabled,
+                     "transactional": s.transactional,
+                     "overridden": ",".join(sorted(state.config.processors.get(name, {})))})
+    emit(rows, ["name", "retries", "retry_interval", "backoff", "timeout", "batch_size",
+                "enabled", "transactional", "overridden"], fmt)

@@ -1,0 +1,180 @@
+"""SPEC §3 enqueue: the action exists if and only if the caller's transaction commits."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from uuid import UUID
+
+import psycopg
+import pytest
+from sqlalchemy.orm import Session
+
+from asyncactions import Status, UnserializableData, admin, init_action, init_actions, processor
+from asyncactions.enqueue import NOTIFY_CHANNEL
+
+from .conftest import Db
+
+
+def count(db: Db) -> int:
+    return int(db.scalar("SELECT count(*) FROM async_action"))
+
+
+def test_committed_session_enqueue_persists_the_action(db: Db) -> None:
+    with Session(db.engine) as session, session.begin():
+        action = init_action(session, "send_welcome_email", {"user_id": 42},
+                             related_id="user:42")
+    stored = admin.get_action(db.engine, action.id)
+    assert stored.status == Status.PENDING == "pending"
+    assert stored.processor == "send_welcome_email"
+    assert stored.data == {"user_id": 42}
+    assert stored.related_id == "user:42"
+    assert (stored.retries, stored.attempts, stored.priority) == (3, 0, 0)
+    assert stored.created_at.tzinfo is not None
+    assert stored.next_eligible_at <= datetime.now(UTC) + timedelta(seconds=1)
+
+
+def test_rolled_back_session_leaves_no_action(db: Db) -> None:
+    with Session(db.engine) as session:
+        session.begin()
+        init_action(session, "send_welcome_email", {"user_id": 1})
+        session.rollback()
+    assert count(db) == 0
+
+
+def test_connection_joins_the_callers_transaction(db: Db) -> None:
+    with db.engine.connect() as conn:
+        with conn.begin():
+            init_action(conn, "p", 1)
+        trans = conn.begin()
+        init_action(conn, "p", 2)
+        trans.rollback()
+    assert db.rows("SELECT data FROM async_action") in ([(1,)], [("1",)])
+
+
+def test_engine_runs_in_its_own_transaction(db: Db) -> None:
+    action = init_action(db.engine, "p", {"a": 1})
+    assert admin.get_action(db.engine, action.id).data == {"a": 1}
+
+
+def test_bulk_insert_keeps_order_and_options(db: Db) -> None:
+    actions = init_actions(db.engine, "p", [{"i": i} for i in range(500)],
+                           related_id="batch:1", priority=5, retries=7)
+    assert [a.data["i"] for a in actions] == list(range(500))
+    assert [a.id for a in actions] == sorted(a.id for a in actions)
+    stored = admin.get_action(db.engine, actions[123].id)
+    assert (stored.data, stored.related_id, stored.priority, stored.retries) == (
+        {"i": 123}, "batch:1", 5, 7)
+    assert init_actions(db.engine, "p", []) == []
+
+
+def test_retries_default_to_the_registered_processors_setting(db: Db) -> None:
+    @processor("five_retries", retries=5)
+    def five(action):  # pragma: no cover - never run
+        return None
+
+    assert init_action(db.engine, "five_retries").retries == 5
+    assert init_action(db.engine, "not_registered_here").retries == 3
+    assert init_action(db.engine, "five_retries", retries=0).retries == 0
+
+
+def test_delay_and_eligible_at_set_next_eligible_at(db: Db) -> None:
+    delayed = admin.get_action(db.engine, init_action(db.engine, "p",
+                                                      delay=timedelta(minutes=5)).id)
+    assert delayed.next_eligible_at - delayed.created_at == timedelta(minutes=5)
+    when = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert admin.get_action(db.engine,
+                            init_action(db.engine, "p", eligible_at=when).id).next_eligible_at \
+        == when
+
+
+def test_unique_key_returns_the_live_action_instead_of_a_new_one(db: Db) -> None:
+    first = init_action(db.engine, "p", {"n": 1}, unique_key="order:42:invoice")
+    again = init_action(db.engine, "p", {"n": 2}, unique_key="order:42:invoice")
+    assert again.id == first.id and again.data == {"n": 1}
+    assert count(db) == 1
+    admin.cancel(db.engine, first.id)  # finished actions keep their key but do not block
+    third = init_action(db.engine, "p", {"n": 3}, unique_key="order:42:invoice")
+    assert third.id != first.id
+
+
+def test_typed_data_round_trips_with_its_types(db: Db) -> None:
+    data = {
+        "aware": datetime(2026, 11, 23, 5, 41, tzinfo=UTC),
+        "naive": datetime(2026, 11, 23, 5, 41),
+        "day": date(2026, 11, 23),
+        "amount": Decimal("19.90"),
+        "ref": UUID("12345678-1234-5678-1234-567812345678"),
+        "nested": [{"when": date(2020, 1, 1)}, [Decimal("1E+3")]],
+    }
+    stored = admin.get_action(db.engine, init_action(db.engine, "p", data).id).data
+    assert stored == data
+    assert stored["naive"].tzinfo is None and stored["aware"].tzinfo is UTC
+    assert type(stored["day"]) is date
+    # Readable by plain SQL for audits.
+    raw = db.scalar("SELECT data FROM async_action")
+    raw = raw if isinstance(raw, dict) else json.loads(raw)
+    assert raw["amount"] == {"$decimal": "19.90"}
+
+
+def test_unserializable_data_is_refused_naming_the_path_and_nothing_is_written(db: Db) -> None:
+    class Tempfile:
+        pass
+
+    with Session(db.engine) as session, session.begin():
+        with pytest.raises(UnserializableData) as err:
+            init_action(session, "p", {"order": {"when": Tempfile()}})
+        init_action(session, "p", {"ok": True})  # the transaction is still usable
+    assert 'data["order"]["when"]: object of type Tempfile is not serializable' in str(err.value)
+    assert "datetime, date, Decimal or UUID" in str(err.value)
+    with pytest.raises(UnserializableData, match=r"data\[1\]"):
+        init_actions(db.engine, "p", [{"ok": 1}, float("nan")])
+    assert count(db) == 1
+
+
+def test_oversized_data_is_refused_with_size_and_limit(db: Db) -> None:
+    with pytest.raises(UnserializableData, match=r"over the limit of 131072"):
+        init_action(db.engine, "p", {"blob": "x" * 140_000})
+    assert count(db) == 0
+
+
+def _listener(pg: Db) -> psycopg.Connection:
+    conn = psycopg.connect(pg.engine.url.set(drivername="postgresql")
+                           .render_as_string(hide_password=False), autocommit=True)
+    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+    return conn
+
+
+def test_notification_is_sent_at_commit_and_never_on_rollback(pg: Db) -> None:
+    listener = _listener(pg)
+    with Session(pg.engine) as session:
+        session.begin()
+        init_action(session, "rolled_back", {})
+        session.rollback()
+    assert list(listener.notifies(timeout=0.3)) == []
+    with Session(pg.engine) as session, session.begin():
+        init_action(session, "committed", {})
+    notes = list(listener.notifies(timeout=2, stop_after=1))
+    assert [(n.channel, n.payload) for n in notes] == [(NOTIFY_CHANNEL, "committed")]
+    listener.close()
+
+
+def test_bulk_insert_sends_one_notification(pg: Db) -> None:
+    listener = _listener(pg)
+    init_actions(pg.engine, "bulk", [{"i": i} for i in range(1000)])
+    assert len(list(listener.notifies(timeout=0.5))) == 1
+    listener.close()
+
+
+def test_bulk_insert_is_one_statement_on_postgresql(pg: Db) -> None:
+    from sqlalchemy import event
+
+    statements: list[str] = []
+    with pg.engine.connect() as conn:
+        event.listen(conn, "before_cursor_execute",
+                     lambda *args: statements.append(args[2]))
+        with conn.begin():
+            init_actions(conn, "bulk", [{"i": i} for i in range(5000)])
+    assert len([s for s in statements if "INSERT" in s]) == 1
+    assert pg.scalar("SELECT count(*) FROM async_action") == 5000

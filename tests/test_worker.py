@@ -1,0 +1,269 @@
+"""SPEC §2 status transitions, driven through a real Worker on each backend."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from asyncactions import (
+    ConfigError,
+    Defer,
+    PermanentFailure,
+    Status,
+    UnknownProcessor,
+    Worker,
+    admin,
+    init_action,
+    init_actions,
+    processor,
+)
+from asyncactions.config import Config, WorkerSettings
+
+from .conftest import Db
+
+FAST = WorkerSettings(poll_interval=timedelta(milliseconds=50))
+
+
+def config(db: Db, **kw) -> Config:
+    return Config(database_url=db.url, worker=FAST, **kw)
+
+
+def drain(db: Db, concurrency: int = 4, **kw) -> None:
+    Worker(config=config(db, **kw), concurrency=concurrency).run(burst=True)
+
+
+def test_every_committed_action_runs_exactly_once_and_completes_with_its_result(db: Db) -> None:
+    runs: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    @processor("double")
+    def double(action):
+        with lock:
+            runs[action.id] += 1
+        return {"twice": action.data["n"] * 2}
+
+    actions = init_actions(db.engine, "double", [{"n": n} for n in range(300)])
+    drain(db, concurrency=8)
+    assert runs == Counter({a.id: 1 for a in actions})
+    done = admin.get_action(db.engine, actions[7].id)
+    assert done.status == Status.COMPLETED
+    assert done.result == {"twice": 14}
+    assert done.attempts == 1 and done.retries == 3
+    assert done.finished_at >= done.started_at >= done.created_at
+    assert done.claimed_by is None and done.lease_expires_at is None
+    assert db.scalar("SELECT count(*) FROM async_action WHERE status <> 'completed'") == 0
+
+
+def test_failure_with_retries_left_goes_back_to_pending_after_the_interval(db: Db) -> None:
+    @processor("flaky", retries=3, retry_interval=timedelta(minutes=10))
+    def flaky(action):
+        raise ConnectionError("smtp server refused")
+
+    action = init_action(db.engine, "flaky", {})
+    before = datetime.now(UTC)
+    drain(db)  # burst stops: the retry is not eligible for ten minutes
+    retried = admin.get_action(db.engine, action.id)
+    assert retried.status == Status.PENDING
+    assert (retried.retries, retried.attempts) == (2, 1)
+    assert retried.error == "ConnectionError: smtp server refused"
+    assert len(retried.errors) == 1
+    entry = retried.errors[0]
+    assert entry["attempt"] == 1 and entry["error"] == retried.error
+    assert "raise ConnectionError" in entry["traceback"] and entry["worker"]
+    assert before + timedelta(minutes=9) < retried.next_eligible_at < \
+        datetime.now(UTC) + timedelta(minutes=11)
+
+
+def test_retries_are_spent_then_the_action_fails_with_its_history(db: Db) -> None:
+    @processor("broken", retries=2, retry_interval=timedelta(0))
+    def broken(action):
+        raise ValueError(f"bad input on attempt {action.attempts}")
+
+    action = init_action(db.engine, "broken", {})
+    drain(db)  # zero interval: burst keeps going through every retry
+    failed = admin.get_action(db.engine, action.id)
+    assert failed.status == Status.FAILED
+    assert (failed.retries, failed.attempts) == (0, 3)
+    assert failed.error == "ValueError: bad input on attempt 3"
+    assert [e["attempt"] for e in failed.errors] == [1, 2, 3]
+    assert failed.finished_at is not None
+
+
+def test_success_after_failures_completes_and_keeps_the_history(db: Db) -> None:
+    @processor("third_time_lucky", retries=3, retry_interval=timedelta(0))
+    def lucky(action):
+        if action.attempts < 3:
+            raise TimeoutError("upstream timed out")
+        return "ok"
+
+    action = init_action(db.engine, "third_time_lucky", {})
+    drain(db)
+    done = admin.get_action(db.engine, action.id)
+    assert (done.status, done.result, done.retries, done.attempts) == (
+        Status.COMPLETED, "ok", 1, 3)
+    assert [e["error"] for e in done.errors] == ["TimeoutError: upstream timed out"] * 2
+
+
+def test_permanent_failure_fails_now_without_spending_retries(db: Db) -> None:
+    @processor("no_email", retries=5)
+    def no_email(action):
+        raise PermanentFailure("user has no email")
+
+    action = init_action(db.engine, "no_email", {})
+    drain(db)
+    failed = admin.get_action(db.engine, action.id)
+    assert (failed.status, failed.attempts, failed.retries) == (Status.FAILED, 1, 5)
+    assert failed.error == "PermanentFailure: user has no email"
+
+
+def test_defer_reschedules_without_spending_a_retry(db: Db) -> None:
+    @processor("later", retries=1)
+    def later(action):
+        if action.attempts < 3:
+            raise Defer(timedelta(0))
+        return action.attempts
+
+    action = init_action(db.engine, "later", {})
+    drain(db)
+    done = admin.get_action(db.engine, action.id)
+    assert (done.status, done.result, done.retries, done.errors) == (
+        Status.COMPLETED, 3, 1, [])
+
+
+def test_defer_with_a_delay_leaves_it_pending_until_then(db: Db) -> None:
+    @processor("snooze")
+    def snooze(action):
+        raise Defer(timedelta(hours=1))
+
+    action = init_action(db.engine, "snooze", {})
+    drain(db)
+    snoozed = admin.get_action(db.engine, action.id)
+    assert (snoozed.status, snoozed.retries) == (Status.PENDING, 3)
+    assert snoozed.next_eligible_at > datetime.now(UTC) + timedelta(minutes=59)
+
+
+def test_delayed_actions_are_not_claimed_before_they_are_eligible(db: Db) -> None:
+    ran: list[int] = []
+
+    @processor("tomorrow")
+    def tomorrow(action):
+        ran.append(action.id)
+
+    init_action(db.engine, "tomorrow", {}, delay=timedelta(days=1))
+    drain(db)
+    assert ran == []
+
+
+def test_lower_priority_value_runs_first(db: Db) -> None:
+    order: list[int] = []
+
+    @processor("ordered")
+    def ordered(action):
+        order.append(action.data)
+
+    for p in (5, -1, 3, 0):
+        init_action(db.engine, "ordered", p, priority=p)
+    drain(db, concurrency=1)
+    assert order == [-1, 0, 3, 5]
+
+
+def test_unserializable_result_fails_the_action_clearly(db: Db) -> None:
+    @processor("returns_object")
+    def returns_object(action):
+        return {"handle": object()}
+
+    action = init_action(db.engine, "returns_object", {})
+    drain(db)
+    failed = admin.get_action(db.engine, action.id)
+    assert failed.status == Status.FAILED
+    assert 'result["handle"]: object of type object is not serializable' in failed.error
+
+
+def test_config_overrides_decorator_settings(db: Db) -> None:
+    @processor("configured", retries=5, retry_interval=timedelta(hours=1))
+    def configured(action):
+        raise RuntimeError("down")
+
+    action = init_action(db.engine, "configured", {}, retries=1)
+    drain(db, processors={"configured": {"retry_interval": timedelta(0)}})
+    failed = admin.get_action(db.engine, action.id)
+    assert (failed.status, failed.attempts) == (Status.FAILED, 2)
+
+
+def test_disabled_processor_actions_are_not_claimed(db: Db) -> None:
+    ran: list[str] = []
+
+    @processor("off")
+    def off(action):
+        ran.append("off")
+
+    @processor("on")
+    def on(action):
+        ran.append("on")
+
+    init_action(db.engine, "off", {})
+    init_action(db.engine, "on", {})
+    drain(db, processors={"off": {"enabled": False}})
+    assert ran == ["on"]
+    assert db.scalar("SELECT status FROM async_action WHERE processor = 'off'") == "pending"
+
+
+def test_processors_option_limits_what_the_worker_claims(db: Db) -> None:
+    ran: list[str] = []
+
+    for name in ("a", "b"):
+        processor(name)(lambda action, name=name: ran.append(name))
+    init_actions(db.engine, "a", [{}] * 3)
+    init_actions(db.engine, "b", [{}] * 3)
+    Worker(config=config(db), processors=["b"]).run(burst=True)
+    assert ran == ["b"] * 3
+    with pytest.raises(UnknownProcessor, match="unknown processor 'c'"):
+        Worker(config=config(db), processors=["c"])
+
+
+def test_worker_without_processors_is_a_clear_error(db: Db) -> None:
+    with pytest.raises(ConfigError, match="no enabled processors"):
+        Worker(config=config(db))
+
+
+def test_stop_from_another_thread_ends_a_running_worker(db: Db) -> None:
+    started = threading.Event()
+
+    @processor("signal_start")
+    def signal_start(action):
+        started.set()
+
+    worker = Worker(config=config(db))
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    init_action(db.engine, "signal_start", {})
+    assert started.wait(10), "the running worker never picked the action up"
+    worker.stop()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert db.scalar("SELECT status FROM async_action") == "completed"
+    assert db.scalar("SELECT count(*) FROM async_action_worker") == 0
+
+
+def test_a_canceled_action_stays_canceled_when_its_attempt_finishes(db: Db) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    @processor("slow")
+    def slow(action):
+        entered.set()
+        release.wait(10)
+        return "late result"
+
+    action = init_action(db.engine, "slow", {})
+    worker = Worker(config=config(db))
+    thread = threading.Thread(target=worker.run, kwargs={"burst": True})
+    thread.start()
+    assert entered.wait(10)
+    assert admin.cancel(db.engine, action.id).status == Status.CANCELED
+    release.set()
+    thread.join(10)
+    final = admin.get_action(db.engine, action.id)
+    assert (final.status, final.result) == (Status.CANCELED, None)
