@@ -150,7 +150,7 @@ def load_config(path: str | os.PathLike[str] | None = None,
                 database_url: str | None = None) -> Config:
     """Read the config file (explicit path, ASYNCACTIONS_CONFIG, or a default location)
     and apply ASYNCACTIONS_DATABASE_URL and an explicit database_url on top."""
-    path = path or os.environ.get("ASYNCACTIONS_CONFIG")
+    path = path or os.environ.get("ASYNCACTIONS_CONFIG") or None
     if path is not None:
         chosen: Path | None = Path(path)
         if not chosen.is_file():
