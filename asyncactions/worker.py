@@ -25,7 +25,7 @@ from . import migrate, outcomes, queries
 from . import processors as registry
 from .action import Action
 from .completer import Completer
-from .config import Config, load_config
+from .config import Config, format_duration, load_config
 from .database import first_line, make_engine, require_schema
 from .errors import ConfigError
 from .maintenance import Maintenance
@@ -176,6 +176,8 @@ class Worker:
 
         def attempt() -> None:
             outcome = outcomes.run(proc.fn, action, proc.settings, self.id)
+            if outcome.errors is not None:
+                _log_failed_attempt(outcome)
             completer.add(outcome)
             with self._lock:
                 self._in_flight.pop(action.id, None)
@@ -214,3 +216,14 @@ class Worker:
         except sa_exc.DBAPIError as exc:
             log.warning("could not unregister at shutdown: %s", first_line(exc))
         log.info("worker %s stopped", self.id)
+
+
+def _log_failed_attempt(outcome: outcomes.Outcome) -> None:
+    action = outcome.action
+    if outcome.is_final:
+        log.error("%s %s failed for good on attempt %d: %s", action.display_id,
+                  action.processor, action.attempts, outcome.error)
+    else:
+        log.warning("%s %s attempt %d failed (%s); retrying in %s, %d retries left",
+                    action.display_id, action.processor, action.attempts, outcome.error,
+                    format_duration(outcome.delay), outcome.retries)

@@ -9,6 +9,7 @@ order that is rolled back below leaves no action behind.
 
 from __future__ import annotations
 
+import sys
 from datetime import timedelta
 from decimal import Decimal
 
@@ -27,12 +28,17 @@ orders = Table("shop_order", shop,
                Column("total", Numeric(10, 2), nullable=False))
 
 
+def say(line: str) -> None:
+    sys.stdout.write(f"  {line}\n")  # one write per line: workers print from many threads
+
+
 @processor("send_welcome_email", retries=3, retry_interval=timedelta(seconds=0))
 def send_welcome_email(action: Action) -> dict[str, str]:
     email = action.data["email"]
     if not email:
+        say(f"[mail] order {action.data['order_id']}: no email address, giving up")
         raise PermanentFailure("customer has no email address")
-    print(f"  [mail] Welcome email sent to {email}")
+    say(f"[mail] Welcome email sent to {email}")
     return {"sent_to": email}
 
 
@@ -40,26 +46,27 @@ def send_welcome_email(action: Action) -> dict[str, str]:
 def sync_invoice(action: Action) -> dict[str, str]:
     # The accounting API times out on the first try, as real ones do.
     if action.attempts == 1:
-        print(f"  [invoice] order {action.related_id}: accounting API timed out, will retry")
+        say(f"[invoice] order {action.data['order_id']}: accounting API timed out")
         raise TimeoutError("accounting API did not answer within 10s")
     total: Decimal = action.data["total"]
-    print(f"  [invoice] order {action.related_id}: invoice for {total} EUR synced")
+    say(f"[invoice] order {action.data['order_id']}: invoice for {total} EUR synced")
     return {"invoice": f"INV-{action.data['order_id']:05d}", "total": total}
 
 
 @processor("notify_warehouse", retries=3)
 def notify_warehouse(action: Action) -> None:
     if action.attempts == 1:
-        print(f"  [warehouse] order {action.related_id}: warehouse busy, deferring")
+        say(f"[warehouse] order {action.data['order_id']}: warehouse busy, deferring")
         raise Defer(timedelta(0))
-    print(f"  [warehouse] order {action.related_id}: picking list printed")
+    say(f"[warehouse] order {action.data['order_id']}: picking list printed")
 
 
 def place_order(session: Session, email: str | None, total: str) -> int:
     order_id = session.execute(insert(orders).values(email=email, total=Decimal(total))
                                .returning(orders.c.id)).scalar_one()
     related = f"order:{order_id}"
-    init_action(session, "send_welcome_email", {"email": email}, related_id=related)
+    init_action(session, "send_welcome_email", {"order_id": order_id, "email": email},
+                related_id=related)
     init_action(session, "sync_invoice", {"order_id": order_id, "total": Decimal(total)},
                 related_id=related)
     init_action(session, "notify_warehouse", {"order_id": order_id}, related_id=related)
