@@ -8,8 +8,11 @@ one action twice and a late original result never overwrites the recovery.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
@@ -23,24 +26,62 @@ from .processors import Processor, ProcessorSettings
 log = logging.getLogger("asyncactions.maintenance")
 
 
+def pid_namespace() -> str:
+    """Identifies this process's pid namespace (a host, or a container on it)."""
+    try:
+        return format(os.stat("/proc/self/ns/pid").st_ino, "x")
+    except OSError:
+        return "0"
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a killed child its parent has not reaped yet is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def dead_local_workers(workers: list[tuple[str, str, int]], hostname: str) -> list[str]:
+    """Registered workers that ran on this host, in this pid namespace, whose process no
+    longer exists: no need to wait for their leases."""
+    mine = pid_namespace()
+    dead = []
+    for worker_id, host, pid in workers:
+        parts = worker_id.split(":")
+        namespace = parts[-1].split("-")[0] if len(parts) >= 3 else None
+        if host == hostname and namespace == mine and pid != os.getpid() and \
+                _process_gone(pid):
+            dead.append(worker_id)
+    return dead
+
+
 class WorkerLost(Exception):
     """Recorded as the error of an attempt whose worker stopped heartbeating."""
 
 
 class Maintenance:
     def __init__(self, engine: Engine, worker_id: str, lease: timedelta,
-                 processors: dict[str, Processor], on_reregister: Callable[[], None]) -> None:
+                 processors: dict[str, Processor], held: Callable[[], list[int]],
+                 on_reregister: Callable[[], None]) -> None:
         self._engine = engine
         self._worker = worker_id
         self._lease = lease
         self._processors = processors
+        self._held = held
         self._on_reregister = on_reregister
         self._scheduler = BackgroundScheduler(daemon=True)
-        # Beat several times per lease so a missed beat or two never costs a lease.
-        every = max(lease.total_seconds() / 6, 0.2)
-        for job in (self.heartbeat, self.recover_lost):
-            self._scheduler.add_job(job, "interval", seconds=every, id=job.__name__,
-                                    max_instances=1, coalesce=True)
+        # Beat several times per lease so a missed beat or two never costs a lease; look
+        # for lost actions often enough that one returns within 1.1 leases of its loss.
+        lease_s = lease.total_seconds()
+        for job, every in ((self.heartbeat, lease_s / 6), (self.recover_lost, lease_s / 10)):
+            self._scheduler.add_job(job, "interval", seconds=max(every, 0.1),
+                                    id=job.__name__, max_instances=1, coalesce=True)
 
     def start(self) -> None:
         self._scheduler.start()
@@ -51,7 +92,7 @@ class Maintenance:
     def heartbeat(self) -> None:
         try:
             with self._engine.begin() as conn:
-                alive = queries.heartbeat(conn, self._worker, self._lease)
+                alive = queries.heartbeat(conn, self._worker, self._lease, self._held())
         except sa_exc.DBAPIError as exc:
             log.warning("heartbeat failed: %s", first_line(exc))
             return
@@ -64,12 +105,19 @@ class Maintenance:
         """Return actions of lost workers to pending (a failed attempt), or fail them."""
         try:
             with self._engine.begin() as conn:
+                dead = dead_local_workers(queries.workers_on(conn, socket.gethostname()),
+                                          socket.gethostname())
+                if dead:
+                    log.warning("workers %s on this host have exited; recovering their "
+                                "actions now", ", ".join(dead))
+                    queries.forget_workers(conn, dead)
                 lost = queries.lost_actions(conn, self._lease)
                 outcomes = []
                 for action in lost:
                     holder = action.claimed_by or "unknown worker"
                     error = WorkerLost(f"worker {holder} was lost while running attempt "
-                                       f"{action.attempts} (lease expired)")
+                                       f"{action.attempts} (its lease expired or its process "
+                                       "exited)")
                     processor = self._processors.get(action.processor)
                     settings = processor.settings if processor else ProcessorSettings()
                     outcomes.append(failed_attempt(action, error, worker=holder,

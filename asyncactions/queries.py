@@ -130,21 +130,36 @@ def unregister_worker(conn: Connection, worker: str) -> None:
     conn.execute(delete(async_action_worker).where(async_action_worker.c.id == worker))
 
 
+# Only the actions the worker knows it holds: a claim whose reply was lost (connection
+# cut after commit) is not extended, so its lease runs out and it comes back.
 EXTEND_LEASES = (
     update(t)
-    .where(t.c.claimed_by == bindparam("worker"), t.c.status == Status.RUNNING.value)
+    .where(t.c.claimed_by == bindparam("worker"), t.c.status == Status.RUNNING.value,
+           t.c.id.in_(bindparam("held", expanding=True)))
     .values(lease_expires_at=db_now(bindparam("lease", type_=Float)))
 )
 
 
-def heartbeat(conn: Connection, worker: str, lease: timedelta) -> int:
+def heartbeat(conn: Connection, worker: str, lease: timedelta, held: Sequence[int]) -> int:
     """Mark this worker alive and extend the leases of what it holds; returns whether its
     registration row still existed (0 means another worker declared it dead)."""
     alive = conn.execute(update(async_action_worker)
                          .where(async_action_worker.c.id == worker)
                          .values(heartbeat_at=NOW)).rowcount
-    conn.execute(EXTEND_LEASES, {"worker": worker, "lease": lease.total_seconds()})
+    if held:
+        conn.execute(EXTEND_LEASES, {"worker": worker, "lease": lease.total_seconds(),
+                                     "held": list(held)})
     return alive
+
+
+def workers_on(conn: Connection, hostname: str) -> list[tuple[str, str, int]]:
+    w = async_action_worker
+    return [(r.id, r.hostname, r.pid) for r in conn.execute(
+        select(w.c.id, w.c.hostname, w.c.pid).where(w.c.hostname == hostname))]
+
+
+def forget_workers(conn: Connection, worker_ids: Sequence[str]) -> None:
+    conn.execute(delete(async_action_worker).where(async_action_worker.c.id.in_(worker_ids)))
 
 
 # Workers whose heartbeat stopped for longer than a lease are gone.

@@ -1,8 +1,9 @@
 """The worker: claim eligible actions, run them concurrently, hand outcomes to the
 completer. The CLI `worker` command is a thin layer over `Worker`.
 
-Threads, each with one job: this loop (claims), a pool running processors, the
-completer (writes outcomes), the notifier (wake-ups) and the maintenance scheduler.
+Threads, each with one job: the claim loop (the caller's thread), the runner's pool
+(processors, with timeouts), the completer (batched outcome writes), the notifier
+(wake-ups) and the maintenance scheduler (heartbeats, lease recovery).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine
@@ -23,15 +24,19 @@ from sqlalchemy import exc as sa_exc
 
 from . import migrate, outcomes, queries
 from . import processors as registry
-from .action import Action
 from .completer import Completer
 from .config import Config, format_duration, load_config
 from .database import first_line, make_engine, require_schema
 from .errors import ConfigError
-from .maintenance import Maintenance
+from .maintenance import Maintenance, pid_namespace
 from .notifier import Notifier
+from .runner import Attempt, Runner
 
 log = logging.getLogger("asyncactions.worker")
+
+
+class Interrupted(Exception):
+    """Recorded for an attempt still running when shutdown_grace ran out."""
 
 
 class Worker:
@@ -53,17 +58,18 @@ class Worker:
         if not self.processors:
             raise ConfigError("no enabled processors to run; name the modules that define them "
                               "with --import (or `imports` in the config file)")
-        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # The pid namespace tells a restarted worker on this host whether a registered
+        # pid is one it can check for liveness.
+        self.id = (f"{socket.gethostname()}:{os.getpid()}:"
+                   f"{pid_namespace()}-{uuid.uuid4().hex[:6]}")
         self._names = sorted(self.processors)
-        self._engine: Engine | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()
-        # Claimed and not yet handed to the completer: id -> (action, its attempt).
-        self._in_flight: dict[int, tuple[Action, Future[None]]] = {}
+        self._in_flight = 0  # claimed and not yet handed to the completer
         self._signals = 0
 
-    # --- lifecycle ------------------------------------------------------------------
+    # --- lifecycle --------------------------------------------------------------------
 
     def stop(self) -> None:
         """Stop claiming and shut down gracefully; safe from any thread."""
@@ -73,37 +79,36 @@ class Worker:
     def run(self, burst: bool = False) -> None:
         """Block until stopped (or, with burst, until nothing is eligible), then shut down
         gracefully: running attempts finish within shutdown_grace, every outcome is written."""
-        engine = self._engine = make_engine(self.config.effective_database_url,
-                                            pool_size=4)
+        engine = make_engine(self.config.effective_database_url, pool_size=4)
         try:
             self._prepare_schema(engine)
-            self._register(engine)
-            completer = Completer(engine, self._on_written)
-            pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="asyncactions-run")
-            maintenance = Maintenance(engine, self.id, self.config.worker.lease, self.processors,
+            completer = Completer(engine, lambda _written: self._wake.set())
+            runner = Runner(self.concurrency, self._execute, self._report, self._timed_out)
+            maintenance = Maintenance(engine, self.id, self.config.worker.lease,
+                                      self.processors, runner.held,
                                       lambda: self._register(engine))
-            notifier = Notifier(engine, self._names, self._wake.set) \
-                if engine.dialect.name == "postgresql" else None
-            restore = self._install_signal_handlers()
-            completer.start()
-            maintenance.start()
-            if notifier:
-                notifier.start()
+            notifier = (Notifier(engine, self._names, self._wake.set)
+                        if engine.dialect.name == "postgresql" else None)
+            self._register(engine)
+            maintenance.recover_lost()  # a restart after a crash on this host: recover now
+            self._completer = completer
+            restore_signals = self._install_signal_handlers()
+            for part in (completer, runner, maintenance, *([notifier] if notifier else [])):
+                part.start()
             log.info("worker %s started: processors %s, concurrency %d, database %s", self.id,
                      ", ".join(self._names), self.concurrency,
                      engine.url.render_as_string(hide_password=True))
             try:
-                self._claim_loop(engine, pool, completer, burst)
+                self._claim_loop(engine, runner, completer, burst)
             finally:
-                self._shutdown(engine, pool, completer, maintenance, notifier)
-                restore()
+                self._shutdown(engine, runner, completer, maintenance, notifier)
+                restore_signals()
         finally:
             engine.dispose()
 
     def _prepare_schema(self, engine: Engine) -> None:
         if engine.dialect.name == "sqlite":
-            # The embedded default works with zero setup: create or upgrade the schema.
-            migrate.upgrade(engine)
+            migrate.upgrade(engine)  # the embedded default works with zero setup
         else:
             require_schema(engine)
 
@@ -112,7 +117,7 @@ class Worker:
             queries.register_worker(conn, self.id, socket.gethostname(), os.getpid(),
                                     self._names)
 
-    def _install_signal_handlers(self) -> Any:
+    def _install_signal_handlers(self) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -120,7 +125,7 @@ class Worker:
         def handle(signum: int, _frame: Any) -> None:
             self._signals += 1
             if self._signals == 1:
-                log.info("%s: stopping gracefully (send again to stop at once)",
+                log.info("%s: stopping gracefully (send it again to stop at once)",
                          signal.Signals(signum).name)
                 self.stop()
             else:
@@ -135,86 +140,88 @@ class Worker:
                 signal.signal(sig, handler)
         return restore
 
-    # --- the loop -----------------------------------------------------------------
+    # --- claiming ---------------------------------------------------------------------
 
-    def _claim_loop(self, engine: Engine, pool: ThreadPoolExecutor, completer: Completer,
+    def _claim_loop(self, engine: Engine, runner: Runner, completer: Completer,
                     burst: bool) -> None:
         poll = self.config.worker.poll_interval.total_seconds()
         lease = self.config.worker.lease
-        delay = 0.1
+        backoff = 0.1
         while not self._stop.is_set():
             self._wake.clear()
-            free = self.concurrency - len(self._in_flight)
+            free = self.concurrency - self._in_flight
             if free <= 0:
                 self._wake.wait(poll)
                 continue
-            # Burst ends when nothing is in flight or unwritten and a claim finds nothing;
-            # check before claiming so outcomes written meanwhile (retries) are seen.
-            idle_before = not self._in_flight and completer.unwritten == 0
+            # Burst ends when a claim finds nothing while nothing was in flight or unwritten
+            # before it: outcomes written meanwhile (zero-interval retries) are then seen.
+            idle_before = self._in_flight == 0 and completer.unwritten == 0
             try:
                 with engine.begin() as conn:
                     claimed = queries.claim(conn, self.id, self._names, free, lease)
-                delay = 0.1
+                backoff = 0.1
             except sa_exc.DBAPIError as exc:
-                log.warning("claiming failed (%s); retrying in %.1fs", first_line(exc), delay)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 5.0)
+                log.warning("claiming failed (%s); retrying in %.1fs", first_line(exc), backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
                 continue
+            with self._lock:
+                self._in_flight += len(claimed)
             for action in claimed:
-                self._start(pool, completer, action)
+                timeout = self.processors[action.processor].settings.timeout
+                runner.submit(Attempt(action, timeout.total_seconds() if timeout else None))
             if len(claimed) < free:
                 if burst and not claimed and idle_before:
                     return
-                if burst and not claimed:
-                    # Wait for in-flight work to be written, then look again.
-                    completer.wait_idle(poll) if not self._in_flight else self._wake.wait(poll)
-                    continue
                 self._wake.wait(poll)
 
-    def _start(self, pool: ThreadPoolExecutor, completer: Completer, action: Action) -> None:
-        proc = self.processors[action.processor]
+    # --- running (on the runner's threads) ---------------------------------------------
 
-        def attempt() -> None:
-            outcome = outcomes.run(proc.fn, action, proc.settings, self.id)
-            if outcome.errors is not None:
-                _log_failed_attempt(outcome)
-            completer.add(outcome)
-            with self._lock:
-                self._in_flight.pop(action.id, None)
-            self._wake.set()
+    def _execute(self, attempt: Attempt) -> outcomes.Outcome:
+        proc = self.processors[attempt.action.processor]
+        return outcomes.run(proc.fn, attempt.action, proc.settings, self.id)
 
+    def _timed_out(self, attempt: Attempt) -> outcomes.Outcome:
+        limit = format_duration(timedelta(seconds=attempt.timeout or 0))
+        return self._failed(attempt, TimeoutError(
+            f"attempt timed out after {limit} (the processor's timeout) and was abandoned"))
+
+    def _failed(self, attempt: Attempt, exc: Exception) -> outcomes.Outcome:
+        proc = self.processors[attempt.action.processor]
+        return outcomes.failed_attempt(attempt.action, exc, worker=self.id,
+                                       settings=proc.settings, tb=None)
+
+    def _report(self, attempt: Attempt, outcome: outcomes.Outcome) -> None:
+        if outcome.errors is not None:
+            _log_failed_attempt(outcome)
+        self._completer.add(outcome)
         with self._lock:
-            self._in_flight[action.id] = (action, pool.submit(attempt))
+            self._in_flight -= 1
+        self._wake.set()
 
-    def _on_written(self, written: list[outcomes.Outcome]) -> None:
-        self._wake.set()  # burst mode waits for writes before looking again
+    # --- shutdown ---------------------------------------------------------------------
 
-    def _shutdown(self, engine: Engine, pool: ThreadPoolExecutor, completer: Completer,
+    def _shutdown(self, engine: Engine, runner: Runner, completer: Completer,
                   maintenance: Maintenance, notifier: Notifier | None) -> None:
         grace = self.config.worker.shutdown_grace.total_seconds()
+        deadline = time.monotonic() + grace
         if notifier:
             notifier.stop()
-        # Claimed but not started: hand back untouched (retries and attempts as before).
-        with self._lock:
-            unstarted = [action for action, fut in self._in_flight.values() if fut.cancel()]
-            for action in unstarted:
-                del self._in_flight[action.id]
-            running = [fut for _, fut in self._in_flight.values()]
-        pool.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + grace
-        wait(running, timeout=grace)
-        if self._in_flight:
-            log.warning("%d attempts still running after shutdown_grace (%ss); their leases "
-                        "will expire and they will run again", len(self._in_flight), grace)
-        completer.stop(timeout=max(deadline - time.monotonic(), 5.0))
+        unstarted = [a.action for a in runner.close()]
+        for attempt in runner.wait_running(grace):
+            self._report(attempt, self._failed(attempt, Interrupted(
+                f"the worker stopped while this attempt was running (shutdown_grace "
+                f"{format_duration(self.config.worker.shutdown_grace)} ran out)")))
+        completer.stop(timeout=max(deadline - time.monotonic(), 10.0))
         maintenance.stop()
         try:
             with engine.begin() as conn:
+                # Claimed but never started: hand back as if never claimed.
                 queries.release(conn, unstarted)
-                if not self._in_flight:
-                    queries.unregister_worker(conn, self.id)
+                queries.unregister_worker(conn, self.id)
         except sa_exc.DBAPIError as exc:
-            log.warning("could not unregister at shutdown: %s", first_line(exc))
+            log.warning("could not hand back %d actions or unregister at shutdown (%s); "
+                        "their leases will bring them back", len(unstarted), first_line(exc))
         log.info("worker %s stopped", self.id)
 
 
