@@ -30,9 +30,6 @@ class Completer:
         self._engine = engine
         self._on_written = on_written
         self._queue: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
-        self._unwritten = 0
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._loop, name="asyncactions-completer",
                                         daemon=True)
         self._stopping = threading.Event()
@@ -41,18 +38,7 @@ class Completer:
         self._thread.start()
 
     def add(self, outcome: Outcome) -> None:
-        with self._lock:
-            self._unwritten += 1
         self._queue.put(outcome)
-
-    @property
-    def unwritten(self) -> int:
-        return self._unwritten
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until every outcome handed in so far is written."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._unwritten == 0, timeout)
 
     def stop(self, timeout: float | None = None) -> None:
         """Flush what is queued, then stop (giving up after `timeout`)."""
@@ -102,6 +88,3 @@ class Completer:
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
         self._on_written(batch)
-        with self._idle:
-            self._unwritten -= len(batch)
-            self._idle.notify_all()

@@ -79,7 +79,9 @@ class Maintenance:
         # Beat several times per lease so a missed beat or two never costs a lease; look
         # for lost actions often enough that one returns within 1.1 leases of its loss.
         lease_s = lease.total_seconds()
-        for job, every in ((self.heartbeat, lease_s / 6), (self.recover_lost, lease_s / 10)):
+        # (at least every second: the lost action's lease may be shorter than ours).
+        for job, every in ((self.heartbeat, lease_s / 6),
+                           (self.recover_lost, min(lease_s / 10, 1.0))):
             self._scheduler.add_job(job, "interval", seconds=max(every, 0.1),
                                     id=job.__name__, max_instances=1, coalesce=True)
 

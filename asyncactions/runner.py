@@ -57,6 +57,10 @@ class Runner:
             self._waiting.append(attempt)
             self._work_ready.notify()
 
+    def busy(self) -> int:
+        """Attempts running or waiting for a thread."""
+        return len(self._waiting) + len(self._running)
+
     def held(self) -> list[int]:
         """Ids of the actions waiting or running here: the ones whose leases to extend."""
         with self._lock:

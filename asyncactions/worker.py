@@ -66,7 +66,11 @@ class Worker:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()
-        self._in_flight = 0  # claimed and not yet handed to the completer
+        # Claimed and not yet written: running, waiting for a thread, or in the completer.
+        # Bounding it bounds the outcomes a crash can lose and keeps claims from
+        # outrunning the completer.
+        self._held = 0
+        self._max_held = 2 * self.concurrency
         self._signals = 0
 
     # --- lifecycle --------------------------------------------------------------------
@@ -82,7 +86,7 @@ class Worker:
         engine = make_engine(self.config.effective_database_url, pool_size=4)
         try:
             self._prepare_schema(engine)
-            completer = Completer(engine, lambda _written: self._wake.set())
+            completer = Completer(engine, self._written)
             runner = Runner(self.concurrency, self._execute, self._report, self._timed_out)
             maintenance = Maintenance(engine, self.id, self.config.worker.lease,
                                       self.processors, runner.held,
@@ -149,13 +153,13 @@ class Worker:
         backoff = 0.1
         while not self._stop.is_set():
             self._wake.clear()
-            free = self.concurrency - self._in_flight
+            free = min(self._max_held - self._held, self.concurrency - runner.busy())
             if free <= 0:
                 self._wake.wait(poll)
                 continue
-            # Burst ends when a claim finds nothing while nothing was in flight or unwritten
-            # before it: outcomes written meanwhile (zero-interval retries) are then seen.
-            idle_before = self._in_flight == 0 and completer.unwritten == 0
+            # Burst ends when a claim finds nothing while nothing was held before it:
+            # outcomes written meanwhile (zero-interval retries) are then seen.
+            idle_before = self._held == 0
             try:
                 with engine.begin() as conn:
                     claimed = queries.claim(conn, self.id, self._names, free, lease)
@@ -166,7 +170,7 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
                 continue
             with self._lock:
-                self._in_flight += len(claimed)
+                self._held += len(claimed)
             for action in claimed:
                 timeout = self.processors[action.processor].settings.timeout
                 runner.submit(Attempt(action, timeout.total_seconds() if timeout else None))
@@ -195,8 +199,11 @@ class Worker:
         if outcome.errors is not None:
             _log_failed_attempt(outcome)
         self._completer.add(outcome)
+        self._wake.set()  # a thread is free: claim for it
+
+    def _written(self, written: list[outcomes.Outcome]) -> None:
         with self._lock:
-            self._in_flight -= 1
+            self._held -= len(written)
         self._wake.set()
 
     # --- shutdown ---------------------------------------------------------------------

@@ -4,8 +4,12 @@ file per test. Tests marked with the `db` fixture run once on each backend."""
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -105,3 +109,82 @@ def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
     return subprocess.run([sys.executable, "-m", "asyncactions", *args], cwd=cwd,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
+
+
+def wait_until(condition, timeout: float = 60, interval: float = 0.02, what: str = "") -> float:
+    """Poll `condition` until it is true; return the seconds it took. Fails at the deadline."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+def start_worker(cwd: Path, database_url: str, *args: str) -> subprocess.Popen[str]:
+    """A real worker process; its config is cwd/asyncactions.toml when present and its
+    log goes to cwd/worker-PID.log (`worker_log(process)` reads it)."""
+    with tempfile.NamedTemporaryFile("w", dir=cwd, prefix="worker-", suffix=".log",
+                                     delete=False) as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "asyncactions", "worker", *args], cwd=cwd, text=True,
+            stderr=log, stdout=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{cwd}",
+                 "ASYNCACTIONS_DATABASE_URL": database_url})
+    process.log_path = Path(log.name)  # type: ignore[attr-defined]
+    return process
+
+
+def worker_log(process: subprocess.Popen[str]) -> str:
+    return process.log_path.read_text()  # type: ignore[attr-defined]
+
+
+@dataclass
+class Cluster:
+    """A throwaway PostgreSQL server of our own, to restart at will."""
+
+    datadir: Path
+    port: int
+    bindir: Path
+    logfile: Path
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def pg_ctl(self, *args: str) -> None:
+        _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l",
+                      str(self.logfile), "-w", *args])
+
+
+def _as_postgres(command: list[str]) -> None:
+    """initdb and pg_ctl refuse to run as root."""
+    if os.geteuid() == 0:
+        command = ["runuser", "-u", "postgres", "--", *command]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    bindir = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True)
+                  .stdout.strip() or "/usr/lib/postgresql/15/bin")
+    if not (bindir / "initdb").exists():
+        bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
+    base = Path(tempfile.mkdtemp(prefix="asyncactions-cluster-"))
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cluster = Cluster(base / "data", port, bindir, base / "log")
+    _as_postgres([str(bindir / "initdb"), "-D", str(cluster.datadir), "-U", "postgres",
+                  "--auth=trust", "--no-sync"])
+    with (cluster.datadir / "postgresql.conf").open("a") as conf:  # kept across restarts
+        conf.write(f"port = {port}\nlisten_addresses = '127.0.0.1'\n"
+                   f"unix_socket_directories = '{base}'\nlogging_collector = off\n")
+    cluster.pg_ctl("start")
+    try:
+        yield cluster
+    finally:
+        cluster.pg_ctl("-m", "immediate", "stop")
+        shutil.rmtree(base, ignore_errors=True)
