@@ -12,6 +12,7 @@ from .errors import (
     UnknownProcessor,
     UnserializableData,
 )
+from .hooks import report_exceptions
 from .processors import Defer, PermanentFailure, processor
 from .worker import Worker
 
@@ -34,6 +35,7 @@ __all__ = [
     "init_action",
     "init_actions",
     "processor",
+    "report_exceptions",
     "retry",
     "wait_for",
 ]

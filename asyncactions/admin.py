@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import bindparam, select, update
 from sqlalchemy import exc as sa_exc
 
+from . import codec
 from .action import FINAL_STATUSES, Action, Status
 from .enqueue import Database, connection, row_to_action
 from .errors import ActionNotFound, AsyncActionsError
@@ -36,7 +37,10 @@ def get_action(db: Database, action_id: int | str) -> Action:
     if row is None:
         raise ActionNotFound(f"no action {action_id} (ASYNC-{action_id:08d}); "
                              "`asyncactions list` shows the ones that exist")
-    return row_to_action(row)
+    try:
+        return row_to_action(row)
+    except codec.MALFORMED:  # shown as stored, so an operator can see what is wrong
+        return row_to_action(row, payloads=False)
 
 
 CANCEL = (

@@ -107,16 +107,18 @@ def main(ctx: click.Context, config_path: str | None, database_url: str | None) 
 @click.option("--processors", metavar="A,B", help="Run only these processors.")
 @click.option("--concurrency", type=click.IntRange(min=1), help="Actions in flight at once.")
 @click.option("--burst", is_flag=True, help="Drain what is eligible now, then exit 0.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), metavar="P",
+              help="Serve Prometheus metrics on this port.")
 @click.pass_obj
 def worker(state: State, imports: tuple[str, ...], processors: str | None,
-           concurrency: int | None, burst: bool) -> None:
+           concurrency: int | None, burst: bool, metrics_port: int | None) -> None:
     """Run a worker until SIGTERM/SIGINT (or, with --burst, until nothing is eligible)."""
     from .worker import Worker
 
     _configure_logging()
     names = [n.strip() for n in processors.split(",") if n.strip()] if processors else None
-    Worker(config=state.config, imports=imports, processors=names,
-           concurrency=concurrency).run(burst=burst)
+    Worker(config=state.config, imports=imports, processors=names, concurrency=concurrency,
+           metrics_port=metrics_port).run(burst=burst)
 
 
 def _configure_logging() -> None:

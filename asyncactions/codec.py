@@ -18,6 +18,9 @@ from .errors import UnserializableData
 
 ALLOWED = "a str, number, bool, None, list, dict, datetime, date, Decimal or UUID"
 
+# What decoding stored text can raise when the table holds something we did not write.
+MALFORMED = (ValueError, ArithmeticError, TypeError)
+
 _DECODERS = {
     "$datetime": datetime.fromisoformat,
     "$date": date.fromisoformat,
@@ -67,7 +70,10 @@ def _untag(obj: dict[str, Any]) -> Any:
         ((key, raw),) = obj.items()
         decode = _DECODERS.get(key)
         if decode is not None and isinstance(raw, str):
-            return decode(raw)
+            try:
+                return decode(raw)
+            except MALFORMED:
+                raise ValueError(f'{{"{key}": {raw!r}}} is not a valid {key[1:]}') from None
     return obj
 
 

@@ -26,7 +26,8 @@ MAX_BATCH = 500
 
 
 class Completer:
-    def __init__(self, engine: Engine, on_written: Callable[[list[Outcome]], None]) -> None:
+    def __init__(self, engine: Engine,
+                 on_written: Callable[[list[Outcome], set[int]], None]) -> None:
         self._engine = engine
         self._on_written = on_written
         self._queue: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
@@ -73,10 +74,11 @@ class Completer:
 
     def _write(self, batch: list[Outcome]) -> None:
         delay = 0.1
+        applied: set[int] = set()
         while True:
             try:
                 with self._engine.begin() as conn:
-                    queries.record(conn, batch)
+                    applied = queries.record(conn, batch)
                 break
             except sa_exc.DBAPIError as exc:
                 if self._stopping.is_set():
@@ -87,4 +89,4 @@ class Completer:
                             first_line(exc), delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
-        self._on_written(batch)
+        self._on_written(batch, applied)

@@ -62,10 +62,19 @@ def connection(db: Database) -> Iterator[Connection]:
                         f"{type(db).__name__}")
 
 
-def row_to_action(row: Row[Any] | Sequence[Any]) -> Action:
-    """A row selected with schema.action_columns() as an Action (payloads decoded)."""
+def row_to_action(row: Row[Any] | Sequence[Any], *, payloads: bool = True) -> Action:
+    """A row selected with schema.action_columns() as an Action (payloads decoded, unless
+    `payloads` is false: then data and result stay raw JSON text, for rows that do not
+    decode)."""
     (id_, processor, status, data, related_id, priority, retries, attempts, error, errors,
      result, unique_key, *times) = row[:18]
+    if not payloads:
+        try:
+            errors = codec.loads(errors)
+        except codec.MALFORMED:
+            errors = None
+        return Action(id_, processor, Status(status), data, related_id, priority, retries,
+                      attempts, error, errors or [], result, unique_key, *times)
     return Action(id_, processor, Status(status), codec.loads(data), related_id, priority,
                   retries, attempts, error, codec.loads(errors) or [], codec.loads(result),
                   unique_key, *times)

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -20,7 +20,8 @@ from sqlalchemy import exc as sa_exc
 
 from . import queries
 from .database import first_line
-from .outcomes import failed_attempt
+from .metrics import Metrics
+from .outcomes import Outcome, failed_attempt
 from .processors import Processor, ProcessorSettings
 
 log = logging.getLogger("asyncactions.maintenance")
@@ -68,13 +69,17 @@ class WorkerLost(Exception):
 class Maintenance:
     def __init__(self, engine: Engine, worker_id: str, lease: timedelta,
                  processors: dict[str, Processor], held: Callable[[], list[int]],
-                 on_reregister: Callable[[], None]) -> None:
+                 on_reregister: Callable[[], None],
+                 on_recorded: Callable[[list[Outcome], set[int]], None],
+                 metrics: Metrics | None = None) -> None:
         self._engine = engine
         self._worker = worker_id
         self._lease = lease
         self._processors = processors
         self._held = held
         self._on_reregister = on_reregister
+        self._on_recorded = on_recorded
+        self._metrics = metrics
         self._scheduler = BackgroundScheduler(daemon=True)
         # Beat several times per lease so a missed beat or two never costs a lease; look
         # for lost actions often enough that one returns within 1.1 leases of its loss.
@@ -84,6 +89,10 @@ class Maintenance:
                            (self.recover_lost, min(lease_s / 10, 1.0))):
             self._scheduler.add_job(job, "interval", seconds=max(every, 0.1),
                                     id=job.__name__, max_instances=1, coalesce=True)
+        if metrics is not None:
+            self._scheduler.add_job(self.sample_backlog, "interval", seconds=10,
+                                    id="sample_backlog", max_instances=1, coalesce=True,
+                                    next_run_time=datetime.now(UTC))
 
     def start(self) -> None:
         self._scheduler.start()
@@ -98,6 +107,8 @@ class Maintenance:
         except sa_exc.DBAPIError as exc:
             log.warning("heartbeat failed: %s", first_line(exc))
             return
+        if self._metrics is not None:
+            self._metrics.heartbeat()
         if not alive:
             log.warning("this worker was declared dead (no heartbeat for a lease); "
                         "registering again")
@@ -124,13 +135,24 @@ class Maintenance:
                     settings = processor.settings if processor else ProcessorSettings()
                     outcomes.append(failed_attempt(action, error, worker=holder,
                                                    settings=settings, tb=None))
-                if outcomes:
-                    queries.record(conn, outcomes)
+                applied = queries.record(conn, outcomes) if outcomes else set()
         except sa_exc.DBAPIError as exc:
             log.warning("lease recovery failed: %s", first_line(exc))
             return 0
+        self._on_recorded(outcomes, applied)
         for outcome in outcomes:
             log.warning("recovered %s (%s) from lost worker %s: now %s",
                         outcome.action.display_id, outcome.action.processor,
                         outcome.action.claimed_by, outcome.status)
         return len(outcomes)
+
+    def sample_backlog(self) -> None:
+        """Pending counts and ages for the metrics: one grouped query every few seconds."""
+        try:
+            with self._engine.connect() as conn:
+                rows = queries.backlog(conn)
+        except sa_exc.DBAPIError as exc:
+            log.warning("sampling the backlog failed: %s", first_line(exc))
+            return
+        if self._metrics is not None:
+            self._metrics.backlog(rows, self._processors)

@@ -1,4 +1,4 @@
-"""Turn what a processor did (returned, raised) into one Outcome to record.
+"""Turn what a processor did (returned, raised) into the Outcome to record per action.
 
 The retry decision lives here and nowhere else: a small pure function of the
 action, the processor's settings and the exception.
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import random
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from . import codec
+from . import codec, hooks
 from .action import Action, Status
 from .errors import UnserializableData
-from .processors import Defer, PermanentFailure, ProcessorSettings
+from .processors import Defer, PermanentFailure, Processor, ProcessorSettings
 
 ERROR_MAX_CHARS = 1000
 ERROR_HISTORY = 20
@@ -37,6 +37,20 @@ class Outcome:
     @property
     def is_final(self) -> bool:
         return self.status.is_final
+
+    @property
+    def kind(self) -> str:
+        """completed, failed, retried or deferred: for logs and metrics."""
+        if self.status != Status.PENDING:
+            return self.status.value
+        return "retried" if self.errors is not None else "deferred"
+
+    def final_action(self) -> Action:
+        """The action as this outcome leaves it (what on_failure receives)."""
+        return replace(self.action, status=self.status, retries=self.retries,
+                       result=codec.loads(self.result), error=self.error,
+                       errors=codec.loads(self.errors) if self.errors else self.action.errors,
+                       claimed_by=None, lease_expires_at=None)
 
 
 def error_line(exc: BaseException) -> str:
@@ -67,7 +81,9 @@ def failed_attempt(action: Action, exc: BaseException, *, worker: str | None,
     entry = {"attempt": action.attempts, "at": datetime.now(UTC).isoformat(), "error": line,
              "traceback": tb, "worker": worker}
     history = codec.dumps([*action.errors, entry][-ERROR_HISTORY:], what="errors")
-    if permanent or isinstance(exc, PermanentFailure) or action.retries <= 0:
+    final = permanent or isinstance(exc, PermanentFailure) or action.retries <= 0
+    hooks.failed(exc, action, final=final)
+    if final:
         return Outcome(action, Status.FAILED, action.retries, error=line, errors=history)
     return Outcome(action, Status.PENDING, action.retries - 1,
                    delay=retry_delay(action, settings or ProcessorSettings()),
@@ -85,12 +101,47 @@ def retry_delay(action: Action, settings: ProcessorSettings) -> timedelta:
     return grown * random.uniform(0.8, 1.2)
 
 
-def run(fn: Any, action: Action, settings: ProcessorSettings, worker: str) -> Outcome:
-    """Call the processor and classify how it ended."""
+def run(proc: Processor, actions: list[Action], worker: str,
+        session: Any = None) -> tuple[list[Outcome], bool]:
+    """Call the processor on one action (or a batch) and classify how each ended.
+
+    Returns the outcomes and whether the processor raised (then a transactional
+    processor's writes must roll back).
+    """
+    batch = proc.settings.batch_size > 1
+    args: tuple[Any, ...] = (actions if batch else actions[0],)
+    if session is not None:
+        args += (session,)
     try:
-        value = fn(action)
+        value = proc.fn(*args)
     except Defer as defer:
-        return deferred(action, defer)
+        return [deferred(a, defer) for a in actions], True
     except Exception as exc:
-        return failed_attempt(action, exc, worker=worker, settings=settings)
-    return completed(action, value)
+        return [failed_attempt(a, exc, worker=worker, settings=proc.settings)
+                for a in actions], True
+    if not batch:
+        return [completed(actions[0], value)], False
+    return _batch_outcomes(proc, actions, value, worker), False
+
+
+def _batch_outcomes(proc: Processor, actions: list[Action], value: Any,
+                    worker: str) -> list[Outcome]:
+    """A batch processor returns None (all completed) or {action_id: result or exception}."""
+    if value is None:
+        return [completed(a, None) for a in actions]
+    if not isinstance(value, dict):
+        problem = TypeError(f"batch processor {proc.name!r} returned {type(value).__name__}; "
+                            "return None or a dict {action_id: result or exception}")
+        return [failed_attempt(a, problem, worker=worker, settings=proc.settings)
+                for a in actions]
+    results = []
+    for action in actions:
+        outcome = value.get(action.id)
+        if isinstance(outcome, Defer):
+            results.append(deferred(action, outcome))
+        elif isinstance(outcome, BaseException):
+            results.append(failed_attempt(action, outcome, worker=worker,
+                                          settings=proc.settings))
+        else:
+            results.append(completed(action, outcome))
+    return results

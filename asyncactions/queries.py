@@ -6,27 +6,42 @@ time arithmetic and payload casts differ, and schema.py spells those.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Connection,
     Float,
+    Integer,
     Text,
     bindparam,
     case,
+    column,
     delete,
+    func,
     null,
     select,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from . import codec
 from .action import Action, Status
 from .enqueue import row_to_action
 from .outcomes import Outcome
-from .schema import NOW, action_columns, as_payload, async_action, async_action_worker, db_now
+from .schema import (
+    NOW,
+    action_columns,
+    as_payload,
+    async_action,
+    async_action_worker,
+    db_now,
+    json_rows,
+)
 
 t = async_action
 
@@ -56,46 +71,60 @@ CLAIM = (
 
 
 def claim(conn: Connection, worker: str, processors: Sequence[str], free: int,
-          lease: timedelta) -> list[Action]:
+          lease: timedelta) -> tuple[list[Action], list[tuple[Action, Exception]]]:
+    """Claim up to `free` eligible actions. Returns them in claim order, and apart the
+    ones whose stored data does not decode (with why), to be failed on their own."""
     rows = conn.execute(CLAIM, {"processors": list(processors), "free": free, "worker": worker,
                                 "lease": lease.total_seconds()}).all()
+    actions, malformed = [], []
+    for row in rows:
+        try:
+            actions.append(row_to_action(row))
+        except codec.MALFORMED as exc:
+            malformed.append((row_to_action(row, payloads=False), exc))
     # RETURNING has no order: put them back in claim order.
-    actions = [row_to_action(r) for r in rows]
     actions.sort(key=lambda a: (a.priority, a.next_eligible_at, a.id))
-    return actions
+    return actions, malformed
 
 
-# Record outcomes, fenced on the attempt that was claimed: a worker that lost its
-# lease (and so its claim) can never overwrite a newer attempt or a cancel.
-RECORD = (
-    update(t)
-    .where(t.c.id == bindparam("b_id"),
-           t.c.attempts == bindparam("b_attempts"),
-           t.c.claimed_by == bindparam("b_worker"),
-           t.c.status == Status.RUNNING.value)
-    .values(status=bindparam("b_status"),
-            retries=bindparam("b_retries"),
-            result=as_payload(bindparam("b_result", type_=Text)),
-            error=bindparam("b_error", type_=Text),
-            errors=case((bindparam("b_errors_changed", type_=Boolean),
-                         as_payload(bindparam("b_errors", type_=Text))), else_=t.c.errors),
-            next_eligible_at=case((bindparam("b_final", type_=Boolean), t.c.next_eligible_at),
-                                  else_=db_now(bindparam("b_delay", type_=Float))),
-            finished_at=case((bindparam("b_final", type_=Boolean), NOW), else_=null()),
-            claimed_by=None, lease_expires_at=None)
-)
+# Record a batch of outcomes in one set-based statement, fenced on the attempt that was
+# claimed: a worker that lost its lease (and so its claim) can never overwrite a newer
+# attempt or a cancel. RETURNING tells which outcomes the fence let through.
+_OUTCOME_COLUMNS = [column("id", BigInteger), column("attempts", Integer),
+                    column("worker", Text), column("status", Text), column("retries", Integer),
+                    column("result", Text), column("error", Text), column("errors", Text),
+                    column("final", Boolean), column("delay", Float)]
 
 
-def record(conn: Connection, outcomes: Sequence[Outcome]) -> int:
-    """Write outcomes in one batch; returns how many rows the fence let through."""
-    params = [{
-        "b_id": o.action.id, "b_attempts": o.action.attempts, "b_worker": o.action.claimed_by,
-        "b_status": o.status.value, "b_retries": o.retries, "b_result": o.result,
-        "b_error": o.error, "b_errors": o.errors, "b_errors_changed": o.errors is not None,
-        "b_final": o.is_final, "b_delay": o.delay.total_seconds(),
-    } for o in outcomes]
-    result = conn.execute(RECORD, params)
-    return result.rowcount
+def _record_statement(dialect: str) -> Any:
+    v = json_rows(dialect, "batch", _OUTCOME_COLUMNS).alias("v")
+    final = v.c.final
+    return (
+        update(t)
+        .where(t.c.id == v.c.id, t.c.attempts == v.c.attempts, t.c.claimed_by == v.c.worker,
+               t.c.status == Status.RUNNING.value)
+        .values(status=v.c.status, retries=v.c.retries, result=as_payload(v.c.result),
+                error=v.c.error,
+                errors=case((v.c.errors.is_not(None), as_payload(v.c.errors)),
+                            else_=t.c.errors),
+                next_eligible_at=case((final, t.c.next_eligible_at), else_=db_now(v.c.delay)),
+                finished_at=case((final, NOW), else_=null()),
+                claimed_by=None, lease_expires_at=None)
+        .returning(t.c.id)
+    )
+
+
+_RECORD = {dialect: _record_statement(dialect) for dialect in ("postgresql", "sqlite")}
+
+
+def record(conn: Connection, outcomes: Sequence[Outcome]) -> set[int]:
+    """Write outcomes in one statement; returns the ids the fence let through."""
+    batch = json.dumps([{
+        "id": o.action.id, "attempts": o.action.attempts, "worker": o.action.claimed_by,
+        "status": o.status.value, "retries": o.retries, "result": o.result, "error": o.error,
+        "errors": o.errors, "final": o.is_final, "delay": o.delay.total_seconds(),
+    } for o in outcomes])
+    return set(conn.execute(_RECORD[conn.dialect.name], {"batch": batch}).scalars())
 
 
 # Hand back actions that were claimed but never started (shutdown): as if never claimed.
@@ -182,3 +211,17 @@ def lost_actions(conn: Connection, lease: timedelta, limit: int = 500) -> list[A
     conn.execute(FORGET_DEAD_WORKERS, {"neg_lease": -lease.total_seconds()})
     return [row_to_action(r) for r in conn.execute(LOST, {"limit": limit})]
 
+
+
+# Eligible pending actions by processor, for the metrics (sampled, not per action).
+BACKLOG = (
+    select(t.c.processor, func.count(), func.min(t.c.next_eligible_at))
+    .where(t.c.status == Status.PENDING.value, t.c.next_eligible_at <= NOW)
+    .group_by(t.c.processor)
+)
+
+
+def backlog(conn: Connection) -> list[tuple[str, int, float]]:
+    now = datetime.now(UTC)
+    return [(name, count, max((now - oldest).total_seconds(), 0.0))
+            for name, count, oldest in conn.execute(BACKLOG)]

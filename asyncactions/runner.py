@@ -22,16 +22,19 @@ from .outcomes import Outcome
 
 @dataclass(eq=False)
 class Attempt:
-    action: Action
+    """One call of a processor: one action, or a batch of one processor's actions."""
+
+    actions: list[Action]
+    processor: str
     timeout: float | None  # seconds
     deadline: float = field(default=0.0)  # monotonic, once started
     finished: bool = False  # its outcome was reported (by its thread or as timed out)
 
 
 class Runner:
-    def __init__(self, size: int, execute: Callable[[Attempt], Outcome],
-                 report: Callable[[Attempt, Outcome], None],
-                 on_timeout: Callable[[Attempt], Outcome]) -> None:
+    def __init__(self, size: int, execute: Callable[[Attempt], list[Outcome]],
+                 report: Callable[[Attempt, list[Outcome]], None],
+                 on_timeout: Callable[[Attempt], list[Outcome]]) -> None:
         self._size = size
         self._execute = execute
         self._report = report
@@ -64,7 +67,8 @@ class Runner:
     def held(self) -> list[int]:
         """Ids of the actions waiting or running here: the ones whose leases to extend."""
         with self._lock:
-            return [a.action.id for a in (*self._waiting, *self._running)]
+            return [action.id for attempt in (*self._waiting, *self._running)
+                    for action in attempt.actions]
 
     def _spawn(self) -> None:
         threading.Thread(target=self._work, name="asyncactions-run", daemon=True).start()

@@ -21,12 +21,16 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    bindparam,
+    cast,
+    func,
     literal,
+    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.expression import ColumnElement, FunctionElement
+from sqlalchemy.sql.expression import ColumnClause, ColumnElement, FromClause, FunctionElement
 
 from .action import Status
 
@@ -186,3 +190,17 @@ def action_columns() -> list[ColumnElement[Any]]:
         else:
             cols.append(col)
     return cols
+
+
+def json_rows(dialect: str, param: str, columns: list[ColumnClause[Any]]) -> FromClause:
+    """Rows from a bind parameter holding a JSON array of objects, as a FROM clause `v`.
+
+    Lets one set-based statement take a whole batch in a single parameter:
+    jsonb_to_recordset on PostgreSQL, json_each on SQLite.
+    """
+    if dialect == "postgresql":
+        return (func.jsonb_to_recordset(as_payload(bindparam(param, type_=Text)))
+                .table_valued(*columns).render_derived(name="v", with_types=True))
+    each = func.json_each(bindparam(param, type_=Text)).table_valued("value")
+    return select(*(cast(func.json_extract(each.c.value, f"$.{c.name}"), c.type).label(c.name)
+                    for c in columns)).select_from(each).subquery("v")

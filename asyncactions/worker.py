@@ -16,20 +16,25 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session
 
 from . import migrate, outcomes, queries
 from . import processors as registry
+from .action import Action, Status
 from .completer import Completer
 from .config import Config, format_duration, load_config
 from .database import first_line, make_engine, require_schema
 from .errors import ConfigError
 from .maintenance import Maintenance, pid_namespace
+from .metrics import Metrics
 from .notifier import Notifier
+from .processors import PermanentFailure
 from .runner import Attempt, Runner
 
 log = logging.getLogger("asyncactions.worker")
@@ -44,7 +49,8 @@ class Worker:
 
     def __init__(self, database_url: str | None = None, *, imports: Iterable[str] = (),
                  processors: Iterable[str] | None = None, concurrency: int | None = None,
-                 config: Config | str | os.PathLike[str] | None = None) -> None:
+                 config: Config | str | os.PathLike[str] | None = None,
+                 metrics_port: int | None = None) -> None:
         if not isinstance(config, Config):
             config = load_config(config, database_url)
         elif database_url:
@@ -63,6 +69,11 @@ class Worker:
         self.id = (f"{socket.gethostname()}:{os.getpid()}:"
                    f"{pid_namespace()}-{uuid.uuid4().hex[:6]}")
         self._names = sorted(self.processors)
+        # Plain processors share one claim; each batch processor claims a batch of its own.
+        self._plain = [n for n in self._names if self.processors[n].settings.batch_size == 1]
+        self._batched = [n for n in self._names if n not in self._plain]
+        self.metrics = Metrics()
+        self._metrics_port = metrics_port
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -70,7 +81,8 @@ class Worker:
         # Bounding it bounds the outcomes a crash can lose and keeps claims from
         # outrunning the completer.
         self._held = 0
-        self._max_held = 2 * self.concurrency
+        largest_batch = max(p.settings.batch_size for p in self.processors.values())
+        self._max_held = 2 * self.concurrency * largest_batch
         self._signals = 0
 
     # --- lifecycle --------------------------------------------------------------------
@@ -83,14 +95,17 @@ class Worker:
     def run(self, burst: bool = False) -> None:
         """Block until stopped (or, with burst, until nothing is eligible), then shut down
         gracefully: running attempts finish within shutdown_grace, every outcome is written."""
-        engine = make_engine(self.config.effective_database_url, pool_size=4)
+        engine = self._engine = make_engine(self.config.effective_database_url,
+                                            pool_size=4 + self.concurrency // 4)
         try:
             self._prepare_schema(engine)
-            completer = Completer(engine, self._written)
+            completer = Completer(engine, self._recorded)
             runner = Runner(self.concurrency, self._execute, self._report, self._timed_out)
             maintenance = Maintenance(engine, self.id, self.config.worker.lease,
                                       self.processors, runner.held,
-                                      lambda: self._register(engine))
+                                      lambda: self._register(engine), self._after_recorded,
+                                      self.metrics if self._metrics_port else None)
+            self._hooks = ThreadPoolExecutor(1, thread_name_prefix="asyncactions-hooks")
             notifier = (Notifier(engine, self._names, self._wake.set)
                         if engine.dialect.name == "postgresql" else None)
             self._register(engine)
@@ -99,6 +114,8 @@ class Worker:
             restore_signals = self._install_signal_handlers()
             for part in (completer, runner, maintenance, *([notifier] if notifier else [])):
                 part.start()
+            if self._metrics_port:
+                self.metrics.serve(self._metrics_port)
             log.info("worker %s started: processors %s, concurrency %d, database %s", self.id,
                      ", ".join(self._names), self.concurrency,
                      engine.url.render_as_string(hide_password=True))
@@ -106,6 +123,7 @@ class Worker:
                 self._claim_loop(engine, runner, completer, burst)
             finally:
                 self._shutdown(engine, runner, completer, maintenance, notifier)
+                self._hooks.shutdown(wait=True)
                 restore_signals()
         finally:
             engine.dispose()
@@ -149,62 +167,147 @@ class Worker:
     def _claim_loop(self, engine: Engine, runner: Runner, completer: Completer,
                     burst: bool) -> None:
         poll = self.config.worker.poll_interval.total_seconds()
-        lease = self.config.worker.lease
         backoff = 0.1
         while not self._stop.is_set():
             self._wake.clear()
-            free = min(self._max_held - self._held, self.concurrency - runner.busy())
-            if free <= 0:
-                self._wake.wait(poll)
-                continue
-            # Burst ends when a claim finds nothing while nothing was held before it:
+            # Burst ends when a round claims nothing while nothing was held before it:
             # outcomes written meanwhile (zero-interval retries) are then seen.
             idle_before = self._held == 0
             try:
-                with engine.begin() as conn:
-                    claimed = queries.claim(conn, self.id, self._names, free, lease)
+                claimed, more = self._claim_round(engine, runner)
                 backoff = 0.1
             except sa_exc.DBAPIError as exc:
                 log.warning("claiming failed (%s); retrying in %.1fs", first_line(exc), backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            with self._lock:
-                self._held += len(claimed)
-            for action in claimed:
-                timeout = self.processors[action.processor].settings.timeout
-                runner.submit(Attempt(action, timeout.total_seconds() if timeout else None))
-            if len(claimed) < free:
-                if burst and not claimed and idle_before:
-                    return
+            if burst and not claimed and idle_before:
+                return
+            if not more:
                 self._wake.wait(poll)
 
-    # --- running (on the runner's threads) ---------------------------------------------
+    def _claim_round(self, engine: Engine, runner: Runner) -> tuple[int, bool]:
+        """Claim for the free threads; returns how many actions, and whether more may
+        be waiting (a claim came back full)."""
+        free = self.concurrency - runner.busy()
+        room = self._max_held - self._held
+        claimed, more = 0, False
+        groups = [(self._plain, 0)] if self._plain else []
+        groups += [([name], self.processors[name].settings.batch_size)
+                   for name in self._batched]
+        for names, batch_size in groups:
+            want = min(free if batch_size == 0 else batch_size, room)
+            if free <= 0 or want <= 0:
+                break
+            with engine.begin() as conn:
+                actions, malformed = queries.claim(conn, self.id, names, want,
+                                                   self.config.worker.lease)
+            with self._lock:
+                self._held += len(actions) + len(malformed)
+            for action, exc in malformed:
+                self._report_malformed(action, exc)
+            if not actions:
+                continue
+            claimed += len(actions)
+            room -= len(actions)
+            more = more or len(actions) == want
+            units = [[a] for a in actions] if batch_size == 0 else [actions]
+            free -= len(units)
+            for unit in units:
+                name = unit[0].processor
+                self.metrics.claimed.labels(name).inc(len(unit))
+                timeout = self.processors[name].settings.timeout
+                runner.submit(Attempt(unit, name, timeout.total_seconds() if timeout else None))
+        return claimed, more
 
-    def _execute(self, attempt: Attempt) -> outcomes.Outcome:
-        proc = self.processors[attempt.action.processor]
-        return outcomes.run(proc.fn, attempt.action, proc.settings, self.id)
+    # --- running (on the runner's threads) -------------------------------------------
 
-    def _timed_out(self, attempt: Attempt) -> outcomes.Outcome:
+    def _execute(self, attempt: Attempt) -> list[outcomes.Outcome]:
+        proc = self.processors[attempt.processor]
+        started = time.perf_counter()
+        if proc.settings.transactional:
+            result = self._execute_in_transaction(proc, attempt)
+        else:
+            result, _raised = outcomes.run(proc, attempt.actions, self.id)
+        self.metrics.outcomes(proc.name, result, time.perf_counter() - started)
+        return result
+
+    def _execute_in_transaction(self, proc: registry.Processor,
+                                attempt: Attempt) -> list[outcomes.Outcome]:
+        """The processor's writes and the outcomes commit together, or not at all.
+
+        Returns the outcomes still to write: none when they committed with the
+        processor's work; the failures when it raised (its writes rolled back)."""
+        with Session(self._engine) as session:
+            session.begin()
+            result, raised = outcomes.run(proc, attempt.actions, self.id, session=session)
+            if raised:
+                session.rollback()
+                return result
+            try:
+                applied = queries.record(session.connection(), result)
+                if len(applied) < len(result):
+                    # We lost the claim (lease expired, canceled): our work must not land.
+                    session.rollback()
+                    log.warning("%s lost its claim while running; its writes were rolled "
+                                "back", ", ".join(o.action.display_id for o in result))
+                    applied = set()
+                else:
+                    session.commit()
+            except Exception as exc:
+                session.rollback()
+                if not isinstance(exc, sa_exc.DBAPIError):
+                    raise
+                log.warning("committing %s failed (%s); its writes were rolled back and it "
+                            "will run again", attempt.actions[0].display_id, first_line(exc))
+                return [self._failed_one(o.action, proc, exc) for o in result]
+        self._recorded(result, applied)
+        return []
+
+    def _timed_out(self, attempt: Attempt) -> list[outcomes.Outcome]:
         limit = format_duration(timedelta(seconds=attempt.timeout or 0))
         return self._failed(attempt, TimeoutError(
             f"attempt timed out after {limit} (the processor's timeout) and was abandoned"))
 
-    def _failed(self, attempt: Attempt, exc: Exception) -> outcomes.Outcome:
-        proc = self.processors[attempt.action.processor]
-        return outcomes.failed_attempt(attempt.action, exc, worker=self.id,
-                                       settings=proc.settings, tb=None)
+    def _failed(self, attempt: Attempt, exc: Exception) -> list[outcomes.Outcome]:
+        proc = self.processors[attempt.processor]
+        return [self._failed_one(action, proc, exc) for action in attempt.actions]
 
-    def _report(self, attempt: Attempt, outcome: outcomes.Outcome) -> None:
-        if outcome.errors is not None:
-            _log_failed_attempt(outcome)
-        self._completer.add(outcome)
+    def _failed_one(self, action: Action, proc: registry.Processor,
+                    exc: Exception) -> outcomes.Outcome:
+        return outcomes.failed_attempt(action, exc, worker=self.id, settings=proc.settings,
+                                       tb=None)
+
+    def _report_malformed(self, action: Action, exc: Exception) -> None:
+        problem = PermanentFailure(f"the stored data cannot be decoded ({type(exc).__name__}: "
+                                   f"{exc}); fix or cancel this action")
+        self._report(None, [self._failed_one(action, self.processors[action.processor],
+                                             problem)])
+
+    def _report(self, attempt: Attempt | None, result: list[outcomes.Outcome]) -> None:
+        for outcome in result:
+            if outcome.errors is not None:
+                _log_failed_attempt(outcome)
+            self._completer.add(outcome)
         self._wake.set()  # a thread is free: claim for it
+
+    def _recorded(self, written: list[outcomes.Outcome], applied: set[int]) -> None:
+        self._after_recorded(written, applied)
+        self._written(written)
 
     def _written(self, written: list[outcomes.Outcome]) -> None:
         with self._lock:
             self._held -= len(written)
         self._wake.set()
+
+    def _after_recorded(self, recorded: list[outcomes.Outcome], applied: set[int]) -> None:
+        """Call on_failure once for each action that has just failed for good."""
+        for outcome in recorded:
+            if outcome.status != Status.FAILED or outcome.action.id not in applied:
+                continue
+            proc = self.processors.get(outcome.action.processor)
+            if proc is not None and proc.settings.on_failure is not None:
+                self._hooks.submit(_call_on_failure, proc, outcome.final_action())
 
     # --- shutdown ---------------------------------------------------------------------
 
@@ -214,7 +317,7 @@ class Worker:
         deadline = time.monotonic() + grace
         if notifier:
             notifier.stop()
-        unstarted = [a.action for a in runner.close()]
+        unstarted = [action for attempt in runner.close() for action in attempt.actions]
         for attempt in runner.wait_running(grace):
             self._report(attempt, self._failed(attempt, Interrupted(
                 f"the worker stopped while this attempt was running (shutdown_grace "
@@ -241,3 +344,10 @@ def _log_failed_attempt(outcome: outcomes.Outcome) -> None:
         log.warning("%s %s attempt %d failed (%s); retrying in %s, %d retries left",
                     action.display_id, action.processor, action.attempts, outcome.error,
                     format_duration(outcome.delay), outcome.retries)
+
+
+def _call_on_failure(proc: registry.Processor, action: Action) -> None:
+    try:
+        proc.settings.on_failure(action)  # type: ignore[misc]
+    except Exception:
+        log.exception("on_failure of %s raised for %s", proc.name, action.display_id)

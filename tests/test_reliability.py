@@ -130,7 +130,7 @@ def test_a_lost_remote_workers_actions_return_when_its_lease_expires(db: Db) -> 
                      {"t": admin.get_action(conn, resumable_id).created_at})
     from asyncactions import queries
     with db.engine.begin() as conn:
-        claimed = queries.claim(conn, "elsewhere:99:0-dead", ["resumable", "last_chance"], 2,
+        claimed, _ = queries.claim(conn, "elsewhere:99:0-dead", ["resumable", "last_chance"], 2,
                                 timedelta(seconds=lease))
     assert len(claimed) == 2
     claimed_at = time.monotonic()

@@ -1,0 +1,60 @@
+"""Prometheus metrics of one worker process (served with `worker --metrics-port`).
+
+Each worker has its own registry, so several Workers in one process (tests) do not
+collide; counters are cheap enough to update on every action.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .outcomes import Outcome
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.processed = Counter(
+            "asyncactions_actions_processed", "Attempts finished, by processor and outcome "
+            "(completed, retried, deferred, failed).", ["processor", "outcome"],
+            registry=self.registry)
+        self.duration = Histogram(
+            "asyncactions_attempt_duration_seconds", "Time a processor call took.",
+            ["processor"], registry=self.registry,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300))
+        self.claimed = Counter("asyncactions_actions_claimed", "Actions claimed.",
+                               ["processor"], registry=self.registry)
+        self.pending = Gauge("asyncactions_pending_actions",
+                             "Eligible pending actions, by processor (sampled).",
+                             ["processor"], registry=self.registry)
+        self.oldest_pending = Gauge(
+            "asyncactions_oldest_pending_age_seconds",
+            "How long the oldest eligible pending action has waited (sampled).",
+            ["processor"], registry=self.registry)
+        self._last_heartbeat = time.monotonic()
+        Gauge("asyncactions_worker_heartbeat_age_seconds",
+              "Seconds since this worker's last successful heartbeat.",
+              registry=self.registry).set_function(
+                  lambda: time.monotonic() - self._last_heartbeat)
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)
+
+    def outcomes(self, processor: str, outcomes: Iterable[Outcome], seconds: float) -> None:
+        self.duration.labels(processor).observe(seconds)
+        for outcome in outcomes:
+            self.processed.labels(processor, outcome.kind).inc()
+
+    def heartbeat(self) -> None:
+        self._last_heartbeat = time.monotonic()
+
+    def backlog(self, rows: Iterable[tuple[str, int, float]], processors: Iterable[str]) -> None:
+        """Set pending counts and ages; processors with nothing pending read zero."""
+        seen = {name: (count, age) for name, count, age in rows}
+        for name in processors:
+            count, age = seen.get(name, (0, 0.0))
+            self.pending.labels(name).set(count)
+            self.oldest_pending.labels(name).set(age)
