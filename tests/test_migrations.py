@@ -15,8 +15,9 @@ from .conftest import Db
 def test_migrated_schema_matches_the_code(db: Db) -> None:
     with db.engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
+        # Tables of the application (or other tests) sharing the database are not ours.
         diff = [d for d in compare_metadata(context, metadata)
-                if "asyncactions_alembic_version" not in str(d)]
+                if not (d[0] == "remove_table" and d[1].name not in metadata.tables)]
     assert diff == []
 
 
