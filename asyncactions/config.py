@@ -12,9 +12,12 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .schedules import Schedule
 
 EMBEDDED_DATABASE_URL = "sqlite:///asyncactions.db"
 DEFAULT_CONFIG_PATHS = (Path("asyncactions.toml"), Path("config/asyncactions.toml"))
@@ -59,6 +62,7 @@ class Config:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     # Per-processor overrides, already checked: {name: {setting: value}}.
     processors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    schedules: tuple[Schedule, ...] = ()
     source: str = "defaults"
 
     @property
@@ -110,8 +114,8 @@ def _check_keys(table: dict[str, Any], allowed: set[str] | dict[str, Any], where
 
 
 def _parse(raw: dict[str, Any], source: str) -> Config:
-    _check_keys(raw, {"database_url", "imports", "max_data_bytes", "worker", "processors"},
-                source)
+    _check_keys(raw, {"database_url", "imports", "max_data_bytes", "worker", "processors",
+                      "schedules"}, source)
     url = raw.get("database_url")
     if url is not None and (not isinstance(url, str) or not url):
         raise ConfigError(f"{source}: database_url must be a URL string, got {url!r}")
@@ -142,8 +146,18 @@ def _parse(raw: dict[str, Any], source: str) -> Config:
         _check_keys(table, PROCESSOR_SETTINGS, where)
         processors[name] = {k: PROCESSOR_SETTINGS[k](v, f"{where} {k}") for k, v in table.items()}
 
+    from .schedules import parse as parse_schedule  # schedules needs parse_duration
+
+    schedules = []
+    for name, table in raw.get("schedules", {}).items():
+        where = f"{source}: [schedules.{name}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table")
+        schedules.append(parse_schedule(name, table, where))
+
     return Config(database_url=url, imports=tuple(imports), max_data_bytes=max_bytes,
-                  worker=worker, processors=processors, source=source)
+                  worker=worker, processors=processors, schedules=tuple(schedules),
+                  source=source)
 
 
 def load_config(path: str | os.PathLike[str] | None = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,11 +18,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 
-from . import queries
+from . import queries, schedules
 from .database import first_line
 from .metrics import Metrics
 from .outcomes import Outcome, failed_attempt
 from .processors import Processor, ProcessorSettings
+from .schedules import Schedule
 
 log = logging.getLogger("asyncactions.maintenance")
 
@@ -71,7 +72,7 @@ class Maintenance:
                  processors: dict[str, Processor], held: Callable[[], list[int]],
                  on_reregister: Callable[[], None],
                  on_recorded: Callable[[list[Outcome], set[int]], None],
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, schedules: Iterable[Schedule] = ()) -> None:
         self._engine = engine
         self._worker = worker_id
         self._lease = lease
@@ -89,6 +90,13 @@ class Maintenance:
                            (self.recover_lost, min(lease_s / 10, 1.0))):
             self._scheduler.add_job(job, "interval", seconds=max(every, 0.1),
                                     id=job.__name__, max_instances=1, coalesce=True)
+        for schedule in schedules:
+            # Each fire time, and once now to catch up on a fire missed while down.
+            self._scheduler.add_job(self.fire, schedule.trigger(), args=[schedule],
+                                    id=f"schedule:{schedule.name}", max_instances=1,
+                                    coalesce=True, misfire_grace_time=None)
+            self._scheduler.add_job(self.fire, args=[schedule], max_instances=1,
+                                    next_run_time=datetime.now(UTC))
         if metrics is not None:
             self._scheduler.add_job(self.sample_backlog, "interval", seconds=10,
                                     id="sample_backlog", max_instances=1, coalesce=True,
@@ -156,3 +164,9 @@ class Maintenance:
             return
         if self._metrics is not None:
             self._metrics.backlog(rows, self._processors)
+
+    def fire(self, schedule: Schedule) -> None:
+        try:
+            schedules.fire_due(self._engine, schedule)
+        except sa_exc.DBAPIError as exc:
+            log.warning("schedule %s could not fire: %s", schedule.name, first_line(exc))

@@ -117,6 +117,13 @@ async_action_worker = Table(
     Column("heartbeat_at", UtcDateTime, nullable=False),
 )
 
+async_action_schedule = Table(
+    "async_action_schedule",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("last_fire_at", UtcDateTime, nullable=False),
+)
+
 
 # --- dialect-specific spellings --------------------------------------------------
 

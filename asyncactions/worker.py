@@ -104,7 +104,8 @@ class Worker:
             maintenance = Maintenance(engine, self.id, self.config.worker.lease,
                                       self.processors, runner.held,
                                       lambda: self._register(engine), self._after_recorded,
-                                      self.metrics if self._metrics_port else None)
+                                      self.metrics if self._metrics_port else None,
+                                      self.config.schedules)
             self._hooks = ThreadPoolExecutor(1, thread_name_prefix="asyncactions-hooks")
             notifier = (Notifier(engine, self._names, self._wake.set)
                         if engine.dialect.name == "postgresql" else None)

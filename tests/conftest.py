@@ -26,6 +26,8 @@ from asyncactions.database import make_engine
 ADMIN_URL = os.environ.get("ASYNCACTIONS_TEST_PG_URL",
                            "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 ROOT = Path(__file__).resolve().parent.parent
+TRUNCATE = ("TRUNCATE async_action, async_action_worker, async_action_schedule "
+            "RESTART IDENTITY")
 
 
 @dataclass
@@ -75,7 +77,7 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
         url = request.getfixturevalue("pg_database")
         engine = make_engine(url)
         with engine.begin() as conn:
-            conn.execute(text("TRUNCATE async_action, async_action_worker RESTART IDENTITY"))
+            conn.execute(text(TRUNCATE))
     else:
         url = f"sqlite:///{tmp_path / 'asyncactions.db'}"
         engine = make_engine(url)
@@ -89,7 +91,7 @@ def pg(pg_database: str) -> Iterator[Db]:
     """PostgreSQL only, for features SQLite does not have (LISTEN/NOTIFY)."""
     engine = make_engine(pg_database)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE async_action, async_action_worker RESTART IDENTITY"))
+        conn.execute(text(TRUNCATE))
     yield Db(pg_database, engine)
     engine.dispose()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from asyncactions import init_action
+from asyncactions import init_action, migrate
 
 from .conftest import ROOT, Db, cli
 
@@ -28,8 +28,11 @@ def test_db_upgrade_current_downgrade(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     assert "base" in cli("--database-url", url, "db", "current").stdout
     up = cli("--database-url", url, "db", "upgrade")
-    assert up.returncode == 0 and "is at revision 0001" in up.stdout
-    assert cli("--database-url", url, "db", "current").stdout.strip() == "0001"
+    head = migrate.head()
+    assert up.returncode == 0 and f"is at revision {head}" in up.stdout
+    assert cli("--database-url", url, "db", "current").stdout.strip() == head
+    assert "is at revision 0001" in cli("--database-url", url, "db", "downgrade", "0001").stdout
+    assert "(newest: " in cli("--database-url", url, "db", "current").stdout
     down = cli("--database-url", url, "db", "downgrade", "base")
     assert down.returncode == 0 and "is at revision base" in down.stdout
     assert "base" in cli("--database-url", url, "db", "current").stdout

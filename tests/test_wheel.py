@@ -9,6 +9,8 @@ import venv
 import zipfile
 from pathlib import Path
 
+from asyncactions import migrate
+
 from .conftest import ROOT
 
 
@@ -42,7 +44,7 @@ def test_wheel_installs_into_a_fresh_virtualenv_and_runs(tmp_path: Path) -> None
             return f"hello {action.data['name']}"
     """))
     asyncactions = env_dir / "bin" / "asyncactions"
-    assert "is at revision 0001" in run(asyncactions, "db", "upgrade", cwd=app)
+    assert f"is at revision {migrate.head()}" in run(asyncactions, "db", "upgrade", cwd=app)
     run(env_dir / "bin" / "python", "-c",
         "from asyncactions import init_action; from sqlalchemy import create_engine; "
         "init_action(create_engine('sqlite:///asyncactions.db'), 'greet', {'name': 'wheel'})",

@@ -1,0 +1,144 @@
+"""Periodic actions: `[schedules.NAME]` with `cron` (5 fields, in a timezone) or `every`.
+
+Every worker runs every schedule on its APScheduler, and each fire time is enqueued
+once whatever the number of workers: a fire time is enqueued only by the worker whose
+update moves the schedule's `last_fire_at` forward to it, in the same transaction.
+Fire times are a pure function of the schedule (cron in its timezone; `every` on a
+grid from a fixed epoch), so all workers agree on them. After downtime, only the most
+recent missed fire time is enqueued: no flood.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import Connection, Engine, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from .config import parse_duration
+from .enqueue import init_action
+from .errors import ConfigError
+from .schema import async_action_schedule
+
+log = logging.getLogger("asyncactions.schedules")
+
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+CATCH_UP_WINDOW = timedelta(days=7)  # how far back a missed cron fire is looked for
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    processor: str
+    data: Any = None
+    cron: str | None = None
+    every: timedelta | None = None
+    timezone: str = "UTC"
+
+    def trigger(self) -> BaseTrigger:
+        if self.every is not None:
+            return IntervalTrigger(seconds=self.every.total_seconds(), start_date=EPOCH,
+                                   timezone=UTC)
+        return CronTrigger.from_crontab(self.cron or "", timezone=ZoneInfo(self.timezone))
+
+    def next_fire_after(self, moment: datetime) -> datetime:
+        """The first fire time strictly after `moment`."""
+        if self.every is not None:
+            step = self.every.total_seconds()
+            return EPOCH + timedelta(seconds=((moment - EPOCH).total_seconds() // step + 1)
+                                     * step)
+        fire = self.trigger().get_next_fire_time(None, moment + timedelta(microseconds=1))
+        assert fire is not None, "a cron expression always fires again"
+        return fire.astimezone(UTC)
+
+    def latest_fire(self, after: datetime, now: datetime) -> datetime | None:
+        """The latest fire time in (after, now], if there is one."""
+        if self.every is not None:
+            step = self.every.total_seconds()
+            latest = EPOCH + timedelta(seconds=((now - EPOCH).total_seconds() // step) * step)
+            return latest if latest > after else None
+        found = None
+        fire = self.next_fire_after(max(after, now - CATCH_UP_WINDOW))
+        while fire <= now:
+            found = fire
+            fire = self.next_fire_after(fire)
+        return found
+
+
+def parse(name: str, table: dict[str, Any], where: str) -> Schedule:
+    """One [schedules.NAME] table, checked; errors name the key."""
+    allowed = {"processor", "cron", "every", "data", "timezone"}
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed: "
+                          f"{', '.join(sorted(allowed))}")
+    processor = table.get("processor")
+    if not isinstance(processor, str) or not processor:
+        raise ConfigError(f"{where}: processor is required: the name of the processor to "
+                          "enqueue for")
+    if ("cron" in table) == ("every" in table):
+        raise ConfigError(f"{where}: give exactly one of cron = \"0 2 * * *\" or "
+                          "every = \"30s\"")
+    timezone = table.get("timezone", "UTC")
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise ConfigError(f"{where} timezone: {timezone!r} is not a known timezone; use a "
+                          "name like \"UTC\" or \"Europe/Paris\"") from None
+    every = None
+    if "every" in table:
+        every = parse_duration(table["every"], what=f"{where} every")
+        if every <= timedelta(0):
+            raise ConfigError(f"{where} every: must be longer than 0s")
+    schedule = Schedule(name, processor, table.get("data"), table.get("cron"), every, timezone)
+    if schedule.cron is not None:
+        try:
+            schedule.trigger()
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{where} cron: {schedule.cron!r} is not a cron expression "
+                              f"({exc}); write 5 fields: minute hour day month weekday, e.g. "
+                              "\"0 2 * * *\"") from None
+    return schedule
+
+
+def _claim_fire(conn: Connection, name: str, fire: datetime) -> bool:
+    """Move the schedule's last_fire_at forward to `fire`; true for the one worker that did."""
+    s = async_action_schedule
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    stmt = insert(s).values(name=name, last_fire_at=fire)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[s.c.name], set_={"last_fire_at": fire},
+        where=s.c.last_fire_at < stmt.excluded.last_fire_at).returning(s.c.name)
+    return conn.execute(stmt).first() is not None
+
+
+def last_fire(conn: Connection, name: str) -> datetime | None:
+    s = async_action_schedule
+    return conn.execute(select(s.c.last_fire_at).where(s.c.name == name)).scalar()
+
+
+def fire_due(engine: Engine, schedule: Schedule, now: datetime | None = None) -> bool:
+    """Enqueue the schedule's latest due fire time unless another worker already did.
+
+    A schedule seen for the first time starts from now: it does not fire for the past."""
+    now = now or datetime.now(UTC)
+    with engine.begin() as conn:
+        last = last_fire(conn, schedule.name)
+        if last is None:
+            _claim_fire(conn, schedule.name, now)
+            return False
+        fire = schedule.latest_fire(last, now)
+        if fire is None or not _claim_fire(conn, schedule.name, fire):
+            return False
+        action = init_action(conn, schedule.processor, schedule.data,
+                             unique_key=f"schedule:{schedule.name}:{fire.isoformat()}")
+    log.info("schedule %s: enqueued %s for %s", schedule.name, action.display_id,
+             fire.isoformat())
+    return True
