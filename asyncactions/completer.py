@@ -16,13 +16,12 @@ from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 
 from . import queries
-from .database import first_line
+from .database import KeptConnection, first_line
 from .outcomes import Outcome
 
 log = logging.getLogger("asyncactions.completer")
 
-FLUSH_INTERVAL = 0.005  # seconds an outcome may wait for company
-MAX_BATCH = 500
+MAX_BATCH = 1000
 
 
 class Completer:
@@ -50,35 +49,34 @@ class Completer:
             self._thread.join(1.0)
 
     def _loop(self) -> None:
+        conn = KeptConnection(self._engine, single_statements=True)
         stopping = False
         while not stopping:
-            first = self._queue.get()
-            batch: list[Outcome] = []
-            if first is None:
-                stopping = True
-            else:
-                batch.append(first)
-            # Gather company for a moment: one statement for many outcomes.
-            while len(batch) < MAX_BATCH:
+            # Whatever finished while the last batch was being written goes in this one:
+            # batches grow with the load, and an idle worker writes an outcome at once.
+            item = self._queue.get()
+            batch = [item] if item is not None else []
+            stopping = item is None
+            while not stopping and len(batch) < MAX_BATCH:
                 try:
-                    item = self._queue.get(timeout=FLUSH_INTERVAL) if batch else \
-                        self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
                     stopping = True
-                    break
-                batch.append(item)
+                else:
+                    batch.append(item)
             if batch:
-                self._write(batch)
+                self._write(conn, batch)
+        conn.close()
 
-    def _write(self, batch: list[Outcome]) -> None:
+    def _write(self, conn: KeptConnection, batch: list[Outcome]) -> None:
         delay = 0.1
         applied: set[int] = set()
         while True:
             try:
-                with self._engine.begin() as conn:
-                    applied = queries.record(conn, batch)
+                with conn.begin() as connection:
+                    applied = queries.record(connection, batch)
                 break
             except sa_exc.DBAPIError as exc:
                 if self._stopping.is_set():

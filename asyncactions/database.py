@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
@@ -86,3 +86,44 @@ def require_schema(engine: Engine) -> None:
     if not has_schema(engine):
         raise DatabaseError(f"the database {describe(engine)} has no async_action table; run "
                             "`asyncactions db upgrade` first")
+
+
+class KeptConnection:
+    """One connection kept for a loop's whole life: no pool checkout or ping per use.
+
+    After a database error it is thrown away and the next use connects afresh, so a
+    loop survives terminated backends and server restarts.
+    """
+
+    def __init__(self, engine: Engine, *setup: str, single_statements: bool = False) -> None:
+        self._engine = engine
+        self._setup = setup  # statements run once per new connection
+        # On PostgreSQL a unit of one statement needs no BEGIN and COMMIT round trips:
+        # the statement is its own transaction. (SQLite has no round trips to save.)
+        self._autocommit = single_statements and engine.dialect.name == "postgresql"
+        self._conn: Connection | None = None
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        if self._conn is None:
+            self._conn = self._engine.connect()
+            if self._autocommit:
+                self._conn = self._conn.execution_options(isolation_level="AUTOCOMMIT")
+            for statement in self._setup:
+                self._conn.exec_driver_sql(statement)
+            self._conn.commit()
+        try:
+            with self._conn.begin():
+                yield self._conn
+        except sa_exc.DBAPIError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.invalidate()
+                self._conn.close()
+            except sa_exc.SQLAlchemyError:
+                pass
+            self._conn = None

@@ -29,7 +29,7 @@ from . import processors as registry
 from .action import Action, Status
 from .completer import Completer
 from .config import Config, format_duration, load_config
-from .database import first_line, make_engine, require_schema
+from .database import KeptConnection, first_line, make_engine, require_schema
 from .errors import ConfigError
 from .maintenance import Maintenance, pid_namespace
 from .metrics import Metrics
@@ -38,6 +38,8 @@ from .processors import PermanentFailure
 from .runner import Attempt, Runner
 
 log = logging.getLogger("asyncactions.worker")
+
+MAX_UNWRITTEN = 500
 
 
 class Interrupted(Exception):
@@ -78,11 +80,13 @@ class Worker:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         # Claimed and not yet written: running, waiting for a thread, or in the completer.
-        # Bounding it bounds the outcomes a crash can lose and keeps claims from
-        # outrunning the completer.
+        # Bounding it keeps claims from outrunning the completer and bounds what a crash
+        # can make run twice; the bound on unwritten outcomes (MAX_UNWRITTEN) is what lets
+        # one outcome write carry many actions.
         self._held = 0
-        largest_batch = max(p.settings.batch_size for p in self.processors.values())
-        self._max_held = 2 * self.concurrency * largest_batch
+        running = self.concurrency * max(p.settings.batch_size
+                                         for p in self.processors.values())
+        self._max_held = running + max(running, MAX_UNWRITTEN)
         self._signals = 0
 
     # --- lifecycle --------------------------------------------------------------------
@@ -169,13 +173,19 @@ class Worker:
                     burst: bool) -> None:
         poll = self.config.worker.poll_interval.total_seconds()
         backoff = 0.1
+        # A claim is bookkeeping: if the server crashed before flushing it, the action is
+        # simply pending again (the fenced outcome write then matches nothing), so claims
+        # need not wait for their own WAL flush. Outcomes stay fully durable.
+        conn = KeptConnection(engine, *(["SET synchronous_commit = off"]
+                                        if engine.dialect.name == "postgresql" else []),
+                              single_statements=True)
         while not self._stop.is_set():
             self._wake.clear()
             # Burst ends when a round claims nothing while nothing was held before it:
             # outcomes written meanwhile (zero-interval retries) are then seen.
             idle_before = self._held == 0
             try:
-                claimed, more = self._claim_round(engine, runner)
+                claimed, more = self._claim_round(conn, runner)
                 backoff = 0.1
             except sa_exc.DBAPIError as exc:
                 log.warning("claiming failed (%s); retrying in %.1fs", first_line(exc), backoff)
@@ -183,11 +193,12 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
                 continue
             if burst and not claimed and idle_before:
-                return
+                break
             if not more:
                 self._wake.wait(poll)
+        conn.close()
 
-    def _claim_round(self, engine: Engine, runner: Runner) -> tuple[int, bool]:
+    def _claim_round(self, conn: KeptConnection, runner: Runner) -> tuple[int, bool]:
         """Claim for the free threads; returns how many actions, and whether more may
         be waiting (a claim came back full)."""
         free = self.concurrency - runner.busy()
@@ -200,8 +211,8 @@ class Worker:
             want = min(free if batch_size == 0 else batch_size, room)
             if free <= 0 or want <= 0:
                 break
-            with engine.begin() as conn:
-                actions, malformed = queries.claim(conn, self.id, names, want,
+            with conn.begin() as connection:
+                actions, malformed = queries.claim(connection, self.id, names, want,
                                                    self.config.worker.lease)
             with self._lock:
                 self._held += len(actions) + len(malformed)
