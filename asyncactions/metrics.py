@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from .errors import ConfigError
 from .outcomes import Outcome
 
 
@@ -41,7 +42,11 @@ class Metrics:
                   lambda: time.monotonic() - self._last_heartbeat)
 
     def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+        try:
+            start_http_server(port, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"--metrics-port {port}: cannot serve metrics there "
+                              f"({exc.strerror}); choose a free port") from None
 
     def outcomes(self, processor: str, outcomes: Iterable[Outcome], seconds: float) -> None:
         self.duration.labels(processor).observe(seconds)

@@ -99,8 +99,9 @@ class Worker:
     def run(self, burst: bool = False) -> None:
         """Block until stopped (or, with burst, until nothing is eligible), then shut down
         gracefully: running attempts finish within shutdown_grace, every outcome is written."""
+        # Connections are opened lazily: room for a session per transactional attempt.
         engine = self._engine = make_engine(self.config.effective_database_url,
-                                            pool_size=4 + self.concurrency // 4)
+                                            pool_size=4 + self.concurrency)
         try:
             self._prepare_schema(engine)
             completer = Completer(engine, self._recorded)
@@ -113,14 +114,14 @@ class Worker:
             self._hooks = ThreadPoolExecutor(1, thread_name_prefix="asyncactions-hooks")
             notifier = (Notifier(engine, self._names, self._wake.set)
                         if engine.dialect.name == "postgresql" else None)
+            if self._metrics_port:
+                self.metrics.serve(self._metrics_port)
             self._register(engine)
             maintenance.recover_lost()  # a restart after a crash on this host: recover now
             self._completer = completer
             restore_signals = self._install_signal_handlers()
             for part in (completer, runner, maintenance, *([notifier] if notifier else [])):
                 part.start()
-            if self._metrics_port:
-                self.metrics.serve(self._metrics_port)
             log.info("worker %s started: processors %s, concurrency %d, database %s", self.id,
                      ", ".join(self._names), self.concurrency,
                      engine.url.render_as_string(hide_password=True))
