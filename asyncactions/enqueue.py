@@ -32,6 +32,7 @@ from .errors import AsyncActionsError
 from .processors import registered
 from .schema import (
     ACTIVE_STATUSES,
+    LIVE_KEY,
     NOW,
     action_columns,
     as_payload,
@@ -166,10 +167,8 @@ def _insert_stmt(conn: Connection, explicit_time: bool, unique: bool) -> Any:
     stmt = dialect_insert(async_action).values(
         _insert_values(explicit_time, as_payload(bindparam("data", type_=Text))))
     if unique:
-        stmt = stmt.on_conflict_do_nothing(
-            index_elements=["unique_key"],
-            index_where=async_action.c.status.in_(ACTIVE_STATUSES)
-            & async_action.c.unique_key.is_not(None))
+        stmt = stmt.on_conflict_do_nothing(index_elements=["unique_key"],
+                                           index_where=LIVE_KEY)
     return stmt.returning(*_returning(conn))
 
 

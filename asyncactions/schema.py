@@ -93,9 +93,12 @@ Index("async_action_claim_idx", async_action.c.priority, async_action.c.next_eli
       async_action.c.id, postgresql_where=text("status = 'pending'"),
       sqlite_where=text("status = 'pending'"))
 # unique_key is unique among live actions only; finished ones keep theirs for audit.
+# Spelled with literals: ON CONFLICT names the index by this predicate, and PostgreSQL
+# cannot match it to the index when the statuses are bind parameters of a prepared
+# statement (psycopg prepares a statement once it has run a few times).
+LIVE_KEY = text("status IN ('pending', 'running') AND unique_key IS NOT NULL")
 Index("async_action_unique_key_idx", async_action.c.unique_key, unique=True,
-      postgresql_where=text("status IN ('pending', 'running') AND unique_key IS NOT NULL"),
-      sqlite_where=text("status IN ('pending', 'running') AND unique_key IS NOT NULL"))
+      postgresql_where=LIVE_KEY, sqlite_where=LIVE_KEY)
 # Lease recovery scans running rows by lease expiry.
 Index("async_action_lease_idx", async_action.c.lease_expires_at,
       postgresql_where=text("status = 'running'"), sqlite_where=text("status = 'running'"))

@@ -99,6 +99,15 @@ def test_unique_key_returns_the_live_action_instead_of_a_new_one(db: Db) -> None
     assert third.id != first.id
 
 
+def test_unique_keys_keep_working_once_the_driver_prepares_the_statement(db: Db) -> None:
+    # psycopg prepares a statement after five runs; PostgreSQL must still match the
+    # ON CONFLICT target to the partial index then.
+    with db.engine.begin() as conn:
+        ids = [init_action(conn, "p", {"n": n}, unique_key=f"k{n % 3}").id for n in range(30)]
+    assert len(set(ids)) == 3
+    assert count(db) == 3
+
+
 def test_typed_data_round_trips_with_its_types(db: Db) -> None:
     data = {
         "aware": datetime(2026, 11, 23, 5, 41, tzinfo=UTC),
