@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.expression import ColumnElement, FunctionElement
+from sqlalchemy.sql.expression import ColumnElement, FromClause, FunctionElement
 
 from .action import Status
 
@@ -180,10 +180,11 @@ def _payload_text_sqlite(element: payload_text, compiler: Any, **kw: Any) -> str
     return compiler.process(element.clauses, **kw)
 
 
-def action_columns() -> list[ColumnElement[Any]]:
-    """Every column of async_action, payloads as text, in Action's field order."""
+def action_columns(table: FromClause = async_action) -> list[ColumnElement[Any]]:
+    """Every column of async_action (or an alias of it), payloads as text, in Action's
+    field order."""
     cols: list[ColumnElement[Any]] = []
-    for col in async_action.c:
+    for col in table.c:
         if col.name in ("data", "errors", "result"):
             cols.append(payload_text(col).label(col.name))
         else:
