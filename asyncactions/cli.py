@@ -16,7 +16,7 @@ import click
 from sqlalchemy import Engine, select
 from sqlalchemy import exc as sa_exc
 
-from . import admin, codec, migrate
+from . import admin, codec
 from . import processors as registry
 from .action import Action
 from .config import Config, format_duration, load_config, parse_duration
@@ -65,11 +65,11 @@ class Group(click.Group):
 def run() -> None:
     """Console entry point: click's own usage errors also end as one line."""
     try:
-        main(standalone_mode=False)
+        main(prog_name="asyncactions", standalone_mode=False)  # also under python -m
     except click.exceptions.Abort:
         _fail("aborted", code=130)
     except click.ClickException as exc:
-        hint = f" (see `asyncactions {exc.ctx.command_path.split(' ', 1)[-1]} --help`)" \
+        hint = f" (see `{exc.ctx.command_path} --help`)" \
             if getattr(exc, "ctx", None) and " " in exc.ctx.command_path else ""
         _fail(exc.format_message().replace("\n", " ") + hint, code=exc.exit_code)
 
@@ -137,6 +137,8 @@ def db() -> None:
 @click.pass_obj
 def upgrade(state: State) -> None:
     """Create or upgrade the schema to the newest revision."""
+    from . import migrate
+
     migrate.upgrade(state.engine)
     click.echo(f"{describe(state.engine)} is at revision {migrate.current(state.engine)}")
 
@@ -146,6 +148,8 @@ def upgrade(state: State) -> None:
 @click.pass_obj
 def downgrade(state: State, revision: str) -> None:
     """Downgrade the schema to REVISION ("base" removes it)."""
+    from . import migrate
+
     try:
         migrate.downgrade(state.engine, revision)
     except Exception as exc:  # alembic reports unknown revisions with its own exceptions
@@ -161,6 +165,8 @@ def downgrade(state: State, revision: str) -> None:
 @click.pass_obj
 def current(state: State) -> None:
     """Show the schema's revision and the newest one."""
+    from . import migrate
+
     rev = migrate.current(state.engine)
     head = migrate.head()
     click.echo(f"{rev or 'base (no schema)'}" + ("" if rev == head else f" (newest: {head})"))
@@ -172,6 +178,8 @@ def current(state: State) -> None:
 @click.pass_obj
 def sql(state: State, dialect: str | None) -> None:
     """Print the DDL of every migration, for a DBA to review or apply."""
+    from . import migrate
+
     if dialect is None:
         url = state.config.database_url
         dialect = "sqlite" if url and url.startswith("sqlite") else "postgresql"

@@ -11,9 +11,6 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from rich.console import Console
-from rich.table import Table
-
 FORMATS = ("table", "json", "csv")
 
 
@@ -49,6 +46,9 @@ def emit(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str = "tab
         for row in rows:
             writer.writerow([_cell(row.get(c)) for c in columns])
     else:
+        from rich.console import Console  # only tables need rich: keep other commands quick
+        from rich.table import Table
+
         table = Table(title=title, show_lines=False)
         for column in columns:
             table.add_column(column)
