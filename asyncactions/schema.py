@@ -14,6 +14,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -178,6 +179,25 @@ def _payload_text_pg(element: payload_text, compiler: Any, **kw: Any) -> str:
 @compiles(payload_text, "sqlite")
 def _payload_text_sqlite(element: payload_text, compiler: Any, **kw: Any) -> str:
     return compiler.process(element.clauses, **kw)
+
+
+class elapsed_seconds(FunctionElement[float]):
+    """Seconds from one timestamp to another, as a float (for run times and ages)."""
+
+    type = Float()
+    inherit_cache = True
+
+
+@compiles(elapsed_seconds, "postgresql")
+def _elapsed_seconds_pg(element: elapsed_seconds, compiler: Any, **kw: Any) -> str:
+    start, end = (compiler.process(c, **kw) for c in element.clauses)
+    return f"CAST(EXTRACT(EPOCH FROM ({end} - {start})) AS DOUBLE PRECISION)"
+
+
+@compiles(elapsed_seconds, "sqlite")
+def _elapsed_seconds_sqlite(element: elapsed_seconds, compiler: Any, **kw: Any) -> str:
+    start, end = (compiler.process(c, **kw) for c in element.clauses)
+    return f"((julianday({end}) - julianday({start})) * 86400.0)"
 
 
 def action_columns(table: FromClause = async_action) -> list[ColumnElement[Any]]:

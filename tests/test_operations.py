@@ -1,0 +1,268 @@
+"""SPEC §4 operations, run as the real command on each backend: list, show, stats,
+workers, processors, and their answers to bad input."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Text, insert, literal
+
+from asyncactions import Action, Worker, codec, init_action, processor
+from asyncactions.config import Config, WorkerSettings
+from asyncactions.schema import as_payload, async_action, async_action_worker
+
+from .conftest import Db, cli
+from .test_cli import one_line_error
+
+FIELDS = set(Action.__dataclass_fields__)
+HOUR = timedelta(hours=1)
+
+
+def put(db: Db, processor: str = "mail", status: str = "pending", *, age: timedelta = HOUR,
+        wait: float | None = None, run: float | None = None, **values: Any) -> int:
+    """Insert an action as workers would have left it: created `age` ago, its latest
+    attempt started `wait` seconds later and finished `run` seconds after that."""
+    created = datetime.now(UTC) - age
+    started = None if wait is None else created + timedelta(seconds=wait)
+    finished = None if run is None or started is None else started + timedelta(seconds=run)
+    for name in ("data", "errors", "result"):
+        if name in values:
+            values[name] = as_payload(literal(codec.dumps(values[name]), Text))
+    row = {"processor": processor, "status": status, "retries": 3, "attempts": 0,
+           "created_at": created, "next_eligible_at": created, "started_at": started,
+           "finished_at": finished, **values}
+    with db.engine.begin() as conn:
+        return conn.execute(insert(async_action).values(row)
+                            .returning(async_action.c.id)).scalar_one()
+
+
+def run(db: Db, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return cli(*args, cwd=cwd, env={"ASYNCACTIONS_DATABASE_URL": db.url,
+                                    "ASYNCACTIONS_CONFIG": ""})
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def records(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in ok(result).splitlines()]
+
+
+def by_id(db: Db) -> dict[int, tuple]:
+    return {r[0]: r[1:] for r in db.rows(
+        "SELECT id, status, retries, attempts, finished_at, claimed_by FROM async_action")}
+
+
+# --- list, show, stats ----------------------------------------------------------------------
+
+def test_list_filters_newest_first_in_every_format(db: Db, tmp_path: Path) -> None:
+    put(db, "mail", "completed", age=timedelta(days=3), wait=1, run=1, related_id="order:1")
+    put(db, "mail", "failed", wait=1, run=1, related_id="order:1", attempts=4,
+        error="SMTPError: refused", data={"to": "ada@example.com"})
+    put(db, "sms", "pending", related_id="order:2")
+    put(db, "mail", "canceled", finished_at=datetime.now(UTC))
+    put(db, "sms", "completed", wait=1, run=1, related_id="order:1", result={"sid": 7})
+
+    everything = records(run(db, tmp_path, "list", "--format", "json"))
+    assert [r["id"] for r in everything] == [5, 4, 3, 2, 1]
+    assert all(set(r) == FIELDS for r in everything)
+    failed = everything[3]
+    assert (failed["status"], failed["attempts"], failed["error"], failed["data"]) == (
+        "failed", 4, "SMTPError: refused", {"to": "ada@example.com"})
+    assert everything[0]["result"] == {"sid": 7}
+
+    chosen = records(run(db, tmp_path, "list", "--status", "failed,canceled", "--processor",
+                         "mail", "--format", "json"))
+    assert [r["id"] for r in chosen] == [4, 2]
+    recent = records(run(db, tmp_path, "list", "--related-id", "order:1", "--since", "24h",
+                         "--limit", "1", "--format", "json"))
+    assert [r["id"] for r in recent] == [5]
+
+    table = list(csv.DictReader(io.StringIO(ok(run(db, tmp_path, "list", "--processor", "sms",
+                                                   "--format", "csv")))))
+    assert [(r["id"], r["status"], r["result"]) for r in table] == [
+        ("5", "completed", '{"sid": 7}'), ("3", "pending", "")]
+    human = ok(run(db, tmp_path, "list", "--related-id", "order:1"))
+    assert "ASYNC-00000005" in human and "ASYNC-00000001" in human
+    assert "ASYNC-00000003" not in human
+
+
+FAST = WorkerSettings(poll_interval=timedelta(milliseconds=50))
+
+
+def test_show_prints_every_field_timings_and_the_error_history(db: Db, tmp_path: Path) -> None:
+    @processor("flaky", retries=1, retry_interval=timedelta(0))
+    def flaky(action):
+        raise ConnectionError(f"smtp refused attempt {action.attempts}")
+
+    failed = init_action(db.engine, "flaky", {"to": "ada@example.com"}).id
+    Worker(config=Config(database_url=db.url, worker=FAST), concurrency=1).run(burst=True)
+    done = put(db, "mail", "completed", wait=2, run=3, attempts=1, result={"sent": True})
+    waiting = put(db, "mail", "pending")
+
+    (shown,) = records(run(db, tmp_path, "show", f"ASYNC-{failed:08d}", "--format", "json"))
+    assert set(shown) == FIELDS | {"queued", "run_time"}
+    assert (shown["id"], shown["status"], shown["attempts"], shown["retries"]) == (
+        failed, "failed", 2, 0)
+    assert shown["error"] == "ConnectionError: smtp refused attempt 2"
+    assert [e["attempt"] for e in shown["errors"]] == [1, 2]
+    assert all("raise ConnectionError" in e["traceback"] and e["worker"]
+               for e in shown["errors"])
+    assert shown["queued"] >= 0 and shown["run_time"] >= 0
+
+    (timed,) = records(run(db, tmp_path, "show", str(done), "--format", "json"))
+    assert timed["queued"] == pytest.approx(2, abs=0.01)
+    assert timed["run_time"] == pytest.approx(3, abs=0.01)
+    assert timed["result"] == {"sent": True}
+
+    human = ok(run(db, tmp_path, "show", str(failed)))
+    assert f"ASYNC-{failed:08d} flaky failed" in human
+    assert "attempt 1 at" in human and "smtp refused attempt 1" in human
+    assert "Traceback (most recent call last)" in human and "raise ConnectionError" in human
+    assert "queued" in human and "run_time" in human
+    (pending,) = records(run(db, tmp_path, "show", str(waiting), "--format", "json"))
+    assert pending["queued"] == pytest.approx(3600, abs=60) and pending["run_time"] is None
+
+
+def test_stats_per_processor_over_the_window(db: Db, tmp_path: Path) -> None:
+    for second in range(1, 21):  # run times 1..20 s, the first four after a retry
+        put(db, "mail", "completed", wait=0.5, run=second, attempts=2 if second <= 4 else 1)
+    for _ in range(2):
+        put(db, "mail", "failed", wait=1, run=1, attempts=3, error="SMTPError: refused")
+    put(db, "mail", "failed", wait=1, run=1, attempts=1, error="ValueError: bad address")
+    put(db, "mail", "pending")
+    put(db, "mail", "pending")
+    put(db, "mail", "canceled", finished_at=datetime.now(UTC))  # never ran: no run time
+    put(db, "mail", "completed", age=timedelta(days=3), wait=1, run=100, attempts=1)
+    put(db, "sms", "running", wait=1, attempts=1, claimed_by="w1")
+
+    mail, sms = records(run(db, tmp_path, "stats", "--format", "json"))
+    assert mail["processor"] == "mail"
+    assert {k: mail[k] for k in ("total", "pending", "running", "completed", "failed",
+                                 "canceled")} == {"total": 26, "pending": 2, "running": 0,
+                                                  "completed": 20, "failed": 3, "canceled": 1}
+    assert mail["success_rate"] == pytest.approx(20 / 23)
+    assert mail["retry_rate"] == pytest.approx(6 / 23)
+    # 23 run times: 1,1,1,1,2,3,…,20; nearest-rank p95 is the 22nd.
+    assert mail["mean_run_time"] == pytest.approx(213 / 23, abs=1e-3)
+    assert mail["p95_run_time"] == pytest.approx(19, abs=1e-3)
+    assert mail["top_errors"] == [{"error": "SMTPError: refused", "count": 2},
+                                  {"error": "ValueError: bad address", "count": 1}]
+    assert (sms["total"], sms["running"], sms["success_rate"], sms["retry_rate"],
+            sms["mean_run_time"], sms["p95_run_time"], sms["top_errors"]) == (
+        1, 1, None, 0.0, None, None, [])
+
+    week = records(run(db, tmp_path, "stats", "--since", "7d", "--format", "json"))[0]
+    assert (week["total"], week["completed"]) == (27, 21)
+    assert week["p95_run_time"] == pytest.approx(20, abs=1e-3)
+
+    human = ok(run(db, tmp_path, "stats"))
+    assert "87.0%" in human and "SMTPError: refused" in human and "top errors" in human
+
+
+# --- workers and processors ------------------------------------------------------------------
+
+def test_workers_shows_live_workers_and_what_they_hold(db: Db, tmp_path: Path) -> None:
+    started, release = threading.Semaphore(0), threading.Event()
+
+    @processor("hold")
+    def hold(action):
+        started.release()
+        release.wait(30)
+
+    init_action(db.engine, "hold", {})
+    init_action(db.engine, "hold", {})
+    worker = Worker(config=Config(database_url=db.url, worker=FAST), concurrency=2)
+    thread = threading.Thread(target=worker.run, kwargs={"burst": True})
+    thread.start()
+    try:
+        assert started.acquire(timeout=30) and started.acquire(timeout=30)
+        with db.engine.begin() as conn:  # one that stopped beating a while ago
+            conn.execute(insert(async_action_worker).values(
+                id="stale", hostname="elsewhere", pid=1, processors="mail,sms",
+                started_at=datetime.now(UTC) - HOUR,
+                heartbeat_at=datetime.now(UTC) - timedelta(seconds=90)))
+        stale, live = records(run(db, tmp_path, "workers", "--format", "json"))
+    finally:
+        release.set()
+        thread.join(30)
+    assert (live["id"], live["pid"], live["processors"], live["running"]) == (
+        worker.id, os.getpid(), ["hold"], 2)
+    assert 0 <= live["heartbeat_age"] < 30
+    assert (stale["id"], stale["hostname"], stale["processors"], stale["running"]) == (
+        "stale", "elsewhere", ["mail", "sms"], 0)
+    assert stale["heartbeat_age"] == pytest.approx(90, abs=10)
+
+
+def test_processors_show_effective_settings(tmp_path: Path) -> None:
+    (tmp_path / "procs.py").write_text(textwrap.dedent("""
+        from datetime import timedelta
+        from asyncactions import processor
+
+        @processor("mail", retries=3, retry_interval=timedelta(minutes=5), batch_size=10)
+        def mail(actions):
+            pass
+
+        @processor("sms", backoff="exponential", timeout=timedelta(seconds=30))
+        def sms(action):
+            pass
+    """))
+    (tmp_path / "asyncactions.toml").write_text(
+        'imports = ["procs"]\n[processors.mail]\nretries = 7\nenabled = false\n')
+    mail, sms = records(cli("processors", "--format", "json", cwd=tmp_path,
+                            env={"ASYNCACTIONS_CONFIG": ""}))
+    assert mail == {"name": "mail", "retries": 7, "retry_interval": "5m", "backoff": "fixed",
+                    "timeout": None, "batch_size": 10, "enabled": False,
+                    "transactional": False, "overridden": "enabled,retries"}
+    assert (sms["retries"], sms["backoff"], sms["timeout"], sms["overridden"]) == (
+        3, "exponential", "30s", "")
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+def test_bad_input_is_one_line_and_changes_nothing(db: Db, tmp_path: Path) -> None:
+    put(db, "mail", "failed", wait=1, run=1, attempts=1)
+    put(db, "mail", "pending")
+    before = by_id(db)
+    cases = {
+        ("list", "--status", "faild"): "unknown status 'faild'; use pending, running, "
+                                       "completed, failed, canceled",
+        ("list", "--processor", "nope"): "unknown processor 'nope'; known: mail",
+        ("list", "--since", "yesterday"): "'yesterday' is not a duration",
+        ("show", "ASYNC-00000099"): "no action 99 (ASYNC-00000099)",
+        ("show", "order-7"): "'order-7' is not an action id",
+        ("stats", "--since", "1w"): "'1w' is not a duration",
+        ("enqueue", "mail", "--timeout", "5s"): "Invalid value for --timeout: only makes "
+                                                "sense with --wait (see `asyncactions "
+                                                "enqueue --help`)",
+    }
+    with ThreadPoolExecutor(4) as pool:  # independent processes: overlap their start-up
+        results = pool.map(lambda args: run(db, tmp_path, *args), cases)
+        for (args, message), result in zip(cases.items(), results, strict=True):
+            line = one_line_error(result)
+            assert message in line, (args, line)
+    assert by_id(db) == before
+
+
+def test_unreachable_or_unmigrated_database_is_one_line(tmp_path: Path) -> None:
+    down = ("--database-url", "postgresql://nobody@127.0.0.1:1/none")
+    commands = [(*down, "list"), (*down, "stats"), (*down, "workers"), (*down, "show", "1"),
+                ("--database-url", f"sqlite:///{tmp_path / 'new.db'}", "list")]
+    with ThreadPoolExecutor(4) as pool:
+        lines = [one_line_error(r) for r in pool.map(lambda c: cli(*c, cwd=tmp_path), commands)]
+    assert all("127.0.0.1:1" in line and "server is running" in line for line in lines[:4])
+    assert "run `asyncactions db upgrade` first" in lines[4]
