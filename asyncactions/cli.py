@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import click
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy import exc as sa_exc
 
 from . import admin, audit, codec
@@ -359,6 +360,115 @@ def stats(state: State, since: Any, fmt: str) -> None:
 
 def _ratio(value: float | None) -> Ratio | None:
     return None if value is None else Ratio(value)
+
+
+# --- steering ---------------------------------------------------------------------------
+
+@main.command()
+@click.argument("ids", nargs=-1, metavar="[ID]...")
+@click.option("--status", callback=_statuses, metavar="S[,S...]",
+              help="By filter: actions in these statuses (default failed).")
+@click.option("--processor", metavar="NAME", help="By filter: only this processor's actions.")
+@click.option("--retries", type=click.IntRange(min=0),
+              help="Set retries remaining (default: unchanged).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def retry(state: State, ids: tuple[str, ...], status: tuple[str, ...] | None,
+          processor: str | None, retries: int | None, yes: bool) -> None:
+    """Run finished actions again now: by id, or by filter (asks first). Attempts and
+    error history are kept."""
+    _steer(state, "retry", "retried", ids, status, processor, yes, ("failed",),
+           lambda conn, i: admin.retry(conn, i, retries=retries),
+           lambda engine, where, dry_run: admin.retry_matching(engine, where, retries=retries,
+                                                               dry_run=dry_run))
+
+
+@main.command()
+@click.argument("ids", nargs=-1, metavar="[ID]...")
+@click.option("--processor", metavar="NAME", help="By filter: only this processor's actions.")
+@click.option("--status", callback=_statuses, metavar="S[,S...]",
+              help="By filter: actions in these statuses (default pending).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def cancel(state: State, ids: tuple[str, ...], processor: str | None,
+           status: tuple[str, ...] | None, yes: bool) -> None:
+    """Cancel pending or running actions: by id, or by filter (asks first). A running
+    attempt finishes, but its outcome is not recorded."""
+    _steer(state, "cancel", "canceled", ids, status, processor, yes, ("pending",),
+           admin.cancel,
+           lambda engine, where, dry_run: admin.cancel_matching(engine, where, dry_run=dry_run))
+
+
+def _steer(state: State, verb: str, past: str, ids: tuple[str, ...],
+           status: tuple[str, ...] | None, processor: str | None, yes: bool,
+           default_status: tuple[str, ...], one: Callable[[Connection, int], Action],
+           matching: Callable[[Engine, audit.Filter, bool], int]) -> None:
+    """By ids: all in one transaction, so one bad id changes nothing. By filter: count,
+    confirm (on a terminal, unless --yes), then change."""
+    if ids:
+        if status or processor:
+            raise click.UsageError("give action ids or a filter (--status, --processor), "
+                                   "not both")
+        with state.checked_engine.begin() as conn:
+            done = [one(conn, i) for i in dict.fromkeys(map(admin.parse_id, ids))]
+        for action in done:
+            click.echo(str(action))
+        return
+    if not (status or processor):
+        raise click.UsageError(f"give action ids, or --status/--processor to {verb} by filter")
+    engine = state.checked_engine
+    if processor is not None:
+        _check_processor_known(state, engine, processor)
+    where = audit.Filter(status or default_status, processor)
+    what = "/".join(where.statuses) + (f" {processor}" if processor else "")
+    count = matching(engine, where, True)
+    if count == 0:
+        click.echo(f"no {what} actions to {verb}")
+        return
+    _confirm(f"{verb} {_plural(count, f'{what} action')}", yes)
+    click.echo(f"{past} {_plural(matching(engine, where, False), 'action')}")
+
+
+def _confirm(change: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        _fail(f"refusing to {change} without confirmation (stdin is not a terminal); "
+              "pass --yes")
+    if not click.confirm(f"{change[0].upper()}{change[1:]}?"):
+        _fail("nothing changed", code=1)
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+@main.command()
+@click.option("--older-than", callback=_duration, required=True, metavar="DURATION",
+              help="Finished longer ago than this, e.g. 30d.")
+@click.option("--status", callback=_statuses, default="completed,canceled,failed",
+              show_default=True, metavar="S[,S...]")
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@click.pass_obj
+def purge(state: State, older_than: Any, status: tuple[str, ...], dry_run: bool) -> None:
+    """Delete old finished actions, in batches of 1000 rows per transaction."""
+    engine = state.checked_engine
+    if dry_run:
+        count = admin.purge(engine, older_than, status, dry_run=True)
+        click.echo(f"would purge {_plural(count, 'action')}")
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        count = admin.purge(engine, older_than, status)
+    else:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("purging", total=None)
+            count = admin.purge(engine, older_than, status, progress=lambda done, total:
+                                progress.update(task, completed=done, total=total))
+    click.echo(f"purged {_plural(count, 'action')}")
 
 
 # --- processors and workers --------------------------------------------------------------

@@ -1,5 +1,5 @@
 """SPEC §4 operations, run as the real command on each backend: list, show, stats,
-workers, processors, and their answers to bad input."""
+retry, cancel, purge, workers, processors, and their answers to bad input."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import csv
 import io
 import json
 import os
+import pty
 import subprocess
+import sys
 import textwrap
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -18,11 +20,11 @@ from typing import Any
 import pytest
 from sqlalchemy import Text, insert, literal
 
-from asyncactions import Action, Worker, codec, init_action, processor
+from asyncactions import Action, Worker, admin, codec, init_action, processor
 from asyncactions.config import Config, WorkerSettings
 from asyncactions.schema import as_payload, async_action, async_action_worker
 
-from .conftest import Db, cli
+from .conftest import ROOT, Db, cli
 from .test_cli import one_line_error
 
 FIELDS = set(Action.__dataclass_fields__)
@@ -173,6 +175,145 @@ def test_stats_per_processor_over_the_window(db: Db, tmp_path: Path) -> None:
     assert "87.0%" in human and "SMTPError: refused" in human and "top errors" in human
 
 
+# --- retry and cancel -----------------------------------------------------------------------
+
+def test_retry_by_ids_and_by_filter(db: Db, tmp_path: Path) -> None:
+    history = [{"attempt": 3, "at": "2026-01-01T00:00:00+00:00", "error": "X: boom",
+                "traceback": "Traceback …", "worker": "w1"}]
+    f1 = put(db, "mail", "failed", wait=1, run=1, attempts=3, retries=0, error="X: boom",
+             errors=history)
+    c2 = put(db, "mail", "completed", wait=1, run=1, attempts=1)
+    p3 = put(db, "mail", "pending")
+    s4 = put(db, "sms", "failed", wait=1, run=1, attempts=1, retries=0)
+    held5 = put(db, "mail", "failed", wait=1, run=1, attempts=1, unique_key="k")
+    put(db, "mail", "pending", unique_key="k")  # holds k: 5 cannot be pending too
+    old7 = put(db, "mail", "failed", wait=1, run=1, attempts=1, unique_key="j")
+    new8 = put(db, "mail", "failed", wait=1, run=1, attempts=1, unique_key="j")
+    x9 = put(db, "mail", "canceled", finished_at=datetime.now(UTC))
+    f10 = put(db, "mail", "failed", wait=1, run=1, attempts=1, retries=0)
+    before = by_id(db)
+
+    out = ok(run(db, tmp_path, "retry", f"ASYNC-{f1:08d}", str(c2), "--retries", "2"))
+    assert out.splitlines() == [f"ASYNC-{f1:08d} mail pending", f"ASYNC-{c2:08d} mail pending"]
+    line = one_line_error(run(db, tmp_path, "retry", str(s4), str(p3)))
+    assert f"cannot retry ASYNC-{p3:08d}: it is pending" in line
+    assert by_id(db)[s4] == before[s4]
+
+    assert ok(run(db, tmp_path, "retry", "--status", "failed", "--processor", "mail",
+                  "--yes")) == "retried 2 actions\n"
+
+    again = admin.get_action(db.engine, f1)
+    assert (again.status, again.retries, again.attempts) == ("pending", 2, 3)
+    assert again.errors == history and again.error == "X: boom"
+    assert again.finished_at is None and again.next_eligible_at <= datetime.now(UTC)
+    after = by_id(db)
+    assert after[c2][:3] == ("pending", 2, 1)
+    assert [after[i][0] for i in (s4, held5, old7, new8, x9, f10)] == [
+        "failed", "failed", "failed", "pending", "canceled", "pending"]
+    assert after[f10][1] == 0  # retries unchanged without --retries
+
+
+def test_cancel_by_ids_and_by_filter(db: Db, tmp_path: Path) -> None:
+    p1 = put(db, "mail", "pending")
+    p2 = put(db, "mail", "pending")
+    r3 = put(db, "mail", "running", wait=1, attempts=1, claimed_by="w1",
+             lease_expires_at=datetime.now(UTC) + HOUR)
+    s4 = put(db, "sms", "pending")
+    c5 = put(db, "mail", "completed", wait=1, run=1, attempts=1)
+    p6 = put(db, "mail", "pending")
+    s7 = put(db, "sms", "running", wait=1, attempts=1, claimed_by="w2")
+
+    out = ok(run(db, tmp_path, "cancel", str(p1), f"ASYNC-{r3:08d}"))
+    assert out.splitlines() == [f"ASYNC-{p1:08d} mail canceled",
+                                f"ASYNC-{r3:08d} mail canceled"]
+    line = one_line_error(run(db, tmp_path, "cancel", str(s4), str(c5)))
+    assert f"cannot cancel ASYNC-{c5:08d}: it is completed" in line
+    assert by_id(db)[s4][0] == "pending"
+
+    assert ok(run(db, tmp_path, "cancel", "--processor", "mail", "--yes")) == \
+        "canceled 2 actions\n"
+    assert ok(run(db, tmp_path, "cancel", "--processor", "sms", "--status", "running",
+                  "--yes")) == "canceled 1 action\n"
+    after = by_id(db)
+    assert [after[i][0] for i in (p1, p2, r3, s4, c5, p6, s7)] == [
+        "canceled", "canceled", "canceled", "pending", "completed", "canceled", "canceled"]
+    assert after[r3][3] is not None and after[r3][4] is None  # finished, released
+
+
+def on_terminal(db: Db, cwd: Path, answer: str, *args: str) -> tuple[int, str, str]:
+    """Run the command with a terminal as stdin and stderr; returns (exit status, stdout,
+    what the terminal showed)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "asyncactions", *args], cwd=cwd,
+                            stdin=slave, stderr=slave, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT),
+                                 "ASYNCACTIONS_DATABASE_URL": db.url,
+                                 "ASYNCACTIONS_CONFIG": ""})
+    os.close(slave)
+    os.write(master, answer.encode())
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # nothing to do once it has exited
+    shown = b""
+    try:
+        while chunk := os.read(master, 65536):
+            shown += chunk
+    except OSError:  # the other end is closed: all read
+        pass
+    os.close(master)
+    return proc.returncode, out, shown.decode(errors="replace")
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+def test_on_a_terminal_filters_ask_first_and_purge_shows_progress(db: Db,
+                                                                  tmp_path: Path) -> None:
+    pending = put(db, "mail", "pending")
+    code, out, _ = on_terminal(db, tmp_path, "n\n", "cancel", "--processor", "mail")
+    assert code == 1 and "Cancel 1 pending mail action?" in out
+    assert by_id(db)[pending][0] == "pending"
+    code, out, _ = on_terminal(db, tmp_path, "y\n", "cancel", "--processor", "mail")
+    assert code == 0 and out.endswith("canceled 1 action\n")
+    assert by_id(db)[pending][0] == "canceled"
+
+    for _ in range(3):
+        put(db, "mail", "completed", age=timedelta(days=40), wait=1, run=1)
+    code, out, shown = on_terminal(db, tmp_path, "", "purge", "--older-than", "30d")
+    assert (code, out) == (0, "purged 3 actions\n")
+    assert "purging" in shown
+
+
+# --- purge ------------------------------------------------------------------------------------
+
+def test_purge_deletes_old_finished_actions(db: Db, tmp_path: Path) -> None:
+    old = timedelta(days=40)
+    c1 = put(db, "mail", "completed", age=old, wait=1, run=1)
+    put(db, "mail", "failed", age=old, wait=1, run=1)
+    put(db, "mail", "canceled", age=old, finished_at=datetime.now(UTC) - old)
+    recent = put(db, "mail", "completed", age=timedelta(days=10), wait=1, run=1)
+    waiting = put(db, "mail", "pending", age=old)
+    s6 = put(db, "sms", "completed", age=old, wait=1, run=1)
+
+    assert ok(run(db, tmp_path, "purge", "--older-than", "30d", "--dry-run")) == \
+        "would purge 4 actions\n"
+    assert len(by_id(db)) == 6
+    assert ok(run(db, tmp_path, "purge", "--older-than", "30d", "--status",
+                  "failed,canceled")) == "purged 2 actions\n"
+    assert set(by_id(db)) == {c1, recent, waiting, s6}
+    assert ok(run(db, tmp_path, "purge", "--older-than", "30d")) == "purged 2 actions\n"
+    assert set(by_id(db)) == {recent, waiting}
+
+
+def test_purge_works_in_batches_and_reports_progress(db: Db) -> None:
+    for _ in range(5):
+        put(db, "mail", "completed", age=timedelta(days=2), wait=1, run=1)
+    seen: list[tuple[int, int]] = []
+    assert admin.purge(db.engine, timedelta(days=1), batch_size=2,
+                       progress=lambda done, total: seen.append((done, total))) == 5
+    assert seen == [(0, 5), (2, 5), (4, 5), (5, 5)]
+    assert by_id(db) == {}
+
+
 # --- workers and processors ------------------------------------------------------------------
 
 def test_workers_shows_live_workers_and_what_they_hold(db: Db, tmp_path: Path) -> None:
@@ -246,6 +387,21 @@ def test_bad_input_is_one_line_and_changes_nothing(db: Db, tmp_path: Path) -> No
         ("show", "ASYNC-00000099"): "no action 99 (ASYNC-00000099)",
         ("show", "order-7"): "'order-7' is not an action id",
         ("stats", "--since", "1w"): "'1w' is not a duration",
+        ("retry",): "give action ids, or --status/--processor to retry by filter",
+        ("retry", "1", "--status", "failed"): "give action ids or a filter",
+        ("retry", "--status", "pending", "--yes"): "only completed, failed or canceled "
+                                                   "actions can be run again",
+        ("retry", "--processor", "nope", "--yes"): "unknown processor 'nope'",
+        ("cancel", "--status", "completed", "--yes"): "only pending or running actions "
+                                                      "can be canceled",
+        ("cancel", "7"): "no action 7",
+        ("purge",): "Missing option '--older-than'",
+        ("purge", "--older-than", "30d", "--status", "pending"): "only finished actions "
+                                                                 "can be purged",
+        ("retry", "--status", "failed"): "refusing to retry 1 failed action without "
+                                         "confirmation (stdin is not a terminal); pass --yes",
+        ("cancel", "--processor", "mail"): "refusing to cancel 1 pending mail action without "
+                                           "confirmation (stdin is not a terminal); pass --yes",
         ("enqueue", "mail", "--timeout", "5s"): "Invalid value for --timeout: only makes "
                                                 "sense with --wait (see `asyncactions "
                                                 "enqueue --help`)",
@@ -260,8 +416,9 @@ def test_bad_input_is_one_line_and_changes_nothing(db: Db, tmp_path: Path) -> No
 
 def test_unreachable_or_unmigrated_database_is_one_line(tmp_path: Path) -> None:
     down = ("--database-url", "postgresql://nobody@127.0.0.1:1/none")
-    commands = [(*down, "list"), (*down, "stats"), (*down, "workers"), (*down, "show", "1"),
-                ("--database-url", f"sqlite:///{tmp_path / 'new.db'}", "list")]
+    commands = [(*down, "list"), (*down, "stats"), (*down, "workers"),
+                (*down, "purge", "--older-than", "1d"),
+                ("--database-url", f"sqlite:///{tmp_path / 'new.db'}", "retry", "1")]
     with ThreadPoolExecutor(4) as pool:
         lines = [one_line_error(r) for r in pool.map(lambda c: cli(*c, cwd=tmp_path), commands)]
     assert all("127.0.0.1:1" in line and "server is running" in line for line in lines[:4])
