@@ -64,6 +64,8 @@ def _cell(value: Any) -> str:
         return human_duration(value)
     if isinstance(value, Ratio):
         return f"{value * 100:.1f}%"
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ", ".join(value)
     if isinstance(value, dict | list):
         return json.dumps(value, default=str)
     return str(value)

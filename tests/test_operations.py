@@ -22,6 +22,7 @@ from sqlalchemy import Text, insert, literal
 
 from asyncactions import Action, Worker, admin, codec, init_action, processor
 from asyncactions.config import Config, WorkerSettings
+from asyncactions.output import Ratio, emit, human_duration
 from asyncactions.schema import as_payload, async_action, async_action_worker
 
 from .conftest import ROOT, Db, cli
@@ -370,6 +371,25 @@ def test_processors_show_effective_settings(tmp_path: Path) -> None:
                     "transactional": False, "overridden": "enabled,retries"}
     assert (sms["retries"], sms["backoff"], sms["timeout"], sms["overridden"]) == (
         3, "exponential", "30s", "")
+
+
+def test_tables_read_plainly_and_machine_formats_stay_exact(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    row = {"names": ["mail", "sms"], "age": timedelta(seconds=95.2), "rate": Ratio(0.875),
+           "errors": [{"error": "X: boom", "count": 2}]}
+    columns = list(row)
+    emit([row], columns, "table")
+    table = capsys.readouterr().out
+    assert "mail, sms" in table and "1m 35s" in table and "87.5%" in table
+    emit([row], columns, "json")
+    assert json.loads(capsys.readouterr().out) == {
+        "names": ["mail", "sms"], "age": 95.2, "rate": 0.875,
+        "errors": [{"error": "X: boom", "count": 2}]}
+    emit([row], columns, "csv")
+    assert list(csv.reader(io.StringIO(capsys.readouterr().out)))[1] == [
+        '["mail", "sms"]', "95.2", "0.875", '[{"error": "X: boom", "count": 2}]']
+    assert [human_duration(timedelta(seconds=s)) for s in (0.25, 3, 3600 * 5 + 60, 86400 * 2)] \
+        == ["250ms", "3.0s", "5h 01m", "2d 00h"]
 
 
 # --- bad input ---------------------------------------------------------------------------------
