@@ -103,6 +103,19 @@ def test_list_filters_newest_first_in_every_format(db: Db, tmp_path: Path) -> No
     assert "ASYNC-00000003" not in human
 
 
+def test_enqueue_with_a_unique_key_prints_the_live_holder(db: Db, tmp_path: Path) -> None:
+    put(db, "sms", "completed", wait=1, run=1, unique_key="otp:42")  # finished: no block
+    args = ("enqueue", "sms", "--data", '{"to": "+4470"}', "--related-id", "user:42",
+            "--priority", "-5", "--delay", "1m", "--unique-key", "otp:42")
+    first, again = ok(run(db, tmp_path, *args)), ok(run(db, tmp_path, *args))
+    assert first == again == "ASYNC-00000002\n"
+    action = admin.get_action(db.engine, 2)
+    assert (action.data, action.related_id, action.priority, action.unique_key) == (
+        {"to": "+4470"}, "user:42", -5, "otp:42")
+    assert action.next_eligible_at - action.created_at == timedelta(minutes=1)
+    assert len(by_id(db)) == 2
+
+
 FAST = WorkerSettings(poll_interval=timedelta(milliseconds=50))
 
 
