@@ -1,5 +1,7 @@
 """asyncactions: a durable work queue in your own database (the transactional outbox)."""
 
+from typing import TYPE_CHECKING, Any
+
 from .action import Action, Status, format_id
 from .admin import cancel, get_action, retry, wait_for
 from .enqueue import init_action, init_actions
@@ -14,7 +16,19 @@ from .errors import (
 )
 from .hooks import report_exceptions
 from .processors import Defer, PermanentFailure, processor
-from .worker import Worker
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+
+def __getattr__(name: str) -> Any:
+    """Load the worker machinery (Alembic, APScheduler) only when asked for it, so
+    producers and quick CLI commands start faster."""
+    if name == "Worker":
+        from .worker import Worker
+
+        return Worker
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "Action",

@@ -1,23 +1,40 @@
-"""Operator actions on single actions: look up, cancel, run again, wait for the end."""
+"""Operator actions: look up, cancel, run again, wait for the end; by id or by filter;
+and retention (purge)."""
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterable
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import (
+    Engine,
+    Float,
+    FromClause,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.sql.expression import ColumnElement
 
 from . import codec
-from .action import FINAL_STATUSES, Action, Status
+from .action import Action, Status
+from .audit import FINAL, Filter, parse_statuses
 from .enqueue import Database, connection, row_to_action
 from .errors import ActionNotFound, AsyncActionsError
-from .schema import ACTIVE_STATUSES, NOW, action_columns, async_action
+from .schema import ACTIVE_STATUSES, NOW, UtcDateTime, action_columns, async_action, db_now
 
 t = async_action
+_other = t.alias("other")  # the same table again, for conditions on other rows
 _ID = re.compile(r"^(?:ASYNC-)?0*(\d+)$", re.IGNORECASE)
-_FINAL = tuple(s.value for s in FINAL_STATUSES)
 
 
 def parse_id(value: str | int) -> int:
@@ -43,11 +60,12 @@ def get_action(db: Database, action_id: int | str) -> Action:
         return row_to_action(row, payloads=False)
 
 
+_CANCELED = {"status": Status.CANCELED.value, "finished_at": NOW, "claimed_by": None,
+             "lease_expires_at": None}
 CANCEL = (
     update(t)
     .where(t.c.id == bindparam("b_id"), t.c.status.in_(ACTIVE_STATUSES))
-    .values(status=Status.CANCELED.value, finished_at=NOW, claimed_by=None,
-            lease_expires_at=None)
+    .values(**_CANCELED)
     .returning(*action_columns())
 )
 
@@ -59,11 +77,11 @@ def cancel(db: Database, action_id: int | str) -> Action:
                        "only pending or running actions can be canceled")
 
 
+_RETRIED = {"status": Status.PENDING.value, "next_eligible_at": NOW, "finished_at": None}
 RETRY = (
     update(t)
-    .where(t.c.id == bindparam("b_id"), t.c.status.in_(_FINAL))
-    .values(status=Status.PENDING.value, next_eligible_at=NOW, finished_at=None,
-            retries=bindparam("retries"))
+    .where(t.c.id == bindparam("b_id"), t.c.status.in_(FINAL))
+    .values(**_RETRIED, retries=bindparam("retries"))
     .returning(*action_columns())
 )
 
@@ -92,6 +110,100 @@ def _transition(db: Database, action_id: int, stmt: Any, params: dict[str, Any],
     current = get_action(db, action_id)  # raises ActionNotFound
     raise AsyncActionsError(f"cannot {verb} {current.display_id}: it is {current.status}; "
                             f"{rule}")
+
+
+# --- many at once: by filter -------------------------------------------------------------
+
+def cancel_matching(db: Database, where: Filter, *, dry_run: bool = False) -> int:
+    """Cancel every pending or running action `where` matches; returns how many (with
+    `dry_run`, how many would be, changing nothing)."""
+    if where.statuses:
+        parse_statuses(where.statuses, ACTIVE_STATUSES,
+                       why=": only pending or running actions can be canceled")
+    return _apply(db, and_(where.where(), t.c.status.in_(ACTIVE_STATUSES)), _CANCELED, dry_run)
+
+
+def retry_matching(db: Database, where: Filter, *, retries: int | None = None,
+                   dry_run: bool = False) -> int:
+    """Run every finished action `where` matches again now; returns how many.
+
+    An action whose unique_key another action would then share (a live one, or a newer
+    match) is left out: a key admits one live action.
+    """
+    if where.statuses:
+        parse_statuses(where.statuses, FINAL,
+                       why=": only completed, failed or canceled actions can be run again")
+    if retries is not None and retries < 0:
+        raise AsyncActionsError(f"retries must be >= 0, got {retries}")
+    same_key = _other.c.unique_key == t.c.unique_key
+    held = exists().where(same_key, _other.c.status.in_(ACTIVE_STATUSES))
+    newer = exists().where(same_key, _other.c.id > t.c.id, where.where(_other),
+                           _other.c.status.in_(FINAL))
+    retryable = and_(where.where(), t.c.status.in_(FINAL),
+                     t.c.unique_key.is_(None) | ~(held | newer))
+    values = {**_RETRIED, "retries": t.c.retries if retries is None else retries}
+    try:
+        return _apply(db, retryable, values, dry_run)
+    except sa_exc.IntegrityError:
+        raise AsyncActionsError("cannot retry: an action was enqueued meanwhile with the "
+                                "unique_key of one of them; nothing changed, run it again") \
+            from None
+
+
+
+def _apply(db: Database, where: ColumnElement[bool], values: dict[str, Any],
+           dry_run: bool) -> int:
+    with connection(db) as conn:
+        if dry_run:
+            return conn.execute(select(func.count()).select_from(t).where(where)).scalar_one()
+        return conn.execute(update(t).where(where).values(**values)).rowcount
+
+
+# --- retention ----------------------------------------------------------------------------
+
+def _purgeable(table: FromClause) -> ColumnElement[bool]:
+    return and_(table.c.status.in_(bindparam("statuses", expanding=True)),
+                table.c.finished_at < bindparam("cutoff", type_=UtcDateTime()))
+
+
+PURGE_COUNT = select(func.count()).select_from(t).where(_purgeable(t))
+# One batch. The MATERIALIZED CTE is an optimisation fence: without it PostgreSQL may
+# run the LIMITed select more than once and delete more than a batch. It is nested in
+# the IN (…): SQLite's driver reports no row count for a statement that starts with
+# WITH. Rows are picked with SKIP LOCKED so a purge never waits on an action being
+# retried, and the condition is checked again on each row deleted.
+_batch = (select(_other.c.id).where(_purgeable(_other)).limit(bindparam("batch"))
+          .with_for_update(skip_locked=True)
+          .cte("batch", nesting=True).prefix_with("MATERIALIZED"))
+PURGE_BATCH = delete(t).where(t.c.id.in_(select(_batch.c.id)), _purgeable(t))
+
+
+def purge(engine: Engine, older_than: timedelta, statuses: Iterable[str] = FINAL, *,
+          dry_run: bool = False, batch_size: int = 1000,
+          progress: Callable[[int, int], None] | None = None) -> int:
+    """Delete finished actions whose finished_at is older than `older_than`, one
+    transaction per `batch_size` rows so the table stays available; returns how many
+    (with `dry_run`, how many would be). `progress(done, total)` follows along."""
+    statuses = parse_statuses(statuses, FINAL, why=": only finished actions can be purged")
+    with engine.begin() as conn:
+        # One cutoff for the whole run, so the count and the batches agree.
+        cutoff = conn.execute(select(db_now(literal(-older_than.total_seconds(), Float))))\
+            .scalar_one()
+        params = {"statuses": list(statuses), "cutoff": cutoff, "batch": batch_size}
+        total = conn.execute(PURGE_COUNT, params).scalar_one()
+    if dry_run:
+        return total
+    done = 0
+    if progress:
+        progress(done, total)
+    while True:
+        with engine.begin() as conn:
+            deleted = conn.execute(PURGE_BATCH, params).rowcount
+        if not deleted:
+            return done
+        done += deleted
+        if progress:
+            progress(done, max(total, done))
 
 
 def wait_for(db: Database, action_id: int | str, timeout: float = 60) -> Action:

@@ -9,21 +9,22 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import click
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy import exc as sa_exc
 
-from . import admin, codec, migrate
+from . import admin, audit, codec
 from . import processors as registry
 from .action import Action
 from .config import Config, format_duration, load_config, parse_duration
 from .database import describe, first_line, make_engine, require_schema
 from .enqueue import init_action
 from .errors import AsyncActionsError, ConfigError, UnknownProcessor
-from .output import FORMATS, emit
+from .output import FORMATS, Ratio, emit
 from .schema import async_action, async_action_worker
 
 
@@ -46,6 +47,12 @@ class State:
             self._engine = make_engine(self.config.effective_database_url)
         return self._engine
 
+    @property
+    def checked_engine(self) -> Engine:
+        """The engine, once the schema is known to be there (else a one-line hint)."""
+        require_schema(self.engine)
+        return self.engine
+
 
 class Group(click.Group):
     """Turn our errors and database outages into one line and a non-zero exit."""
@@ -65,11 +72,11 @@ class Group(click.Group):
 def run() -> None:
     """Console entry point: click's own usage errors also end as one line."""
     try:
-        main(standalone_mode=False)
+        main(prog_name="asyncactions", standalone_mode=False)  # also under python -m
     except click.exceptions.Abort:
         _fail("aborted", code=130)
     except click.ClickException as exc:
-        hint = f" (see `asyncactions {exc.ctx.command_path.split(' ', 1)[-1]} --help`)" \
+        hint = f" (see `{exc.ctx.command_path} --help`)" \
             if getattr(exc, "ctx", None) and " " in exc.ctx.command_path else ""
         _fail(exc.format_message().replace("\n", " ") + hint, code=exc.exit_code)
 
@@ -86,6 +93,21 @@ def _duration(_ctx: Any, param: click.Parameter, value: str | None) -> Any:
         return parse_duration(value, what=f"--{param.name.replace('_', '-')}")
     except ConfigError as exc:
         raise click.BadParameter(str(exc).split(": ", 1)[1]) from None
+
+
+def _statuses(_ctx: Any, _param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return audit.parse_statuses(value)
+    except AsyncActionsError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _format_option(fn: Any) -> Any:
+    return click.option("--format", "fmt", type=click.Choice(FORMATS), default="table",
+                        show_default=True, help="A table for people; JSON lines or CSV for "
+                        "programs.")(fn)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -139,6 +161,8 @@ def db() -> None:
 @click.pass_obj
 def upgrade(state: State) -> None:
     """Create or upgrade the schema to the newest revision."""
+    from . import migrate
+
     migrate.upgrade(state.engine)
     click.echo(f"{describe(state.engine)} is at revision {migrate.current(state.engine)}")
 
@@ -148,6 +172,8 @@ def upgrade(state: State) -> None:
 @click.pass_obj
 def downgrade(state: State, revision: str) -> None:
     """Downgrade the schema to REVISION ("base" removes it)."""
+    from . import migrate
+
     try:
         migrate.downgrade(state.engine, revision)
     except Exception as exc:  # alembic reports unknown revisions with its own exceptions
@@ -163,6 +189,8 @@ def downgrade(state: State, revision: str) -> None:
 @click.pass_obj
 def current(state: State) -> None:
     """Show the schema's revision and the newest one."""
+    from . import migrate
+
     rev = migrate.current(state.engine)
     head = migrate.head()
     click.echo(f"{rev or 'base (no schema)'}" + ("" if rev == head else f" (newest: {head})"))
@@ -174,13 +202,15 @@ def current(state: State) -> None:
 @click.pass_obj
 def sql(state: State, dialect: str | None) -> None:
     """Print the DDL of every migration, for a DBA to review or apply."""
+    from . import migrate
+
     if dialect is None:
         url = state.config.database_url
         dialect = "sqlite" if url and url.startswith("sqlite") else "postgresql"
     click.echo(migrate.offline_sql(dialect), nl=False)
 
 
-# --- enqueue and single actions ----------------------------------------------------------
+# --- enqueue ----------------------------------------------------------------------------
 
 @main.command()
 @click.argument("processor")
@@ -192,26 +222,29 @@ def sql(state: State, dialect: str | None) -> None:
 @click.option("--import", "imports", multiple=True, metavar="MODULE",
               help="Module that registers processors (to check the name).")
 @click.option("--wait", is_flag=True, help="Block until the action is final; print its result.")
-@click.option("--timeout", callback=_duration, default="60s", show_default=True,
-              metavar="DURATION", help="With --wait: give up after this long (exit 3).")
+@click.option("--timeout", callback=_duration, metavar="DURATION",
+              help="With --wait: give up after this long (exit 3).  [default: 60s]")
 @click.pass_obj
 def enqueue(state: State, processor: str, data: str | None, related_id: str | None,
             delay: Any, priority: int, unique_key: str | None, imports: tuple[str, ...],
             wait: bool, timeout: Any) -> None:
-    """Enqueue one action by hand."""
+    """Enqueue one action by hand; prints its id (that of the live action holding
+    --unique-key, if one does)."""
+    if timeout is not None and not wait:
+        raise click.BadParameter("only makes sense with --wait", param_hint="--timeout")
     try:
         payload = None if data is None else codec.loads(data)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not valid JSON ({exc})", param_hint="--data") from None
-    engine = state.engine
-    require_schema(engine)
+    engine = state.checked_engine
     _check_processor_known(state, engine, processor, imports)
     action = init_action(engine, processor, payload, related_id=related_id, delay=delay,
                          priority=priority, unique_key=unique_key)
     click.echo(action.display_id)
     if wait:
         try:
-            final = admin.wait_for(engine, action.id, timeout.total_seconds())
+            final = admin.wait_for(engine, action.id,
+                                   timeout.total_seconds() if timeout else 60)
         except TimeoutError as exc:
             _fail(f"TimeoutError: {exc}", code=3)
         _print_final(final)
@@ -227,7 +260,7 @@ def _print_final(action: Action) -> None:
 
 
 def _check_processor_known(state: State, engine: Engine, name: str,
-                           imports: tuple[str, ...]) -> None:
+                           imports: tuple[str, ...] = ()) -> None:
     """Producers need not import processors, so a name is known if it is registered here,
     run by a live worker, or already in the table."""
     registry.import_modules([*state.config.imports, *imports])
@@ -235,29 +268,64 @@ def _check_processor_known(state: State, engine: Engine, name: str,
     with engine.connect() as conn:
         for (listed,) in conn.execute(select(async_action_worker.c.processors)):
             known.update(listed.split(","))
-        if name in known:
-            return
-        if conn.execute(select(async_action.c.id).where(async_action.c.processor == name)
-                        .limit(1)).first():
-            return
-    raise UnknownProcessor(f"unknown processor {name!r}; known: "
-                           f"{', '.join(sorted(known)) or 'none'} (pass --import MODULE that "
-                           "registers it, or start a worker that runs it)")
+        if name not in known:
+            known.update(conn.execute(select(async_action.c.processor).distinct()).scalars())
+    if name not in known:
+        raise UnknownProcessor(f"unknown processor {name!r}; known: "
+                               f"{', '.join(sorted(known)) or 'none'} (pass --import MODULE "
+                               "that registers it, or start a worker that runs it)")
+
+
+# --- audit ------------------------------------------------------------------------------
+
+FIELDS = tuple(Action.__dataclass_fields__)
+SUMMARY = ("id", "processor", "status", "attempts", "retries", "related_id", "created_at",
+           "finished_at", "error")
+
+
+def _record(action: Action, *, human: bool = False) -> dict[str, Any]:
+    fields = {f: getattr(action, f) for f in FIELDS}
+    return {**fields, "id": action.display_id} if human else fields
+
+
+@main.command("list")
+@click.option("--status", callback=_statuses, metavar="S[,S...]",
+              help="Only these statuses (pending, running, completed, failed, canceled).")
+@click.option("--processor", metavar="NAME", help="Only this processor's actions.")
+@click.option("--related-id", metavar="ID", help="Only actions of this business record.")
+@click.option("--since", callback=_duration, metavar="DURATION",
+              help="Only actions created within, e.g. 24h.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@_format_option
+@click.pass_obj
+def list_cmd(state: State, status: tuple[str, ...] | None, processor: str | None,
+             related_id: str | None, since: Any, limit: int, fmt: str) -> None:
+    """List actions, newest first. JSON and CSV carry every field."""
+    engine = state.checked_engine
+    if processor is not None:
+        _check_processor_known(state, engine, processor)
+    actions = audit.list_actions(engine, audit.Filter(status or (), processor, related_id,
+                                                      since), limit=limit)
+    if fmt == "table":
+        emit([_record(a, human=True) for a in actions], SUMMARY, fmt)
+    else:
+        emit([_record(a) for a in actions], FIELDS, fmt)
 
 
 @main.command()
 @click.argument("action_id", metavar="ID")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table")
+@_format_option
 @click.pass_obj
 def show(state: State, action_id: str, fmt: str) -> None:
-    """Show one action: every field and its error history."""
-    action = admin.get_action(state.engine, action_id)
-    fields = {f: getattr(action, f) for f in action.__dataclass_fields__}
-    if fmt == "json":
-        emit([fields], list(fields), "json")
+    """Show one action: every field, its timings and its error history with tracebacks."""
+    engine = state.checked_engine
+    action = admin.get_action(engine, action_id)
+    fields = {**_record(action, human=fmt == "table"),
+              **audit.timings(action, audit.db_clock(engine))}
+    if fmt != "table":
+        emit([fields], list(fields), fmt)
         return
-    rows = [{"field": "id", "value": action.display_id}]
-    rows += [{"field": k, "value": v} for k, v in fields.items() if k not in ("id", "errors")]
+    rows = [{"field": k, "value": v} for k, v in fields.items() if k != "errors"]
     emit(rows, ["field", "value"], fmt, title=str(action))
     for entry in action.errors:
         click.echo(f"\nattempt {entry.get('attempt')} at {entry.get('at')} on "
@@ -266,9 +334,150 @@ def show(state: State, action_id: str, fmt: str) -> None:
             click.echo(entry["traceback"].rstrip())
 
 
+STATS_COLUMNS = ("processor", "total", *audit.STATUSES, "success_rate", "retry_rate",
+                 "mean_run_time", "p95_run_time")
+
+
+@main.command()
+@click.option("--since", callback=_duration, default="24h", show_default=True,
+              metavar="DURATION", help="Over the actions created within this window.")
+@_format_option
+@click.pass_obj
+def stats(state: State, since: Any, fmt: str) -> None:
+    """Per processor: counts by status, success rate, retry rate, mean and p95 run time,
+    top errors. Run times in JSON and CSV are seconds; rates are fractions."""
+    rows = [{"processor": s.processor, "total": s.total, **s.counts,
+             "success_rate": _ratio(s.success_rate), "retry_rate": _ratio(s.retry_rate),
+             "mean_run_time": s.mean_run_time, "p95_run_time": s.p95_run_time,
+             "top_errors": [{"error": e, "count": n} for e, n in s.top_errors]}
+            for s in audit.stats(state.checked_engine, since)]
+    if fmt != "table":
+        emit(rows, [*STATS_COLUMNS, "top_errors"], fmt)
+        return
+    emit(rows, STATS_COLUMNS, fmt, title=f"actions created in the last {format_duration(since)}")
+    errors = [{"processor": r["processor"], **e} for r in rows for e in r["top_errors"]]
+    if errors:
+        emit(errors, ["processor", "count", "error"], fmt, title="top errors")
+
+
+def _ratio(value: float | None) -> Ratio | None:
+    return None if value is None else Ratio(value)
+
+
+# --- steering ---------------------------------------------------------------------------
+
+@main.command()
+@click.argument("ids", nargs=-1, metavar="[ID]...")
+@click.option("--status", callback=_statuses, metavar="S[,S...]",
+              help="By filter: actions in these statuses (default failed).")
+@click.option("--processor", metavar="NAME", help="By filter: only this processor's actions.")
+@click.option("--retries", type=click.IntRange(min=0),
+              help="Set retries remaining (default: unchanged).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def retry(state: State, ids: tuple[str, ...], status: tuple[str, ...] | None,
+          processor: str | None, retries: int | None, yes: bool) -> None:
+    """Run finished actions again now: by id, or by filter (asks first). Attempts and
+    error history are kept."""
+    _steer(state, "retry", "retried", ids, status, processor, yes, ("failed",),
+           lambda conn, i: admin.retry(conn, i, retries=retries),
+           lambda engine, where, dry_run: admin.retry_matching(engine, where, retries=retries,
+                                                               dry_run=dry_run))
+
+
+@main.command()
+@click.argument("ids", nargs=-1, metavar="[ID]...")
+@click.option("--processor", metavar="NAME", help="By filter: only this processor's actions.")
+@click.option("--status", callback=_statuses, metavar="S[,S...]",
+              help="By filter: actions in these statuses (default pending).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def cancel(state: State, ids: tuple[str, ...], processor: str | None,
+           status: tuple[str, ...] | None, yes: bool) -> None:
+    """Cancel pending or running actions: by id, or by filter (asks first). A running
+    attempt finishes, but its outcome is not recorded."""
+    _steer(state, "cancel", "canceled", ids, status, processor, yes, ("pending",),
+           admin.cancel,
+           lambda engine, where, dry_run: admin.cancel_matching(engine, where, dry_run=dry_run))
+
+
+def _steer(state: State, verb: str, past: str, ids: tuple[str, ...],
+           status: tuple[str, ...] | None, processor: str | None, yes: bool,
+           default_status: tuple[str, ...], one: Callable[[Connection, int], Action],
+           matching: Callable[[Engine, audit.Filter, bool], int]) -> None:
+    """By ids: all in one transaction, so one bad id changes nothing. By filter: count,
+    confirm (on a terminal, unless --yes), then change."""
+    if ids:
+        if status or processor:
+            raise click.UsageError("give action ids or a filter (--status, --processor), "
+                                   "not both")
+        with state.checked_engine.begin() as conn:
+            done = [one(conn, i) for i in dict.fromkeys(map(admin.parse_id, ids))]
+        for action in done:
+            click.echo(str(action))
+        return
+    if not (status or processor):
+        raise click.UsageError(f"give action ids, or --status/--processor to {verb} by filter")
+    engine = state.checked_engine
+    if processor is not None:
+        _check_processor_known(state, engine, processor)
+    where = audit.Filter(status or default_status, processor)
+    what = "/".join(where.statuses) + (f" {processor}" if processor else "")
+    count = matching(engine, where, True)
+    if count == 0:
+        click.echo(f"no {what} actions to {verb}")
+        return
+    _confirm(f"{verb} {_plural(count, f'{what} action')}", yes)
+    click.echo(f"{past} {_plural(matching(engine, where, False), 'action')}")
+
+
+def _confirm(change: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        _fail(f"refusing to {change} without confirmation (stdin is not a terminal); "
+              "pass --yes")
+    if not click.confirm(f"{change[0].upper()}{change[1:]}?"):
+        _fail("nothing changed", code=1)
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+@main.command()
+@click.option("--older-than", callback=_duration, required=True, metavar="DURATION",
+              help="Finished longer ago than this, e.g. 30d.")
+@click.option("--status", callback=_statuses, default="completed,canceled,failed",
+              show_default=True, metavar="S[,S...]")
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@click.pass_obj
+def purge(state: State, older_than: Any, status: tuple[str, ...], dry_run: bool) -> None:
+    """Delete old finished actions, in batches of 1000 rows per transaction."""
+    engine = state.checked_engine
+    if dry_run:
+        count = admin.purge(engine, older_than, status, dry_run=True)
+        click.echo(f"would purge {_plural(count, 'action')}")
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        count = admin.purge(engine, older_than, status)
+    else:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("purging", total=None)
+            count = admin.purge(engine, older_than, status, progress=lambda done, total:
+                                progress.update(task, completed=done, total=total))
+    click.echo(f"purged {_plural(count, 'action')}")
+
+
+# --- processors and workers --------------------------------------------------------------
+
 @main.command("processors")
 @click.option("--import", "imports", multiple=True, metavar="MODULE")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table")
+@_format_option
 @click.pass_obj
 def processors_cmd(state: State, imports: tuple[str, ...], fmt: str) -> None:
     """Registered processors with their effective settings (decorator, then config)."""
@@ -286,3 +495,13 @@ def processors_cmd(state: State, imports: tuple[str, ...], fmt: str) -> None:
                      "overridden": ",".join(sorted(state.config.processors.get(name, {})))})
     emit(rows, ["name", "retries", "retry_interval", "backoff", "timeout", "batch_size",
                 "enabled", "transactional", "overridden"], fmt)
+
+
+@main.command()
+@_format_option
+@click.pass_obj
+def workers(state: State, fmt: str) -> None:
+    """Registered workers: heartbeat age and the number of actions each is running."""
+    rows = [vars(w) for w in audit.workers(state.checked_engine)]
+    emit(rows, ["id", "hostname", "pid", "processors", "started_at", "heartbeat_at",
+                "heartbeat_age", "running"], fmt)

@@ -6,7 +6,7 @@ transaction, so a rolled-back transaction leaves no action and wakes nobody.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -32,6 +32,7 @@ from .errors import AsyncActionsError
 from .processors import registered
 from .schema import (
     ACTIVE_STATUSES,
+    LIVE_KEY,
     NOW,
     action_columns,
     as_payload,
@@ -137,37 +138,102 @@ def init_action(db: Database, processor: str, data: Any = None, *,
               "unique_key": unique_key, **options}
     with connection(db) as conn:
         stmt = _insert_stmt(conn, eligible_at is not None, unique_key is not None)
-        while True:
-            row = conn.execute(stmt, params).first()
-            if row is not None:
-                return _new_action(row, processor, data, params)
-            existing = _live_action_with_key(conn, unique_key)
-            if existing is not None:
-                return existing
-            # The holder of the key finished between our insert and our look-up: try again.
+        return _insert_one(conn, stmt, data, params)
+
+
+UniqueKeys = Callable[[Any], str | None] | Sequence[str | None]
 
 
 def init_actions(db: Database, processor: str, data: Sequence[Any], *,
                  related_id: str | None = None, delay: timedelta | None = None,
                  eligible_at: datetime | None = None, retries: int | None = None,
-                 priority: int = 0) -> list[Action]:
-    """Record many actions of one processor in one statement (one round trip)."""
+                 priority: int = 0, unique_key: UniqueKeys | None = None) -> list[Action]:
+    """Record many actions of one processor in one statement (one round trip); returns
+    one Action per item of `data`, in order.
+
+    `unique_key` gives each action its own key: a function of its data, or a list as
+    long as `data` (None for no key). Where a pending or running action, or an earlier
+    item of the same call, already holds the key, nothing is inserted and that action
+    takes the item's place in the result.
+    """
     options = _options(processor, delay, eligible_at, retries, priority)
     texts = [None if d is None else codec.dumps(d, what=f"data[{i}]", max_bytes=MAX_DATA_BYTES)
              for i, d in enumerate(data)]
+    keys = _unique_keys(unique_key, data)
     if not texts:
         return []
     params = {"processor": processor, "related_id": related_id, "unique_key": None, **options}
+    explicit_time = eligible_at is not None
     with connection(db) as conn:
-        if conn.dialect.name == "postgresql":
-            rows = conn.execute(_bulk_insert_pg(conn, eligible_at is not None),
+        if conn.dialect.name != "postgresql":
+            # SQLite has no round trips to save: the single-row statement, many times.
+            stmt = _insert_stmt(conn, explicit_time, keys is not None)
+            return [_insert_one(conn, stmt, d, {**params, "data": t, "unique_key": k})
+                    for d, t, k in zip(data, texts, keys or [None] * len(texts), strict=True)]
+        if keys is None:
+            rows = conn.execute(_bulk_insert_pg(conn, explicit_time),
                                 {**params, "datas": texts}).all()
             rows.sort(key=lambda r: r[0])
+            return [_new_action(row, d, params) for row, d in zip(rows, data, strict=True)]
+        rows = conn.execute(_bulk_insert_unique_pg(conn, explicit_time),
+                            {**params, "datas": texts, "keys": keys}).all()
+        return _resolve_unique(conn, explicit_time, rows, data, texts, keys, params)
+
+
+def _unique_keys(unique_key: UniqueKeys | None, data: Sequence[Any]) -> list[str | None] | None:
+    if unique_key is None:
+        return None
+    if isinstance(unique_key, str | bytes):
+        raise AsyncActionsError("init_actions takes one unique_key per action: pass a function "
+                                "data -> key, or a list of keys as long as data")
+    keys = ([unique_key(d) for d in data] if callable(unique_key) else list(unique_key))
+    if len(keys) != len(data):
+        raise AsyncActionsError(f"unique_key has {len(keys)} keys for {len(data)} actions; "
+                                "give one per action (None for no key)")
+    for i, key in enumerate(keys):
+        if key is not None and not isinstance(key, str):
+            raise AsyncActionsError(f"unique_key of data[{i}] must be a str or None, not "
+                                    f"{type(key).__name__}")
+    return keys
+
+
+def _resolve_unique(conn: Connection, explicit_time: bool, rows: Sequence[Row[Any]],
+                    data: Sequence[Any], texts: list[str | None], keys: list[str | None],
+                    params: dict[str, Any]) -> list[Action]:
+    """One Action per item from the bulk statement's rows: the new action, the live one
+    that held the key, or the one an earlier item of this call inserted."""
+    actions: list[Action] = []
+    by_key: dict[str, Action] = {}
+    for (new_id, created_at, eligible_at, *live), d, text, key in zip(
+            rows, data, texts, keys, strict=True):
+        item = {**params, "unique_key": key}
+        if new_id is not None:
+            action = _new_action((new_id, created_at, eligible_at), d, item)
+        elif live[0] is not None:
+            action = row_to_action(live)
+        elif key in by_key:
+            action = by_key[key]
         else:
-            # SQLite has no round trips to save: the single-row statement, many times.
-            stmt = _insert_stmt(conn, eligible_at is not None, False)
-            rows = [conn.execute(stmt, {**params, "data": t}).one() for t in texts]
-    return [_new_action(row, processor, d, params) for row, d in zip(rows, data, strict=True)]
+            # The key's holder committed while the statement ran, after its snapshot was
+            # taken: look again with a statement of its own.
+            action = _insert_one(conn, _insert_stmt(conn, explicit_time, True), d,
+                                 {**item, "data": text})
+        if key is not None:
+            by_key.setdefault(key, action)
+        actions.append(action)
+    return actions
+
+
+def _insert_one(conn: Connection, stmt: Any, data: Any, params: dict[str, Any]) -> Action:
+    """Insert one action, or return the live action that holds its unique_key."""
+    while True:
+        row = conn.execute(stmt, params).first()
+        if row is not None:
+            return _new_action(row, data, params)
+        existing = _live_action_with_key(conn, params["unique_key"])
+        if existing is not None:
+            return existing
+        # The holder of the key finished between our insert and our look-up: try again.
 
 
 def _insert_stmt(conn: Connection, explicit_time: bool, unique: bool) -> Any:
@@ -175,10 +241,8 @@ def _insert_stmt(conn: Connection, explicit_time: bool, unique: bool) -> Any:
     stmt = dialect_insert(async_action).values(
         _insert_values(explicit_time, as_payload(bindparam("data", type_=Text))))
     if unique:
-        stmt = stmt.on_conflict_do_nothing(
-            index_elements=["unique_key"],
-            index_where=async_action.c.status.in_(ACTIVE_STATUSES)
-            & async_action.c.unique_key.is_not(None))
+        stmt = stmt.on_conflict_do_nothing(index_elements=["unique_key"],
+                                           index_where=LIVE_KEY)
     return stmt.returning(*_returning(conn))
 
 
@@ -192,8 +256,44 @@ def _bulk_insert_pg(conn: Connection, explicit_time: bool) -> Any:
             .returning(*_returning(conn)))
 
 
-def _new_action(row: Row[Any], processor: str, data: Any, params: dict[str, Any]) -> Action:
-    return Action(row[0], processor, Status.PENDING, data, params["related_id"],
+def _bulk_insert_unique_pg(conn: Connection, explicit_time: bool) -> Any:
+    """One row per item, in order: the new action's (id, created_at, next_eligible_at),
+    or NULLs and the live action that holds the item's key.
+
+    Ids are drawn before the insert so that the rows it skipped on a key conflict can
+    be told from the ones it wrote. The live actions are read from the statement's
+    snapshot, which holds the actions committed before it, not the ones it inserts.
+    """
+    elems = (func.unnest(bindparam("datas", type_=postgresql.ARRAY(Text)),
+                         bindparam("keys", type_=postgresql.ARRAY(Text)))
+             .table_valued("value", "key", with_ordinality="ord").render_derived(name="elems"))
+    numbered = (select(func.nextval(func.pg_get_serial_sequence(async_action.name, "id"))
+                       .label("id"), elems.c.value, elems.c.key, elems.c.ord)
+                .cte("numbered").prefix_with("MATERIALIZED"))
+    values = {"id": numbered.c.id,
+              **_insert_values(explicit_time, as_payload(numbered.c.value)),
+              "unique_key": numbered.c.key}
+    inserted = (
+        postgresql.insert(async_action)
+        .from_select(list(values), select(*values.values()).order_by(numbered.c.ord))
+        .on_conflict_do_nothing(index_elements=["unique_key"], index_where=LIVE_KEY)
+        .returning(*_returning(conn))
+        .cte("inserted")
+    )
+    live = async_action.alias("live")
+    return (
+        select(inserted.c.id, inserted.c.created_at, inserted.c.next_eligible_at,
+               *action_columns(live))
+        .select_from(numbered
+                     .outerjoin(inserted, inserted.c.id == numbered.c.id)
+                     .outerjoin(live, (live.c.unique_key == numbered.c.key)
+                                & live.c.status.in_(ACTIVE_STATUSES)))
+        .order_by(numbered.c.ord)
+    )
+
+
+def _new_action(row: Sequence[Any], data: Any, params: dict[str, Any]) -> Action:
+    return Action(row[0], params["processor"], Status.PENDING, data, params["related_id"],
                   params["priority"], params["retries"], 0, None, [], None,
                   params["unique_key"], row[2], row[1], None, None, None, None)
 

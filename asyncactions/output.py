@@ -1,4 +1,9 @@
-"""Render rows for people (a rich table) or for pipes (JSON lines, CSV)."""
+"""Render rows for people (a rich table) or for pipes (JSON lines, CSV).
+
+Rows hold plain Python values; each format decides how a value reads: a table shows
+`timedelta(seconds=95)` as `1m 35s` and a Ratio as `97.5%`, JSON and CSV carry
+seconds and fractions that programs can compute with.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,28 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from rich.console import Console
-from rich.table import Table
-
 FORMATS = ("table", "json", "csv")
+
+
+class Ratio(float):
+    """A fraction from 0 to 1, shown as a percentage in tables."""
+
+
+def human_duration(value: timedelta) -> str:
+    """95.2 s -> '1m 35s': two units at most, enough to read at a glance."""
+    seconds = max(value.total_seconds(), 0.0)
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours:02d}h"
 
 
 def _plain(value: Any) -> Any:
@@ -27,11 +50,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _csv_cell(value: Any) -> Any:
+    value = _plain(value)
+    return json.dumps(value, default=str) if isinstance(value, dict | list) else value
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, timedelta):
+        return human_duration(value)
+    if isinstance(value, Ratio):
+        return f"{value * 100:.1f}%"
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ", ".join(value)
     if isinstance(value, dict | list):
         return json.dumps(value, default=str)
     return str(value)
@@ -47,11 +81,17 @@ def emit(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str = "tab
         writer = csv.writer(sys.stdout)
         writer.writerow(columns)
         for row in rows:
-            writer.writerow([_cell(row.get(c)) for c in columns])
+            writer.writerow([_csv_cell(row.get(c)) for c in columns])
     else:
+        from rich.console import Console  # only tables need rich: keep other commands quick
+        from rich.table import Table
+
         table = Table(title=title, show_lines=False)
         for column in columns:
-            table.add_column(column)
+            table.add_column(column, overflow="fold")  # wrap, never hide behind "…"
         for row in rows:
             table.add_row(*(_cell(row.get(c)) for c in columns))
-        Console().print(table)
+        console = Console()
+        if not console.is_terminal:  # piped to a file or a pager: no width to fit
+            console = Console(width=100_000)
+        console.print(table)

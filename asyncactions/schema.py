@@ -14,6 +14,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -97,9 +98,12 @@ Index("async_action_claim_idx", async_action.c.priority, async_action.c.next_eli
       async_action.c.id, postgresql_where=text("status = 'pending'"),
       sqlite_where=text("status = 'pending'"))
 # unique_key is unique among live actions only; finished ones keep theirs for audit.
+# Spelled with literals: ON CONFLICT names the index by this predicate, and PostgreSQL
+# cannot match it to the index when the statuses are bind parameters of a prepared
+# statement (psycopg prepares a statement once it has run a few times).
+LIVE_KEY = text("status IN ('pending', 'running') AND unique_key IS NOT NULL")
 Index("async_action_unique_key_idx", async_action.c.unique_key, unique=True,
-      postgresql_where=text("status IN ('pending', 'running') AND unique_key IS NOT NULL"),
-      sqlite_where=text("status IN ('pending', 'running') AND unique_key IS NOT NULL"))
+      postgresql_where=LIVE_KEY, sqlite_where=LIVE_KEY)
 # Lease recovery scans running rows by lease expiry.
 Index("async_action_lease_idx", async_action.c.lease_expires_at,
       postgresql_where=text("status = 'running'"), sqlite_where=text("status = 'running'"))
@@ -188,10 +192,30 @@ def _payload_text_sqlite(element: payload_text, compiler: Any, **kw: Any) -> str
     return compiler.process(element.clauses, **kw)
 
 
-def action_columns() -> list[ColumnElement[Any]]:
-    """Every column of async_action, payloads as text, in Action's field order."""
+class elapsed_seconds(FunctionElement[float]):
+    """Seconds from one timestamp to another, as a float (for run times and ages)."""
+
+    type = Float()
+    inherit_cache = True
+
+
+@compiles(elapsed_seconds, "postgresql")
+def _elapsed_seconds_pg(element: elapsed_seconds, compiler: Any, **kw: Any) -> str:
+    start, end = (compiler.process(c, **kw) for c in element.clauses)
+    return f"CAST(EXTRACT(EPOCH FROM ({end} - {start})) AS DOUBLE PRECISION)"
+
+
+@compiles(elapsed_seconds, "sqlite")
+def _elapsed_seconds_sqlite(element: elapsed_seconds, compiler: Any, **kw: Any) -> str:
+    start, end = (compiler.process(c, **kw) for c in element.clauses)
+    return f"((julianday({end}) - julianday({start})) * 86400.0)"
+
+
+def action_columns(table: FromClause = async_action) -> list[ColumnElement[Any]]:
+    """Every column of async_action (or an alias of it), payloads as text, in Action's
+    field order."""
     cols: list[ColumnElement[Any]] = []
-    for col in async_action.c:
+    for col in table.c:
         if col.name in ("data", "errors", "result"):
             cols.append(payload_text(col).label(col.name))
         else:

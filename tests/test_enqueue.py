@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
@@ -11,7 +14,15 @@ import psycopg
 import pytest
 from sqlalchemy.orm import Session
 
-from asyncactions import Status, UnserializableData, admin, init_action, init_actions, processor
+from asyncactions import (
+    AsyncActionsError,
+    Status,
+    UnserializableData,
+    admin,
+    init_action,
+    init_actions,
+    processor,
+)
 from asyncactions.enqueue import NOTIFY_CHANNEL
 
 from .conftest import Db
@@ -178,3 +189,121 @@ def test_bulk_insert_is_one_statement_on_postgresql(pg: Db) -> None:
             init_actions(conn, "bulk", [{"i": i} for i in range(5000)])
     assert len([s for s in statements if "INSERT" in s]) == 1
     assert pg.scalar("SELECT count(*) FROM async_action") == 5000
+
+
+# --- unique keys ------------------------------------------------------------------------
+
+def live_with_key(db: Db, key: str) -> list[tuple]:
+    return db.rows("SELECT id FROM async_action WHERE unique_key = :k AND status IN "
+                   "('pending', 'running')", k=key)
+
+
+def test_unique_keys_keep_working_once_the_driver_prepares_the_statement(db: Db) -> None:
+    # psycopg prepares a statement after five runs; PostgreSQL must still match the
+    # ON CONFLICT target to the partial index then.
+    with db.engine.begin() as conn:
+        ids = [init_action(conn, "p", {"n": n}, unique_key=f"k{n % 3}").id for n in range(30)]
+        bulk = [init_actions(conn, "p", [{}, {}], unique_key=["k0", "new"])[0].id
+                for _ in range(15)]
+    assert len(set(ids)) == 3 and set(bulk) == {ids[0]}
+    assert count(db) == 4
+
+
+def test_concurrent_enqueues_of_one_key_make_one_action_and_all_get_its_id(db: Db) -> None:
+    from asyncactions.database import make_engine
+
+    engine = make_engine(db.url, pool_size=16)  # a connection per thread
+    start = threading.Barrier(16)
+
+    def enqueue(n: int) -> int:
+        start.wait()
+        with engine.begin() as conn:  # a transaction of its own
+            return init_action(conn, "p", {"n": n}, unique_key="order:42:invoice").id
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            ids = list(pool.map(enqueue, range(16)))
+    finally:
+        engine.dispose()
+    assert len(set(ids)) == 1
+    assert live_with_key(db, "order:42:invoice") == [(ids[0],)]
+    assert count(db) == 1
+
+
+def test_bulk_unique_keys_skip_live_and_repeated_keys_and_keep_input_order(db: Db) -> None:
+    holder = init_action(db.engine, "p", {"old": True}, unique_key="b")
+    actions = init_actions(db.engine, "p", [{"i": i} for i in range(6)],
+                           unique_key=["a", "b", None, "a", None, "c"])
+    assert [a.data for a in actions] == [{"i": 0}, {"old": True}, {"i": 2}, {"i": 0},
+                                         {"i": 4}, {"i": 5}]
+    assert actions[1] == admin.get_action(db.engine, holder.id)
+    assert actions[3].id == actions[0].id
+    assert [a.unique_key for a in actions] == ["a", "b", None, "a", None, "c"]
+    assert count(db) == 5  # the holder and four new ones
+    for new in (actions[0], actions[2], actions[4], actions[5]):
+        assert admin.get_action(db.engine, new.id) == new
+    # A function of the data works the same; finished holders do not block.
+    admin.cancel(db.engine, holder.id)
+    again = init_actions(db.engine, "p", [{"k": "a"}, {"k": "b"}, {"k": "a"}],
+                         unique_key=lambda d: d["k"])
+    assert again[0].id == actions[0].id and again[2].id == actions[0].id
+    assert again[1].id not in (holder.id, *(a.id for a in actions))
+    assert live_with_key(db, "b") == [(again[1].id,)]
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ("one-for-all", "one unique_key per action"),
+    (["a"], "1 keys for 2 actions"),
+    ([1, 2], r"unique_key of data\[0\] must be a str or None, not int"),
+])
+def test_bulk_unique_keys_refuse_what_is_not_one_key_per_action(db: Db, keys: object,
+                                                                 message: str) -> None:
+    with pytest.raises(AsyncActionsError, match=message):
+        init_actions(db.engine, "p", [{}, {}], unique_key=keys)
+    assert count(db) == 0
+
+
+def test_concurrent_bulk_enqueues_agree_on_one_action_per_key(db: Db) -> None:
+    from asyncactions.database import make_engine
+
+    engine = make_engine(db.url, pool_size=8)
+    start = threading.Barrier(8)
+    keys = [f"k{i}" for i in range(40)]
+
+    def enqueue(n: int) -> dict[str, int]:
+        mine = random.Random(n).sample(keys, len(keys))  # each thread in its own order
+        start.wait()
+        with engine.begin() as conn:
+            actions = init_actions(conn, "p", [{"n": n}] * len(mine) + [{"free": n}],
+                                   unique_key=[*mine, None])
+        assert actions[-1].unique_key is None and actions[-1].data == {"free": n}
+        return {a.unique_key: a.id for a in actions[:-1]}
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            seen = list(pool.map(enqueue, range(8)))
+    finally:
+        engine.dispose()
+    assert all(s == seen[0] for s in seen)
+    for key in keys:
+        assert live_with_key(db, key) == [(seen[0][key],)]
+    assert count(db) == len(keys) + 8
+
+
+def test_bulk_unique_insert_is_one_statement_and_wakes_only_when_it_inserts(pg: Db) -> None:
+    from sqlalchemy import event
+
+    listener = _listener(pg)
+    statements: list[str] = []
+    with pg.engine.connect() as conn:
+        event.listen(conn, "before_cursor_execute",
+                     lambda *args: statements.append(args[2]))
+        with conn.begin():
+            init_actions(conn, "bulk", [{"i": i} for i in range(1000)],
+                         unique_key=lambda d: f"i:{d['i'] % 500}")
+    assert len(statements) == 1
+    assert len(list(listener.notifies(timeout=0.5))) == 1
+    assert pg.scalar("SELECT count(*) FROM async_action") == 500
+    init_actions(pg.engine, "bulk", [{"i": 1}], unique_key=["i:1"])  # inserts nothing
+    assert list(listener.notifies(timeout=0.3)) == []
+    listener.close()
