@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING, Any
 
 from .action import Action, Status, format_id
 from .admin import cancel, get_action, retry, wait_for
-from .enqueue import init_action, init_actions
+from .enqueue import enqueue_all, init_action, init_actions
 from .errors import (
     ActionNotFound,
     AsyncActionsError,
@@ -44,6 +44,7 @@ __all__ = [
     "UnserializableData",
     "Worker",
     "cancel",
+    "enqueue_all",
     "format_id",
     "get_action",
     "init_action",

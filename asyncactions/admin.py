@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 from sqlalchemy import (
     Engine,
     Float,
@@ -30,6 +32,7 @@ from .action import Action, Status
 from .audit import FINAL, Filter, parse_statuses
 from .enqueue import Database, connection, row_to_action
 from .errors import ActionNotFound, AsyncActionsError
+from .queries import OUTCOME_CHANNEL
 from .schema import ACTIVE_STATUSES, NOW, UtcDateTime, action_columns, async_action, db_now
 
 t = async_action
@@ -208,18 +211,41 @@ def purge(engine: Engine, older_than: timedelta, statuses: Iterable[str] = FINAL
 
 def wait_for(db: Database, action_id: int | str, timeout: float = 60) -> Action:
     """Block until the action is completed, failed or canceled; TimeoutError after
-    `timeout` seconds. Each look runs in its own short transaction when given an Engine."""
+    `timeout` seconds. On PostgreSQL it wakes when workers write outcomes (LISTEN), with a
+    slow poll behind; on SQLite it polls with a growing pause."""
     action_id = parse_id(action_id)
     deadline = time.monotonic() + timeout
-    pause = 0.005
-    while True:
-        action = get_action(db, action_id)
-        if action.status.is_final:
-            return action
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"{action.display_id} is still {action.status} after "
-                               f"{timeout:g}s")
-        time.sleep(min(pause, left))
-        pause = min(pause * 2, 0.25)
+    with connection(db) as conn:
+        engine = conn.engine
+    with _outcome_listener(engine) as notified:
+        pause = 0.005
+        while True:
+            action = get_action(db, action_id)
+            if action.status.is_final:
+                return action
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{action.display_id} is still {action.status} after "
+                                   f"{timeout:g}s")
+            if notified is None:
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.25)
+            else:
+                notified(min(left, 1.0))
 
+
+@contextmanager
+def _outcome_listener(engine: Engine) -> Iterator[Callable[[float], None] | None]:
+    """On PostgreSQL, a function that waits up to N seconds for outcomes to be written."""
+    if engine.dialect.name != "postgresql":
+        yield None
+        return
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {OUTCOME_CHANNEL}")
+
+        def wait(seconds: float) -> None:
+            for _ in listener.notifies(timeout=seconds, stop_after=1):
+                pass
+
+        yield wait

@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Engine, select
 from sqlalchemy import exc as sa_exc
 
 from . import admin, audit, codec
+from . import enqueue as enqueue_module
 from . import processors as registry
 from .action import Action
 from .config import Config, format_duration, load_config, parse_duration
@@ -39,6 +40,7 @@ class State:
     def config(self) -> Config:
         if self._config is None:
             self._config = load_config(self.config_path, self.database_url)
+            enqueue_module.MAX_DATA_BYTES = self._config.max_data_bytes
         return self._config
 
     @property
@@ -128,19 +130,49 @@ def main(ctx: click.Context, config_path: str | None, database_url: str | None) 
               help="Module that registers processors (repeatable).")
 @click.option("--processors", metavar="A,B", help="Run only these processors.")
 @click.option("--concurrency", type=click.IntRange(min=1), help="Actions in flight at once.")
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes under one supervisor that restarts any that dies.")
 @click.option("--burst", is_flag=True, help="Drain what is eligible now, then exit 0.")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), metavar="P",
-              help="Serve Prometheus metrics on this port.")
+              help="Serve Prometheus metrics on this port (process i of --processes: P+i).")
 @click.pass_obj
 def worker(state: State, imports: tuple[str, ...], processors: str | None,
-           concurrency: int | None, burst: bool, metrics_port: int | None) -> None:
+           concurrency: int | None, processes: int, burst: bool,
+           metrics_port: int | None) -> None:
     """Run a worker until SIGTERM/SIGINT (or, with --burst, until nothing is eligible)."""
     from .worker import Worker
 
     _configure_logging()
     names = [n.strip() for n in processors.split(",") if n.strip()] if processors else None
-    Worker(config=state.config, imports=imports, processors=names, concurrency=concurrency,
-           metrics_port=metrics_port).run(burst=burst)
+    # Built here even with --processes, so bad input is reported once, by the parent.
+    one = Worker(config=state.config, imports=imports, processors=names,
+                 concurrency=concurrency, metrics_port=metrics_port)
+    if processes == 1:
+        one.run(burst=burst)
+        return
+    from .supervisor import Supervisor
+
+    commands = [_child_command(state, imports, processors, concurrency, burst,
+                               metrics_port + i if metrics_port else None)
+                for i in range(processes)]
+    sys.exit(Supervisor(commands, burst).run())
+
+
+def _child_command(state: State, imports: tuple[str, ...], processors: str | None,
+                   concurrency: int | None, burst: bool, metrics_port: int | None) -> list[str]:
+    command = [sys.executable, "-m", "asyncactions"]
+    if state.config_path:
+        command += ["--config", state.config_path]
+    if state.database_url:
+        command += ["--database-url", state.database_url]
+    command.append("worker")
+    for module in imports:
+        command += ["--import", module]
+    for option, value in (("--processors", processors), ("--concurrency", concurrency),
+                          ("--metrics-port", metrics_port)):
+        if value is not None:
+            command += [option, str(value)]
+    return [*command, "--burst"] if burst else command
 
 
 def _configure_logging() -> None:
@@ -505,3 +537,23 @@ def workers(state: State, fmt: str) -> None:
     rows = [vars(w) for w in audit.workers(state.checked_engine)]
     emit(rows, ["id", "hostname", "pid", "processors", "started_at", "heartbeat_at",
                 "heartbeat_age", "running"], fmt)
+
+
+@main.command("schedules")
+@_format_option
+@click.pass_obj
+def schedules_cmd(state: State, fmt: str) -> None:
+    """Configured schedules ([schedules.NAME]) and when each fires next."""
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    now = datetime.now(UTC)
+    rows = []
+    for s in state.config.schedules:
+        fire = s.next_fire_after(now)
+        rows.append({"name": s.name, "processor": s.processor,
+                     "when": f"cron {s.cron}" if s.cron else f"every {format_duration(s.every)}",
+                     "timezone": s.timezone,
+                     "next_fire": fire.astimezone(ZoneInfo(s.timezone)).isoformat(),
+                     "data": s.data})
+    emit(rows, ["name", "processor", "when", "timezone", "next_fire", "data"], fmt)

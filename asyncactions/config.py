@@ -46,6 +46,10 @@ def format_duration(value: timedelta) -> str:
     return f"{round(seconds * 1000)}ms"
 
 
+RETENTION: dict[str, timedelta | None] = {
+    "completed": timedelta(days=7), "canceled": timedelta(days=7), "failed": timedelta(days=30)}
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     concurrency: int = 10
@@ -63,6 +67,8 @@ class Config:
     # Per-processor overrides, already checked: {name: {setting: value}}.
     processors: dict[str, dict[str, Any]] = field(default_factory=dict)
     schedules: tuple[Schedule, ...] = ()
+    # How long finished actions are kept, by status; None keeps them for ever.
+    retention: dict[str, timedelta | None] = field(default_factory=lambda: dict(RETENTION))
     source: str = "defaults"
 
     @property
@@ -115,7 +121,7 @@ def _check_keys(table: dict[str, Any], allowed: set[str] | dict[str, Any], where
 
 def _parse(raw: dict[str, Any], source: str) -> Config:
     _check_keys(raw, {"database_url", "imports", "max_data_bytes", "worker", "processors",
-                      "schedules"}, source)
+                      "schedules", "retention"}, source)
     url = raw.get("database_url")
     if url is not None and (not isinstance(url, str) or not url):
         raise ConfigError(f"{source}: database_url must be a URL string, got {url!r}")
@@ -155,9 +161,19 @@ def _parse(raw: dict[str, Any], source: str) -> Config:
             raise ConfigError(f"{where} must be a table")
         schedules.append(parse_schedule(name, table, where))
 
+    retention = dict(RETENTION)
+    retention_raw = raw.get("retention", {})
+    where = f"{source}: [retention]"
+    if not isinstance(retention_raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    _check_keys(retention_raw, RETENTION, where)
+    for status, value in retention_raw.items():
+        retention[status] = None if value == "forever" else parse_duration(
+            value, what=f"{where} {status} (or \"forever\")")
+
     return Config(database_url=url, imports=tuple(imports), max_data_bytes=max_bytes,
                   worker=worker, processors=processors, schedules=tuple(schedules),
-                  source=source)
+                  retention=retention, source=source)
 
 
 def load_config(path: str | os.PathLike[str] | None = None,

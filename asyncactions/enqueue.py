@@ -6,7 +6,8 @@ transaction, so a rolled-back transaction leaves no action and wakes nobody.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -303,3 +304,46 @@ def _live_action_with_key(conn: Connection, unique_key: str | None) -> Action | 
         async_action.c.unique_key == unique_key,
         async_action.c.status.in_(ACTIVE_STATUSES))).first()
     return row_to_action(row) if row else None
+
+
+FANOUT_BATCH = 5000
+
+
+def enqueue_all(db: Database, processor: str, *, each: dict[str, Iterable[Any]],
+                static: dict[str, Any] | None = None, **options: Any) -> int:
+    """Fan out: one action per combination of the `each` iterables (their cross product),
+    each action's data being that combination plus `static`. Returns the count.
+
+    Inserts in batches inside the caller's transaction, so memory stays flat however many
+    combinations there are: the first iterable is streamed (it may be a generator of any
+    length); the others are kept in memory, as they are gone through once per item of
+    the first. The options are init_actions' (unique_key may be a function of the data).
+    """
+    if not each:
+        raise AsyncActionsError("enqueue_all needs at least one iterable in each={...}")
+    static = dict(static or {})
+    overlap = sorted(set(static) & set(each))
+    if overlap:
+        raise AsyncActionsError(f"enqueue_all: {', '.join(overlap)} is both in each and in "
+                                "static; give every key once")
+    count = 0
+    with connection(db) as conn:
+        for batch in _batched(combinations(each, static), FANOUT_BATCH):
+            count += len(init_actions(conn, processor, batch, **options))
+    return count
+
+
+def combinations(each: dict[str, Iterable[Any]],
+                 static: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The cross product as dicts, streaming the first iterable."""
+    (first_key, first), *rest = each.items()
+    rest_keys = [k for k, _ in rest]
+    rest_values = [list(v) for _, v in rest]
+    for value in first:
+        for combo in itertools.product(*rest_values):
+            yield {first_key: value, **dict(zip(rest_keys, combo, strict=True)), **static}
+
+
+def _batched(items: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    while batch := list(itertools.islice(items, size)):
+        yield batch

@@ -10,15 +10,17 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy import exc as sa_exc
 
-from . import queries, schedules
+from . import admin, queries, schedules
 from .database import first_line
 from .metrics import Metrics
 from .outcomes import Outcome, failed_attempt
@@ -72,7 +74,8 @@ class Maintenance:
                  processors: dict[str, Processor], held: Callable[[], list[int]],
                  on_reregister: Callable[[], None],
                  on_recorded: Callable[[list[Outcome], set[int]], None],
-                 metrics: Metrics | None = None, schedules: Iterable[Schedule] = ()) -> None:
+                 metrics: Metrics | None = None, schedules: Iterable[Schedule] = (),
+                 retention: dict[str, timedelta | None] | None = None) -> None:
         self._engine = engine
         self._worker = worker_id
         self._lease = lease
@@ -90,6 +93,14 @@ class Maintenance:
                            (self.recover_lost, min(lease_s / 10, 1.0))):
             self._scheduler.add_job(job, "interval", seconds=max(every, 0.1),
                                     id=job.__name__, max_instances=1, coalesce=True)
+        self._retention = {k: v for k, v in (retention or {}).items() if v is not None}
+        if self._retention:
+            # Often enough that the shortest retention is kept to within a tenth.
+            shortest = min(self._retention.values()).total_seconds()
+            self._scheduler.add_job(self.prune, "interval",
+                                    seconds=min(max(shortest / 10, 1.0), 300.0), id="prune",
+                                    max_instances=1, coalesce=True,
+                                    next_run_time=datetime.now(UTC))
         for schedule in schedules:
             # Each fire time, and once now to catch up on a fire missed while down.
             self._scheduler.add_job(self.fire, schedule.trigger(), args=[schedule],
@@ -170,3 +181,38 @@ class Maintenance:
             schedules.fire_due(self._engine, schedule)
         except sa_exc.DBAPIError as exc:
             log.warning("schedule %s could not fire: %s", schedule.name, first_line(exc))
+
+    def prune(self) -> int:
+        """Delete finished actions past their retention, in small batches, by one worker
+        of the cluster at a time."""
+        deleted = 0
+        try:
+            with self._engine.connect() as conn, leader(conn, "prune") as leading:
+                if not leading:
+                    return 0
+                for status, age in self._retention.items():
+                    deleted += admin.purge(self._engine, age, [status], batch_size=500)
+        except sa_exc.DBAPIError as exc:
+            log.warning("pruning finished actions failed: %s", first_line(exc))
+        if deleted:
+            log.info("pruned %d finished actions past their retention", deleted)
+        return deleted
+
+
+@contextmanager
+def leader(conn: Connection, job: str) -> Iterator[bool]:
+    """Hold a cluster-wide lock for `job` while inside; yields whether we got it.
+
+    A PostgreSQL session advisory lock; SQLite serializes writers anyway (one host)."""
+    if conn.dialect.name != "postgresql":
+        yield True
+        return
+    key = zlib.crc32(f"asyncactions:{job}".encode())
+    got = conn.execute(select(func.pg_try_advisory_lock(key))).scalar()
+    conn.commit()
+    try:
+        yield bool(got)
+    finally:
+        if got:
+            conn.execute(select(func.pg_advisory_unlock(key)))
+            conn.commit()

@@ -90,6 +90,7 @@ def claim(conn: Connection, worker: str, processors: Sequence[str], free: int,
 # Record a batch of outcomes in one set-based statement, fenced on the attempt that was
 # claimed: a worker that lost its lease (and so its claim) can never overwrite a newer
 # attempt or a cancel. RETURNING tells which outcomes the fence let through.
+OUTCOME_CHANNEL = "asyncactions_outcome"
 _OUTCOME_COLUMNS = [column("id", BigInteger), column("attempts", Integer),
                     column("worker", Text), column("status", Text), column("retries", Integer),
                     column("result", Text), column("error", Text), column("errors", Text),
@@ -99,6 +100,10 @@ _OUTCOME_COLUMNS = [column("id", BigInteger), column("attempts", Integer),
 def _record_statement(dialect: str) -> Any:
     v = json_rows(dialect, "batch", _OUTCOME_COLUMNS).alias("v")
     final = v.c.final
+    returning: list[Any] = [t.c.id]
+    if dialect == "postgresql":
+        # One wake-up per batch (an uncorrelated subquery runs once) for wait_for().
+        returning.append(select(func.pg_notify(OUTCOME_CHANNEL, "")).scalar_subquery())
     return (
         update(t)
         .where(t.c.id == v.c.id, t.c.attempts == v.c.attempts, t.c.claimed_by == v.c.worker,
@@ -110,7 +115,7 @@ def _record_statement(dialect: str) -> Any:
                 next_eligible_at=case((final, t.c.next_eligible_at), else_=db_now(v.c.delay)),
                 finished_at=case((final, NOW), else_=null()),
                 claimed_by=None, lease_expires_at=None)
-        .returning(t.c.id)
+        .returning(*returning)
     )
 
 
@@ -124,7 +129,7 @@ def record(conn: Connection, outcomes: Sequence[Outcome]) -> set[int]:
         "status": o.status.value, "retries": o.retries, "result": o.result, "error": o.error,
         "errors": o.errors, "final": o.is_final, "delay": o.delay.total_seconds(),
     } for o in outcomes])
-    return set(conn.execute(_RECORD[conn.dialect.name], {"batch": batch}).scalars())
+    return {row[0] for row in conn.execute(_RECORD[conn.dialect.name], {"batch": batch})}
 
 
 # Hand back actions that were claimed but never started (shutdown): as if never claimed.

@@ -23,9 +23,8 @@ STABLE_AFTER = 60.0  # a child that ran this long starts its backoff afresh
 
 
 class Supervisor:
-    def __init__(self, command: Sequence[str], processes: int, burst: bool) -> None:
-        self._command = list(command)
-        self._processes = processes
+    def __init__(self, commands: Sequence[Sequence[str]], burst: bool) -> None:
+        self._commands = [list(c) for c in commands]  # one per child
         self._burst = burst
         self._signals: list[int] = []  # received, not yet passed on
 
@@ -33,7 +32,7 @@ class Supervisor:
         """Returns 0 when every child stopped cleanly, else the first non-zero status."""
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGINT)}
-        children = {i: self._spawn(i) for i in range(self._processes)}
+        children = {i: self._spawn(i) for i in range(len(self._commands))}
         started = {i: time.monotonic() for i in children}
         failures = dict.fromkeys(children, 0)
         restart_at: dict[int, float] = {}
@@ -72,7 +71,7 @@ class Supervisor:
         return status
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
-        child = subprocess.Popen(self._command)
+        child = subprocess.Popen(self._commands[index])
         log.info("started worker process %d (pid %d)", index, child.pid)
         return child
 

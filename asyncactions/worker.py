@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from . import migrate, outcomes, queries
+from . import enqueue, migrate, outcomes, queries
 from . import processors as registry
 from .action import Action, Status
 from .completer import Completer
@@ -60,6 +60,7 @@ class Worker:
         if concurrency is not None and concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
         self.config = config
+        enqueue.MAX_DATA_BYTES = config.max_data_bytes  # for what this process enqueues
         self.concurrency = concurrency or config.worker.concurrency
         registry.import_modules([*config.imports, *imports])
         self.processors = registry.select(config, processors)
@@ -110,7 +111,7 @@ class Worker:
                                       self.processors, runner.held,
                                       lambda: self._register(engine), self._after_recorded,
                                       self.metrics if self._metrics_port else None,
-                                      self.config.schedules)
+                                      self.config.schedules, self.config.retention)
             self._hooks = ThreadPoolExecutor(1, thread_name_prefix="asyncactions-hooks")
             notifier = (Notifier(engine, self._names, self._wake.set)
                         if engine.dialect.name == "postgresql" else None)

@@ -110,3 +110,26 @@ def test_config_errors_name_the_key_and_what_is_allowed(tmp_path: Path, body: st
     assert message in str(err.value)
     assert str(path) in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_retention_defaults_and_overrides(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")).retention == {
+        "completed": timedelta(days=7), "canceled": timedelta(days=7),
+        "failed": timedelta(days=30)}
+    config = load_config(write(tmp_path, '[retention]\ncompleted = "1h"\nfailed = "forever"\n'))
+    assert config.retention == {"completed": timedelta(hours=1),
+                                "canceled": timedelta(days=7), "failed": None}
+    with pytest.raises(ConfigError, match=r"\[retention\]: unknown key 'running'"):
+        load_config(write(tmp_path, '[retention]\nrunning = "1h"\n'))
+
+
+def test_max_data_bytes_from_the_config_applies_to_cli_enqueues(tmp_path: Path) -> None:
+    from .conftest import cli
+
+    (tmp_path / "asyncactions.toml").write_text('max_data_bytes = 64\nimports = ["jobs"]\n')
+    (tmp_path / "jobs.py").write_text("from asyncactions import processor\n"
+                                      "processor('p')(print)\n")
+    assert cli("db", "upgrade", cwd=tmp_path).returncode == 0
+    out = cli("enqueue", "p", "--data", '{"text": "' + "x" * 100 + '"}', cwd=tmp_path)
+    assert out.returncode == 2
+    assert "over the limit of 64" in out.stderr

@@ -136,3 +136,22 @@ def test_two_workers_fire_each_time_once(db: Db, tmp_path: Path) -> None:
     assert all(b - a == timedelta(seconds=1) for a, b in pairwise(fires))
     assert get_action(db.engine, 1).data == {"n": 1}
     assert datetime.now(UTC) - fires[-1] < timedelta(seconds=30)
+
+
+def test_schedules_command_lists_the_next_fire_time(tmp_path: Path) -> None:
+    import json
+
+    from .conftest import cli
+    write_config(tmp_path, '[schedules.nightly_report]\nprocessor = "build_report"\n'
+                 'cron = "0 2 * * *"\ntimezone = "Europe/Paris"\n'
+                 '[schedules.tick]\nprocessor = "ping"\nevery = "30s"\n')
+    out = cli("schedules", "--format", "json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    nightly, tick = (json.loads(line) for line in out.stdout.splitlines())
+    assert (nightly["name"], nightly["processor"], nightly["when"]) == (
+        "nightly_report", "build_report", "cron 0 2 * * *")
+    fire = datetime.fromisoformat(nightly["next_fire"])
+    assert (fire.hour, fire.minute) == (2, 0) and fire > datetime.now(UTC)
+    assert fire - datetime.now(UTC) <= timedelta(days=1)
+    assert tick["when"] == "every 30s"
+    assert datetime.fromisoformat(tick["next_fire"]) - datetime.now(UTC) <= timedelta(seconds=30)
