@@ -61,6 +61,13 @@ def notify_warehouse(action: Action) -> None:
     say(f"[warehouse] order {action.data['order_id']}: picking list printed")
 
 
+@processor("daily_sales_report", retries=1)
+def daily_sales_report(action: Action) -> dict[str, str]:
+    """Enqueued every morning by [schedules.daily_sales_report] in config/asyncactions.toml."""
+    say(f"[report] sales report for {action.created_at:%Y-%m-%d} sent to the team")
+    return {"report": "sent"}
+
+
 def place_order(session: Session, email: str | None, total: str) -> int:
     order_id = session.execute(insert(orders).values(email=email, total=Decimal(total))
                                .returning(orders.c.id)).scalar_one()
