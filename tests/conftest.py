@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -123,6 +124,29 @@ def wait_until(condition, timeout: float = 60, interval: float = 0.02, what: str
     return time.monotonic() - start
 
 
+_started: list[subprocess.Popen[str]] = []
+
+
+def track(process: subprocess.Popen[str]) -> subprocess.Popen[str]:
+    """Kill `process` (and its process group, if it leads one) when the test ends."""
+    _started.append(process)
+    return process
+
+
+@pytest.fixture(autouse=True)
+def reap_workers() -> Iterator[None]:
+    """A test that fails half-way leaves no worker process behind."""
+    yield
+    while _started:
+        process = _started.pop()
+        if process.poll() is None:
+            if os.getpgid(process.pid) == process.pid:
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.kill()
+            process.wait()
+
+
 def start_worker(cwd: Path, database_url: str, *args: str) -> subprocess.Popen[str]:
     """A real worker process; its config is cwd/asyncactions.toml when present and its
     log goes to cwd/worker-PID.log (`worker_log(process)` reads it)."""
@@ -134,7 +158,7 @@ def start_worker(cwd: Path, database_url: str, *args: str) -> subprocess.Popen[s
             env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{cwd}",
                  "ASYNCACTIONS_DATABASE_URL": database_url})
     process.log_path = Path(log.name)  # type: ignore[attr-defined]
-    return process
+    return track(process)
 
 
 def worker_log(process: subprocess.Popen[str]) -> str:

@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from asyncactions import init_action, migrate
 
-from .conftest import ROOT, Db, cli
+from .conftest import ROOT, Db, cli, track
 
 
 def env_for(db: Db) -> dict[str, str]:
@@ -76,9 +76,10 @@ def test_enqueue_wait_prints_the_result_and_exit_code_follows_the_outcome(
         db: Db, tmp_path: Path) -> None:
     (tmp_path / "procs.py").write_text(PROCS)
     env = env_for(db)
-    worker = subprocess.Popen([sys.executable, "-m", "asyncactions", "worker", "--import",
-                               "procs"], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    worker = track(subprocess.Popen([sys.executable, "-m", "asyncactions", "worker",
+                                     "--import", "procs"], cwd=tmp_path,
+                                    stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, "PYTHONPATH": str(ROOT), **env}))
     try:
         ok = cli("enqueue", "echo", "--import", "procs", "--data", '{"a": 1}', "--wait",
                  "--timeout", "30s", cwd=tmp_path, env=env)

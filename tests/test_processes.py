@@ -11,7 +11,7 @@ from pathlib import Path
 
 from asyncactions import init_actions
 
-from .conftest import ROOT, Db
+from .conftest import ROOT, Db, track
 
 PROCESSORS = textwrap.dedent("""
     import os, time
@@ -42,9 +42,10 @@ def test_two_worker_processes_split_the_work_and_never_share_an_action(db: Db,
     (tmp_path / "procs.py").write_text(PROCESSORS)
     actions = init_actions(db.engine, "record", [{"i": i} for i in range(400)])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ASYNCACTIONS_DATABASE_URL": db.url}
-    workers = [subprocess.Popen([sys.executable, "-m", "asyncactions", "worker", "--import",
-                                 "procs", "--burst", "--concurrency", "4"],
-                                cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    workers = [track(subprocess.Popen([sys.executable, "-m", "asyncactions", "worker",
+                                       "--import", "procs", "--burst", "--concurrency", "4"],
+                                      cwd=tmp_path, env=env, stderr=subprocess.PIPE,
+                                      text=True))
                for _ in range(2)]
     for w in workers:
         _, err = w.communicate(timeout=120)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from asyncactions import init_actions
 
-from .conftest import ROOT, Db, wait_until
+from .conftest import ROOT, Db, track, wait_until
 
 SLOW = textwrap.dedent("""
     import time
@@ -25,11 +25,12 @@ SLOW = textwrap.dedent("""
 
 def supervise(tmp_path: Path, db: Db, *args: str) -> subprocess.Popen[str]:
     (tmp_path / "jobs.py").write_text(SLOW)
-    return subprocess.Popen(
+    # Its own process group, so a failed test can kill the supervisor and its children.
+    return track(subprocess.Popen(
         [sys.executable, "-m", "asyncactions", "worker", "--import", "jobs", "--processes",
          "2", "--concurrency", "4", *args], cwd=tmp_path, text=True, stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}",
-             "ASYNCACTIONS_DATABASE_URL": db.url})
+             "ASYNCACTIONS_DATABASE_URL": db.url}, start_new_session=True))
 
 
 def worker_pids(db: Db) -> set[int]:
