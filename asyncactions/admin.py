@@ -153,7 +153,6 @@ def retry_matching(db: Database, where: Filter, *, retries: int | None = None,
             from None
 
 
-
 def _apply(db: Database, where: ColumnElement[bool], values: dict[str, Any],
            dry_run: bool) -> int:
     with connection(db) as conn:
@@ -190,8 +189,7 @@ def purge(engine: Engine, older_than: timedelta, statuses: Iterable[str] = FINAL
     statuses = parse_statuses(statuses, FINAL, why=": only finished actions can be purged")
     with engine.begin() as conn:
         # One cutoff for the whole run, so the count and the batches agree.
-        cutoff = conn.execute(select(db_now(literal(-older_than.total_seconds(), Float))))\
-            .scalar_one()
+        cutoff = conn.scalar(select(db_now(literal(-older_than.total_seconds(), Float))))
         params = {"statuses": list(statuses), "cutoff": cutoff, "batch": batch_size}
         total = conn.execute(PURGE_COUNT, params).scalar_one()
     if dry_run:

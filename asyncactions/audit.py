@@ -78,12 +78,9 @@ class Filter:
         if self.related_id is not None:
             conditions.append(c.related_id == self.related_id)
         if self.since is not None:
-            conditions.append(c.created_at >= _ago(self.since))
+            ago = db_now(literal(-self.since.total_seconds(), Float))
+            conditions.append(c.created_at >= ago)
         return and_(true(), *conditions)
-
-
-def _ago(window: timedelta) -> ColumnElement[datetime]:
-    return db_now(literal(-window.total_seconds(), Float))
 
 
 def list_actions(db: Database, where: Filter = Filter(), *, limit: int = 50) -> list[Action]:

@@ -201,8 +201,8 @@ def _unique_keys(unique_key: UniqueKeys | None, data: Sequence[Any]) -> list[str
 def _resolve_unique(conn: Connection, explicit_time: bool, rows: Sequence[Row[Any]],
                     data: Sequence[Any], texts: list[str | None], keys: list[str | None],
                     params: dict[str, Any]) -> list[Action]:
-    """One Action per item from the bulk statement's rows: the new action, the live one
-    that held the key, or the one an earlier item of this call inserted."""
+    """One Action per item from the bulk statement's rows: the new action, the one an
+    earlier item with the same key got, or the live action that held the key."""
     actions: list[Action] = []
     by_key: dict[str, Action] = {}
     for (new_id, created_at, eligible_at, *live), d, text, key in zip(
@@ -210,10 +210,10 @@ def _resolve_unique(conn: Connection, explicit_time: bool, rows: Sequence[Row[An
         item = {**params, "unique_key": key}
         if new_id is not None:
             action = _new_action((new_id, created_at, eligible_at), d, item)
+        elif key in by_key:  # an earlier item with this key decided it
+            action = by_key[key]
         elif live[0] is not None:
             action = row_to_action(live)
-        elif key in by_key:
-            action = by_key[key]
         else:
             # The key's holder committed while the statement ran, after its snapshot was
             # taken: look again with a statement of its own.
