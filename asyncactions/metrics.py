@@ -7,7 +7,9 @@ collide; counters are cheap enough to update on every action.
 from __future__ import annotations
 
 import time
+from collections import Counter as Counter_
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -35,6 +37,7 @@ class Metrics:
             "asyncactions_oldest_pending_age_seconds",
             "How long the oldest eligible pending action has waited (sampled).",
             ["processor"], registry=self.registry)
+        self._children: dict[tuple[Any, ...], Any] = {}
         self._last_heartbeat = time.monotonic()
         Gauge("asyncactions_worker_heartbeat_age_seconds",
               "Seconds since this worker's last successful heartbeat.",
@@ -48,10 +51,26 @@ class Metrics:
             raise ConfigError(f"--metrics-port {port}: cannot serve metrics there "
                               f"({exc.strerror}); choose a free port") from None
 
-    def outcomes(self, processor: str, outcomes: Iterable[Outcome], seconds: float) -> None:
-        self.duration.labels(processor).observe(seconds)
-        for outcome in outcomes:
-            self.processed.labels(processor, outcome.kind).inc()
+    def attempt(self, processor: str, seconds: float) -> None:
+        self._child(self.duration, processor).observe(seconds)
+
+    def processed_outcomes(self, outcomes: Iterable[Outcome]) -> None:
+        """Counted per written batch: one increment per processor and outcome."""
+        for (processor, kind), count in Counter_((o.action.processor, o.kind)
+                                                 for o in outcomes).items():
+            self._child(self.processed, processor, kind).inc(count)
+
+    def claimed_actions(self, processor: str, count: int) -> None:
+        self._child(self.claimed, processor).inc(count)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(...) looked up once: on every action it would cost more than the
+        action's own bookkeeping."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def heartbeat(self) -> None:
         self._last_heartbeat = time.monotonic()

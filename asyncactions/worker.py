@@ -40,6 +40,23 @@ from .runner import Attempt, Runner
 log = logging.getLogger("asyncactions.worker")
 
 MAX_UNWRITTEN = 500
+# Attempts held per thread: one running, one waiting. An action waiting here when the
+# process is killed comes back as a lost attempt, like a running one; a graceful stop
+# hands it back untouched.
+PREFETCH = 2
+
+# Settings of the claim loop's own PostgreSQL session (it runs nothing but claims).
+CLAIM_SESSION = (
+    # A claim is bookkeeping: if the server crashed before flushing it, the action is
+    # simply pending again (the fenced outcome write then matches nothing), so claims
+    # need not wait for their own WAL flush. Outcomes stay fully durable.
+    "SET synchronous_commit = off",
+    # Walk the claim index in order and stop at the limit, whatever the statistics say:
+    # right after a bulk enqueue they are stale, and a bitmap scan that sorts every
+    # pending row makes each claim cost milliseconds instead of a fraction of one.
+    "SET enable_bitmapscan = off",
+    "SET enable_seqscan = off",
+)
 
 
 class Interrupted(Exception):
@@ -75,7 +92,8 @@ class Worker:
         # Plain processors share one claim; each batch processor claims a batch of its own.
         self._plain = [n for n in self._names if self.processors[n].settings.batch_size == 1]
         self._batched = [n for n in self._names if n not in self._plain]
-        self.metrics = Metrics()
+        # Kept only when served: plain processors then pay nothing for them.
+        self.metrics = Metrics() if metrics_port else None
         self._metrics_port = metrics_port
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -85,8 +103,8 @@ class Worker:
         # can make run twice; the bound on unwritten outcomes (MAX_UNWRITTEN) is what lets
         # one outcome write carry many actions.
         self._held = 0
-        running = self.concurrency * max(p.settings.batch_size
-                                         for p in self.processors.values())
+        running = PREFETCH * self.concurrency * max(p.settings.batch_size
+                                                    for p in self.processors.values())
         self._max_held = running + max(running, MAX_UNWRITTEN)
         self._signals = 0
 
@@ -110,12 +128,12 @@ class Worker:
             maintenance = Maintenance(engine, self.id, self.config.worker.lease,
                                       self.processors, runner.held,
                                       lambda: self._register(engine), self._after_recorded,
-                                      self.metrics if self._metrics_port else None,
+                                      self.metrics,
                                       self.config.schedules, self.config.retention)
             self._hooks = ThreadPoolExecutor(1, thread_name_prefix="asyncactions-hooks")
             notifier = (Notifier(engine, self._names, self._wake.set)
                         if engine.dialect.name == "postgresql" else None)
-            if self._metrics_port:
+            if self.metrics is not None and self._metrics_port:
                 self.metrics.serve(self._metrics_port)
             self._register(engine)
             maintenance.recover_lost()  # a restart after a crash on this host: recover now
@@ -175,12 +193,8 @@ class Worker:
                     burst: bool) -> None:
         poll = self.config.worker.poll_interval.total_seconds()
         backoff = 0.1
-        # A claim is bookkeeping: if the server crashed before flushing it, the action is
-        # simply pending again (the fenced outcome write then matches nothing), so claims
-        # need not wait for their own WAL flush. Outcomes stay fully durable.
-        conn = KeptConnection(engine, *(["SET synchronous_commit = off"]
-                                        if engine.dialect.name == "postgresql" else []),
-                              single_statements=True)
+        conn = KeptConnection(engine, *(CLAIM_SESSION if engine.dialect.name == "postgresql"
+                                        else ()), single_statements=True)
         while not self._stop.is_set():
             self._wake.clear()
             # Burst ends when a round claims nothing while nothing was held before it:
@@ -201,9 +215,10 @@ class Worker:
         conn.close()
 
     def _claim_round(self, conn: KeptConnection, runner: Runner) -> tuple[int, bool]:
-        """Claim for the free threads; returns how many actions, and whether more may
-        be waiting (a claim came back full)."""
-        free = self.concurrency - runner.busy()
+        """Claim for the free threads, and as many again to wait for one (so threads
+        never idle while a claim is in flight); returns how many actions, and whether
+        more may be waiting (a claim came back full)."""
+        free = PREFETCH * self.concurrency - runner.busy()
         room = self._max_held - self._held
         claimed, more = 0, False
         groups = [(self._plain, 0)] if self._plain else []
@@ -229,7 +244,8 @@ class Worker:
             free -= len(units)
             for unit in units:
                 name = unit[0].processor
-                self.metrics.claimed.labels(name).inc(len(unit))
+                if self.metrics is not None:
+                    self.metrics.claimed_actions(name, len(unit))
                 timeout = self.processors[name].settings.timeout
                 runner.submit(Attempt(unit, name, timeout.total_seconds() if timeout else None))
         return claimed, more
@@ -243,7 +259,8 @@ class Worker:
             result = self._execute_in_transaction(proc, attempt)
         else:
             result, _raised = outcomes.run(proc, attempt.actions, self.id)
-        self.metrics.outcomes(proc.name, result, time.perf_counter() - started)
+        if self.metrics is not None:
+            self.metrics.attempt(proc.name, time.perf_counter() - started)
         return result
 
     def _execute_in_transaction(self, proc: registry.Processor,
@@ -307,6 +324,8 @@ class Worker:
 
     def _recorded(self, written: list[outcomes.Outcome], applied: set[int]) -> None:
         self._after_recorded(written, applied)
+        if self.metrics is not None:
+            self.metrics.processed_outcomes(written)
         self._written(written)
 
     def _written(self, written: list[outcomes.Outcome]) -> None:
