@@ -62,7 +62,7 @@ def dumps(value: Any, *, what: str = "data", max_bytes: int | None = None) -> st
 def loads(text: str | None) -> Any:
     if text is None:
         return None
-    return json.loads(text, object_hook=_untag)
+    return _decoder.decode(text)
 
 
 def _untag(obj: dict[str, Any]) -> Any:
@@ -111,3 +111,6 @@ def _fails(value: Any) -> bool:
     except (TypeError, ValueError, RecursionError):
         return True
     return False
+
+
+_decoder = json.JSONDecoder(object_hook=_untag)  # built once: loads() runs per action

@@ -129,7 +129,8 @@ def record(conn: Connection, outcomes: Sequence[Outcome]) -> set[int]:
         "status": o.status.value, "retries": o.retries, "result": o.result, "error": o.error,
         "errors": o.errors, "final": o.is_final, "delay": o.delay.total_seconds(),
     } for o in outcomes])
-    return {row[0] for row in conn.execute(_RECORD[conn.dialect.name], {"batch": batch})}
+    rows = conn.execute(_RECORD[conn.dialect.name], {"batch": batch}).all()
+    return {row[0] for row in rows}
 
 
 # Hand back actions that were claimed but never started (shutdown): as if never claimed.

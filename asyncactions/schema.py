@@ -56,6 +56,12 @@ class UtcDateTime(TypeDecorator[datetime]):
             return value.replace(tzinfo=UTC)
         return value
 
+    def result_processor(self, dialect: Any, coltype: Any) -> Any:
+        # psycopg already returns aware datetimes: nothing to do for every row it reads.
+        if dialect.name == "postgresql":
+            return None
+        return super().result_processor(dialect, coltype)
+
 
 # Payload columns hold JSON written by our own codec (see codec.py). SQLite gets
 # plain TEXT: a column declared JSON would have NUMERIC affinity there and turn
@@ -107,8 +113,12 @@ Index("async_action_unique_key_idx", async_action.c.unique_key, unique=True,
 # Lease recovery scans running rows by lease expiry.
 Index("async_action_lease_idx", async_action.c.lease_expires_at,
       postgresql_where=text("status = 'running'"), sqlite_where=text("status = 'running'"))
-Index("async_action_related_idx", async_action.c.related_id)
-Index("async_action_status_finished_idx", async_action.c.status, async_action.c.finished_at)
+Index("async_action_related_idx", async_action.c.related_id,
+      postgresql_where=text("related_id IS NOT NULL"),
+      sqlite_where=text("related_id IS NOT NULL"))
+Index("async_action_status_finished_idx", async_action.c.status, async_action.c.finished_at,
+      postgresql_where=text("finished_at IS NOT NULL"),
+      sqlite_where=text("finished_at IS NOT NULL"))
 
 async_action_worker = Table(
     "async_action_worker",

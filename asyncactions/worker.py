@@ -137,7 +137,7 @@ class Worker:
                 self.metrics.serve(self._metrics_port)
             self._register(engine)
             maintenance.recover_lost()  # a restart after a crash on this host: recover now
-            self._completer = completer
+            self._completer, self._runner = completer, runner
             restore_signals = self._install_signal_handlers()
             for part in (completer, runner, maintenance, *([notifier] if notifier else [])):
                 part.start()
@@ -218,7 +218,10 @@ class Worker:
         """Claim for the free threads, and as many again to wait for one (so threads
         never idle while a claim is in flight); returns how many actions, and whether
         more may be waiting (a claim came back full)."""
-        free = PREFETCH * self.concurrency - runner.busy()
+        busy = runner.busy()
+        free = PREFETCH * self.concurrency - busy
+        if busy and free < self.concurrency:
+            return 0, False  # a claim for a slot or two costs as much as one for many
         room = self._max_held - self._held
         claimed, more = 0, False
         groups = [(self._plain, 0)] if self._plain else []
@@ -320,7 +323,8 @@ class Worker:
             if outcome.errors is not None:
                 _log_failed_attempt(outcome)
             self._completer.add(outcome)
-        self._wake.set()  # a thread is free: claim for it
+        if self._runner.busy() <= self.concurrency:
+            self._wake.set()  # half the window is free: worth a claim
 
     def _recorded(self, written: list[outcomes.Outcome], applied: set[int]) -> None:
         self._after_recorded(written, applied)
