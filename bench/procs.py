@@ -131,3 +131,17 @@ def machine_cpu() -> tuple[int, int]:
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
     return sum(fields) - idle, sum(fields)
+
+
+def wait_for_quiet(max_busy_pct: float, timeout: float) -> float:
+    """Wait (up to `timeout` s) for a second in which the machine's CPUs were at most
+    `max_busy_pct` busy: anything else running skews every figure. Returns the last
+    busy % seen, to be reported beside the figures."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy_0, total_0 = machine_cpu()
+        time.sleep(1.0)
+        busy_1, total_1 = machine_cpu()
+        busy = 100 * (busy_1 - busy_0) / max(total_1 - total_0, 1)
+        if busy <= max_busy_pct or time.monotonic() > deadline:
+            return busy

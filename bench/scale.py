@@ -3,6 +3,7 @@ keeps millions of finished rows, and does a worker's memory stay flat over a lon
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from datetime import timedelta
@@ -19,7 +20,9 @@ from .systems import AsyncActions
 
 PENDING = 1_000
 CLAIM_BATCH = 10
-CLAIM_REPS = 300
+ROUNDS = 10
+CLAIMS_PER_ROUND = 30
+LEASE = timedelta(seconds=60)
 
 # Finished rows as a busy week leaves them: completed, with payloads and timestamps.
 INSERT_FINISHED = """
@@ -32,75 +35,98 @@ FROM generate_series(1, %(rows)s) AS g,
 """
 
 
+class ClaimProbe:
+    """Claims CLAIM_BATCH of the pending actions in one database and rolls back, timing
+    the call as a worker sees it (queries.claim) and as the server runs it (EXPLAIN
+    ANALYZE of the very statement queries.claim sent)."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = create_engine(pg.sqlalchemy_url(url))
+        self.conn = self.engine.connect()
+        self.client_ms: list[float] = []
+        self.server_ms: list[float] = []
+        self._sent: list[tuple[str, Any]] = []
+        self._claim_sql: tuple[str, Any] | None = None
+        event.listen(self.engine, "before_cursor_execute", self._capture)
+
+    def _capture(self, _conn: Any, _cursor: Any, statement: str, parameters: Any,
+                 *_: Any) -> None:
+        self._sent.append((statement, parameters))
+
+    def claim(self, record: bool = True) -> None:
+        self._sent.clear()
+        with self.conn.begin() as tx:
+            start = time.perf_counter()
+            claimed = queries.claim(self.conn, "bench:scale", ["bench_noop"], CLAIM_BATCH, LEASE)
+            elapsed = time.perf_counter() - start
+            tx.rollback()
+        self._claim_sql = self._sent[-1]
+        if len(claimed) != CLAIM_BATCH:
+            raise RuntimeError(f"claimed {len(claimed)} actions, expected {CLAIM_BATCH}")
+        if record:
+            self.client_ms.append(elapsed * 1000)
+
+    def explain(self, analyze: bool = True) -> dict[str, Any]:
+        assert self._claim_sql is not None, "claim() first"
+        statement, parameters = self._claim_sql
+        options = "ANALYZE, FORMAT JSON" if analyze else "FORMAT JSON"
+        with self.conn.begin() as tx:
+            (plan,) = self.conn.exec_driver_sql(f"EXPLAIN ({options}) {statement}",
+                                                parameters).one()
+            tx.rollback()
+        result: dict[str, Any] = plan[0]
+        if analyze:
+            self.server_ms.append(result["Execution Time"])
+        return result
+
+    def close(self) -> None:
+        self.conn.close()
+        self.engine.dispose()
+
+
 def claim_latency(system: AsyncActions, admin_url: str, rows: int) -> dict[str, Any]:
-    """Median latency of queries.claim (10 of PENDING pending rows, rolled back) on a
-    table with only those rows, then with `rows` finished rows added."""
-    with pg.fresh_database(admin_url, "scale") as url:
-        system.install(url)
-        system.bulk_enqueue(url, PENDING)
-        pg.analyze(url, system.queue_table)
-        before = _claim_times(url)
+    """Claim latency on a table holding PENDING pending actions, and on one holding the
+    same plus `rows` finished ones; measured in alternating rounds so that whatever else
+    the machine does hits both alike."""
+    with pg.fresh_database(admin_url, "claim_empty") as empty, \
+            pg.fresh_database(admin_url, "claim_full") as full:
+        for url in (empty, full):
+            system.install(url)
+            system.bulk_enqueue(url, PENDING)
         start = time.perf_counter()
-        with pg.connect(url) as conn:
+        with pg.connect(full) as conn:
             conn.execute(INSERT_FINISHED, {"rows": rows})
         insert_s = time.perf_counter() - start
-        # autovacuum would get here on its own in a real deployment (it may be off
-        # on a benchmark server); do its work before measuring.
-        pg.analyze(url, system.queue_table)
-        after = _claim_times(url)
-        plan = _claim_plan(url)
-    return {"claim_ms_empty": statistics.median(before),
-            "claim_ms_full": statistics.median(after),
-            "claim_p95_ms_empty": percentile(before, 95),
-            "claim_p95_ms_full": percentile(after, 95),
-            "ratio": statistics.median(after) / statistics.median(before),
-            "finished_rows": rows, "insert_s": insert_s,
+        for url in (empty, full):
+            # autovacuum would get here on its own in a real deployment (it may be off
+            # on a benchmark server); do its work before measuring.
+            pg.analyze(url, system.queue_table)
+        probes = [ClaimProbe(empty), ClaimProbe(full)]
+        try:
+            for probe in probes:  # warm caches and prepared statements
+                for _ in range(20):
+                    probe.claim(record=False)
+            for _ in range(ROUNDS):
+                for probe in probes:
+                    for _ in range(CLAIMS_PER_ROUND):
+                        probe.claim()
+                    for _ in range(CLAIMS_PER_ROUND // 3):
+                        probe.explain()
+            plan = json.dumps(probes[1].explain(analyze=False))
+        finally:
+            for probe in probes:
+                probe.close()
+    (client_empty, client_full), (server_empty, server_full) = (
+        [statistics.median(p.client_ms) for p in probes],
+        [statistics.median(p.server_ms) for p in probes])
+    return {"claim_ms_empty": client_empty, "claim_ms_full": client_full,
+            "ratio": client_full / client_empty,
+            "claim_p95_ms_empty": percentile(sorted(probes[0].client_ms), 95),
+            "claim_p95_ms_full": percentile(sorted(probes[1].client_ms), 95),
+            "server_ms_empty": server_empty, "server_ms_full": server_full,
+            "server_ratio": server_full / server_empty,
+            "insert_s": insert_s,
             "plan_uses_claim_index": "async_action_claim_idx" in plan}
-
-
-def _claim_times(url: str) -> list[float]:
-    engine = create_engine(pg.sqlalchemy_url(url))
-    times = []
-    try:
-        with engine.connect() as conn:
-            for rep in range(CLAIM_REPS + 20):
-                tx = conn.begin()
-                start = time.perf_counter()
-                claimed = queries.claim(conn, "bench:scale", ["bench_noop"], CLAIM_BATCH,
-                                        timedelta(seconds=60))
-                elapsed = time.perf_counter() - start
-                tx.rollback()
-                assert len(claimed) == CLAIM_BATCH, claimed
-                if rep >= 20:  # the first ones warm caches and prepare statements
-                    times.append(elapsed * 1000)
-    finally:
-        engine.dispose()
-    return sorted(times)
-
-
-def _claim_plan(url: str) -> str:
-    """EXPLAIN of the statement queries.claim sends, captured as it is sent (so this
-    follows the claim whatever shape its SQL takes)."""
-    engine = create_engine(pg.sqlalchemy_url(url))
-    sent: list[tuple[str, Any]] = []
-
-    @event.listens_for(engine, "before_cursor_execute")
-    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        sent.append((statement, parameters))
-
-    try:
-        with engine.connect() as conn:
-            tx = conn.begin()
-            queries.claim(conn, "bench:plan", ["bench_noop"], CLAIM_BATCH, timedelta(seconds=60))
-            tx.rollback()
-            statement, parameters = sent[-1]
-            event.remove(engine, "before_cursor_execute", capture)
-            tx = conn.begin()
-            plan = conn.exec_driver_sql("EXPLAIN " + statement, parameters).all()
-            tx.rollback()
-            return "\n".join(row[0] for row in plan)
-    finally:
-        engine.dispose()
 
 
 def worker_rss(system: AsyncActions, admin_url: str, n: int) -> dict[str, Any]:

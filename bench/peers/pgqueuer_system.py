@@ -51,6 +51,8 @@ class PgQueuer:
 
     def __init__(self, managers: int = 1) -> None:
         self.managers = managers
+        if managers != 1:
+            self.name = f"pgqueuer-{managers}qm"
 
     def describe(self) -> dict[str, Any]:
         return {"version": VERSION, "driver": "asyncpg (+uvloop)",
