@@ -232,10 +232,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _terminated(*_: Any) -> None:
+    log("stopped by SIGTERM; cleaning up")
+    sys.exit(143)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     # SIGTERM unwinds like Ctrl-C: workers are stopped and databases dropped on the way out.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _terminated)
     systems: list[System] = [AsyncActions(args.concurrency)]
     if args.peers:
         systems += [PgQueuer(managers) for managers in args.pgq_managers]

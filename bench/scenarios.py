@@ -42,13 +42,13 @@ def s1(system: System, admin_url: str, n: int, workers: int,
                                                                         system.last_finish_sql))
         time.sleep(0.5)  # exited backends have flushed their statistics
         wal_after = pg.wal_counters(url)
-        span = pg.scalar(url, system.span_sql) if system.span_sql else None
+        diagnostics = {key: pg.scalar(url, sql) for key, sql in system.drain_sql.items()}
     busy, total = (a - b for a, b in zip(cpu_after, cpu_before, strict=True))
     return {
         "enqueue_s": enqueue_s, "enqueue_per_s": n / enqueue_s,
         "drain_s": drain_s, "drain_per_s": n / drain_s,
         # Diagnostics: where the time goes.
-        "db_span_s": float(span) if span is not None else None,
+        **{key: float(value) for key, value in diagnostics.items()},
         "worker_cpu_s": worker_cpu,
         "machine_cpu_busy_pct": 100 * busy / total if total else None,
         "wal_syncs_per_action": (wal_after["wal_sync"] - wal_before["wal_sync"]) / n,

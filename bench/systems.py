@@ -29,7 +29,8 @@ class System(Protocol):
     busy_sql: str
     # SQL for the time (epoch seconds, the database's clock) the last action finished.
     last_finish_sql: str
-    span_sql: str | None
+    # Diagnostics read from the table after S1's drain: {figure: SQL for a number}.
+    drain_sql: dict[str, str]
 
     def describe(self) -> dict[str, Any]: ...
     def prepare(self) -> None: ...
@@ -70,8 +71,15 @@ class AsyncActions:
     busy_sql = ("SELECT EXISTS (SELECT 1 FROM async_action "
                 "WHERE status IN ('pending', 'running'))")
     last_finish_sql = "SELECT extract(epoch FROM max(finished_at)) FROM async_action"
-    # Diagnostic: first claim to last completion, by the database's clock.
-    span_sql = "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM async_action"
+    drain_sql = {
+        # First claim to last completion, by the database's clock.
+        "db_span_s": "SELECT extract(epoch FROM max(finished_at) - min(started_at)) "
+                     "FROM async_action",
+        # now() is per transaction: distinct timestamps count the claim and completion
+        # transactions, so N / these = actions per claim, per completion batch.
+        "claim_transactions": "SELECT count(DISTINCT started_at) FROM async_action",
+        "completion_transactions": "SELECT count(DISTINCT finished_at) FROM async_action",
+    }
     processors: dict[Kind, str] = {"noop": "bench_noop", "pickup": "bench_pickup"}
 
     def __init__(self, concurrency: int) -> None:

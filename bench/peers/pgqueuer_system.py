@@ -46,7 +46,7 @@ class PgQueuer:
     busy_sql = "SELECT EXISTS (SELECT 1 FROM pgqueuer)"  # finished jobs move to pgqueuer_log
     last_finish_sql = ("SELECT extract(epoch FROM max(created)) FROM pgqueuer_log "
                        "WHERE status = 'successful'")
-    span_sql = None
+    drain_sql: dict[str, str] = {}
     entrypoints: dict[Kind, str] = {"noop": "noop", "pickup": "pickup"}
 
     def __init__(self, managers: int = 1) -> None:
