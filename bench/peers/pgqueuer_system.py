@@ -1,0 +1,97 @@
+"""pgqueuer as a System for bench/run.py. It runs in a venv of its own
+(bench/.venv-pgqueuer), created on first use; its side of each scenario lives in
+pgqueuer_peer.py and talks to the harness in JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ..pg import ROOT, libpq_url
+from ..procs import log
+from ..systems import Kind
+
+VENV = ROOT / "bench" / ".venv-pgqueuer"
+PYTHON = VENV / "bin" / "python"
+REQUIREMENTS = ROOT / "bench" / "peers" / "requirements-pgqueuer.txt"
+PEER = ROOT / "bench" / "peers" / "pgqueuer_peer.py"
+VERSION = "1.6.0"
+BATCH_SIZE = 10  # pgqueuer.run(batch_size=…), its default
+
+
+class PeerFailed(RuntimeError):
+    pass
+
+
+def _run(args: list[str], timeout: float = 600.0, **kwargs: Any) -> str:
+    try:
+        out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                             **kwargs)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise PeerFailed(f"{' '.join(args[:3])}…: {exc}") from None
+    if out.returncode != 0:
+        tail = " | ".join(out.stderr.strip().splitlines()[-5:])
+        raise PeerFailed(f"{' '.join(args[:4])}… exited {out.returncode}: {tail}")
+    return out.stdout
+
+
+class PgQueuer:
+    """`managers` QueueManagers per worker process: 1 is what `pgq run` runs."""
+
+    name = "pgqueuer"
+    queue_table = "pgqueuer"
+    busy_sql = "SELECT EXISTS (SELECT 1 FROM pgqueuer)"  # finished jobs move to pgqueuer_log
+    last_finish_sql = ("SELECT extract(epoch FROM max(created)) FROM pgqueuer_log "
+                       "WHERE status = 'successful'")
+    drain_sql: dict[str, str] = {}
+    entrypoints: dict[Kind, str] = {"noop": "noop", "pickup": "pickup"}
+
+    def __init__(self, managers: int = 1) -> None:
+        self.managers = managers
+        if managers != 1:
+            self.name = f"pgqueuer-{managers}qm"
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": VERSION, "driver": "asyncpg (+uvloop)",
+                "worker": {"command": "pgqueuer.run(factory)", "batch_size": BATCH_SIZE,
+                           "max_concurrent_tasks": None,
+                           "queue_managers_per_process": self.managers},
+                "enqueue": "Queries.enqueue (lists for the bulk insert)"}
+
+    def prepare(self) -> None:
+        """Create bench/.venv-pgqueuer and install the pinned peer, once."""
+        if not PYTHON.exists():
+            _run([sys.executable, "-m", "venv", str(VENV)])
+        try:
+            installed = _run([str(PYTHON), "-c", "import importlib.metadata as m; "
+                              "print(m.version('pgqueuer'))"]).strip()
+        except PeerFailed:
+            installed = ""
+        if installed != VERSION:
+            log(f"installing pgqueuer {VERSION} into {VENV.relative_to(ROOT)}")
+            _run([str(PYTHON), "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)])
+
+    def install(self, url: str) -> None:
+        _run([str(PYTHON), "-m", "pgqueuer", "--pg-dsn", libpq_url(url), "install"])
+
+    def _peer(self, *args: str) -> dict[str, Any]:
+        out = _run([str(PYTHON), str(PEER), *args])
+        return json.loads(out.strip().splitlines()[-1])
+
+    def bulk_enqueue(self, url: str, n: int) -> float:
+        return float(self._peer("enqueue", "--dsn", libpq_url(url), "--n", str(n))["seconds"])
+
+    def worker_command(self, url: str, kind: Kind) -> tuple[list[str], dict[str, str]]:
+        return ([str(PYTHON), str(PEER), "worker", "--dsn", libpq_url(url),
+                 "--batch-size", str(BATCH_SIZE), "--managers", str(self.managers)], {})
+
+    def s2(self, url: str, blocks: int, per_block: int) -> dict[str, float]:
+        return self._peer("s2", "--dsn", libpq_url(url), "--blocks", str(blocks),
+                          "--per-block", str(per_block))
+
+    def enqueue_paced(self, url: str, ids: Sequence[int], gap: float) -> list[float]:
+        return self._peer("paced", "--dsn", libpq_url(url), f"--ids={','.join(map(str, ids))}",
+                          "--gap", str(gap))["befores"]
