@@ -105,6 +105,7 @@ def _optional_duration(value: Any, what: str) -> timedelta | None:
 PROCESSOR_SETTINGS = {
     "retries": lambda v, w: _positive_int(v, w),
     "retry_interval": lambda v, w: parse_duration(v, what=w),
+    "max_retry_interval": lambda v, w: parse_duration(v, what=w),
     "backoff": _backoff,
     "timeout": _optional_duration,
     "batch_size": lambda v, w: _positive_int(v, w, 1),

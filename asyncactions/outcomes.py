@@ -19,7 +19,6 @@ from .processors import Defer, PermanentFailure, Processor, ProcessorSettings
 
 ERROR_MAX_CHARS = 1000
 ERROR_HISTORY = 20
-EXPONENTIAL_CAP = timedelta(hours=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +96,7 @@ def retry_delay(action: Action, settings: ProcessorSettings) -> timedelta:
     # Exponential: double per failed attempt so far, capped, with ±20% jitter so a
     # burst of failures does not come back as a burst.
     failures = max(len(action.errors), action.attempts - 1, 0)
-    grown = min(base * (2 ** min(failures, 30)), max(EXPONENTIAL_CAP, base))
+    grown = min(base * (2 ** min(failures, 30)), max(settings.max_retry_interval, base))
     return grown * random.uniform(0.8, 1.2)
 
 

@@ -36,6 +36,7 @@ class ProcessorSettings:
     enabled: bool = True
     transactional: bool = False
     on_failure: Callable[[Any], None] | None = None
+    max_retry_interval: timedelta = timedelta(hours=1)  # the cap of exponential backoff
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,14 @@ def processor(name: str, *, retries: int = 3,
               backoff: Literal["fixed", "exponential"] = "fixed",
               timeout: timedelta | None = None, batch_size: int = 1, enabled: bool = True,
               transactional: bool = False,
-              on_failure: Callable[[Any], None] | None = None) -> Callable[[Callable[..., Any]],
-                                                                          Callable[..., Any]]:
+              on_failure: Callable[[Any], None] | None = None,
+              max_retry_interval: timedelta = timedelta(hours=1),
+              ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register the decorated function as the processor called `name`."""
     settings = ProcessorSettings(retries=retries, retry_interval=retry_interval,
                                  backoff=backoff, timeout=timeout, batch_size=batch_size,
                                  enabled=enabled, transactional=transactional,
-                                 on_failure=on_failure)
+                                 on_failure=on_failure, max_retry_interval=max_retry_interval)
     for key, check in PROCESSOR_SETTINGS.items():
         check(getattr(settings, key), f"@processor({name!r}) {key}")
 

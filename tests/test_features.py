@@ -246,6 +246,9 @@ def test_exponential_backoff_doubles_with_jitter_and_a_cap() -> None:
         samples = [delay(attempts) for _ in range(50)]
         assert all(0.8 * base <= s <= 1.2 * base for s in samples), (attempts, samples)
         assert len(set(samples)) > 1, "jitter spreads the retries"
+    settings = ProcessorSettings(retry_interval=timedelta(seconds=10), backoff="exponential",
+                                 max_retry_interval=timedelta(seconds=30))
+    assert all(24 <= delay(6) <= 36 for _ in range(20)), "capped at 30s, then jittered"
     fixed = ProcessorSettings(retry_interval=timedelta(seconds=10))
     assert retry_delay(Action(1, "p", Status.RUNNING, None, None, 0, 5, 7, None, [], None, None,
                               datetime.now(UTC), datetime.now(UTC), None, None, None, None),
