@@ -73,7 +73,7 @@ def server_settings(url: str) -> dict[str, Any]:
 def machine() -> dict[str, Any]:
     return {"cores": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "cpu": _cpu_model(),
-            "asyncactions_commit": _git_commit()}
+            "asyncactions_commit": _git_commit()}  # last commit that touched the package
 
 
 def _cpu_model() -> str | None:
@@ -88,7 +88,8 @@ def _cpu_model() -> str | None:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        out = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h", "--",
+                              "asyncactions", "migrations"],
                              capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
