@@ -6,6 +6,7 @@ transaction, so a rolled-back transaction leaves no action and wakes nobody.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from sqlalchemy.orm import Session
 from . import codec
 from .action import Action, Status
 from .errors import AsyncActionsError
-from .processors import registered
+from .processors import _registry
 from .schema import (
     ACTIVE_STATUSES,
     LIVE_KEY,
@@ -87,7 +88,7 @@ def _options(processor: str, delay: timedelta | None, eligible_at: datetime | No
     if delay is not None and eligible_at is not None:
         raise AsyncActionsError("give either delay or eligible_at, not both")
     if retries is None:
-        known = registered().get(processor)
+        known = _registry.get(processor)
         retries = known.settings.retries if known else DEFAULT_RETRIES
     if retries < 0:
         raise AsyncActionsError(f"retries must be >= 0, got {retries}")
@@ -113,10 +114,10 @@ def _insert_values(explicit_time: bool, data: Any) -> dict[str, Any]:
     }
 
 
-def _returning(conn: Connection) -> list[Any]:
+def _returning(dialect: str) -> list[Any]:
     cols: list[Any] = [async_action.c.id, async_action.c.created_at,
                        async_action.c.next_eligible_at]
-    if conn.dialect.name == "postgresql":
+    if dialect == "postgresql":
         # Delivered at commit, never on rollback; an uncorrelated subquery runs once,
         # so a bulk insert sends one notification.
         cols.append(select(func.pg_notify(NOTIFY_CHANNEL, bindparam("processor", type_=Text)))
@@ -138,7 +139,7 @@ def init_action(db: Database, processor: str, data: Any = None, *,
     params = {"processor": processor, "data": text, "related_id": related_id,
               "unique_key": unique_key, **options}
     with connection(db) as conn:
-        stmt = _insert_stmt(conn, eligible_at is not None, unique_key is not None)
+        stmt = _insert_stmt(conn.dialect.name, eligible_at is not None, unique_key is not None)
         return _insert_one(conn, stmt, data, params)
 
 
@@ -168,15 +169,15 @@ def init_actions(db: Database, processor: str, data: Sequence[Any], *,
     with connection(db) as conn:
         if conn.dialect.name != "postgresql":
             # SQLite has no round trips to save: the single-row statement, many times.
-            stmt = _insert_stmt(conn, explicit_time, keys is not None)
+            stmt = _insert_stmt(conn.dialect.name, explicit_time, keys is not None)
             return [_insert_one(conn, stmt, d, {**params, "data": t, "unique_key": k})
                     for d, t, k in zip(data, texts, keys or [None] * len(texts), strict=True)]
         if keys is None:
-            rows = conn.execute(_bulk_insert_pg(conn, explicit_time),
+            rows = conn.execute(_bulk_insert_pg(conn.dialect.name, explicit_time),
                                 {**params, "datas": texts}).all()
             rows.sort(key=lambda r: r[0])
             return [_new_action(row, d, params) for row, d in zip(rows, data, strict=True)]
-        rows = conn.execute(_bulk_insert_unique_pg(conn, explicit_time),
+        rows = conn.execute(_bulk_insert_unique_pg(conn.dialect.name, explicit_time),
                             {**params, "datas": texts, "keys": keys}).all()
         return _resolve_unique(conn, explicit_time, rows, data, texts, keys, params)
 
@@ -217,7 +218,7 @@ def _resolve_unique(conn: Connection, explicit_time: bool, rows: Sequence[Row[An
         else:
             # The key's holder committed while the statement ran, after its snapshot was
             # taken: look again with a statement of its own.
-            action = _insert_one(conn, _insert_stmt(conn, explicit_time, True), d,
+            action = _insert_one(conn, _insert_stmt(conn.dialect.name, explicit_time, True), d,
                                  {**item, "data": text})
         if key is not None:
             by_key.setdefault(key, action)
@@ -237,27 +238,31 @@ def _insert_one(conn: Connection, stmt: Any, data: Any, params: dict[str, Any]) 
         # The holder of the key finished between our insert and our look-up: try again.
 
 
-def _insert_stmt(conn: Connection, explicit_time: bool, unique: bool) -> Any:
-    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+# The statements are built once per shape: building one costs more than running it.
+@functools.cache
+def _insert_stmt(dialect: str, explicit_time: bool, unique: bool) -> Any:
+    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = dialect_insert(async_action).values(
         _insert_values(explicit_time, as_payload(bindparam("data", type_=Text))))
     if unique:
         stmt = stmt.on_conflict_do_nothing(index_elements=["unique_key"],
                                            index_where=LIVE_KEY)
-    return stmt.returning(*_returning(conn))
+    return stmt.returning(*_returning(dialect))
 
 
-def _bulk_insert_pg(conn: Connection, explicit_time: bool) -> Any:
+@functools.cache
+def _bulk_insert_pg(dialect: str, explicit_time: bool) -> Any:
     # unnest WITH ORDINALITY keeps the caller's order in the ids.
     elems = (func.unnest(bindparam("datas", type_=postgresql.ARRAY(Text)))
              .table_valued("value", with_ordinality="ord").render_derived(name="elems"))
     values = _insert_values(explicit_time, as_payload(elems.c.value))
     select_rows = select(*values.values()).select_from(elems).order_by(elems.c.ord)
     return (insert(async_action).from_select(list(values), select_rows)
-            .returning(*_returning(conn)))
+            .returning(*_returning(dialect)))
 
 
-def _bulk_insert_unique_pg(conn: Connection, explicit_time: bool) -> Any:
+@functools.cache
+def _bulk_insert_unique_pg(dialect: str, explicit_time: bool) -> Any:
     """One row per item, in order: the new action's (id, created_at, next_eligible_at),
     or NULLs and the live action that holds the item's key.
 
@@ -278,7 +283,7 @@ def _bulk_insert_unique_pg(conn: Connection, explicit_time: bool) -> Any:
         postgresql.insert(async_action)
         .from_select(list(values), select(*values.values()).order_by(numbered.c.ord))
         .on_conflict_do_nothing(index_elements=["unique_key"], index_where=LIVE_KEY)
-        .returning(*_returning(conn))
+        .returning(*_returning(dialect))
         .cte("inserted")
     )
     live = async_action.alias("live")
