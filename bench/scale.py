@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import create_engine, event
 
 from asyncactions import queries
+from asyncactions.worker import CLAIM_SESSION
 
 from . import pg
 from .procs import Workers, log, wait_until
@@ -43,6 +44,9 @@ class ClaimProbe:
     def __init__(self, url: str) -> None:
         self.engine = create_engine(pg.sqlalchemy_url(url))
         self.conn = self.engine.connect()
+        for setting in CLAIM_SESSION:  # the worker's claim session, as the worker sets it
+            self.conn.exec_driver_sql(setting)
+        self.conn.commit()
         self.client_ms: list[float] = []
         self.server_ms: list[float] = []
         self._sent: list[tuple[str, Any]] = []
@@ -57,7 +61,8 @@ class ClaimProbe:
         self._sent.clear()
         with self.conn.begin() as tx:
             start = time.perf_counter()
-            claimed = queries.claim(self.conn, "bench:scale", ["bench_noop"], CLAIM_BATCH, LEASE)
+            claimed, _ = queries.claim(self.conn, "bench:scale", ["bench_noop"], CLAIM_BATCH,
+                                       LEASE)
             elapsed = time.perf_counter() - start
             tx.rollback()
         self._claim_sql = self._sent[-1]
