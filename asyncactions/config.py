@@ -39,6 +39,8 @@ def parse_duration(value: str | timedelta, *, what: str = "duration") -> timedel
 
 def format_duration(value: timedelta) -> str:
     seconds = value.total_seconds()
+    if seconds == 0:
+        return "0s"
     for unit in ("d", "h", "m", "s"):
         size = _UNIT_SECONDS[unit]
         if seconds >= size and seconds % size == 0:
