@@ -90,10 +90,6 @@ def registered() -> dict[str, Processor]:
     return dict(_registry)
 
 
-def unregister(name: str) -> None:
-    _registry.pop(name, None)
-
-
 def import_modules(modules: Iterable[str]) -> None:
     """Import the modules that define processors; the current directory is importable."""
     if os.getcwd() not in sys.path and "" not in sys.path:
