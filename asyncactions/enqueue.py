@@ -285,7 +285,10 @@ def _bulk_insert_unique_pg(dialect: str, explicit_time: bool) -> Any:
               "unique_key": numbered.c.key}
     inserted = (
         postgresql.insert(async_action)
-        .from_select(list(values), select(*values.values()).order_by(numbered.c.ord))
+        # Insert in key order: concurrent bulk enqueues then wait for each other's keys
+        # in one order and cannot deadlock (ids were drawn in the caller's order above).
+        .from_select(list(values), select(*values.values())
+                     .order_by(numbered.c.key, numbered.c.ord))
         .on_conflict_do_nothing(index_elements=["unique_key"], index_where=LIVE_KEY)
         .returning(*_returning(dialect))
         .cte("inserted")
