@@ -47,7 +47,7 @@ def _tag(value: Any) -> dict[str, str]:
 def dumps(value: Any, *, what: str = "data", max_bytes: int | None = None) -> str:
     """Encode `value`, or raise UnserializableData naming the offending path."""
     try:
-        text = json.dumps(value, default=_tag, allow_nan=False, separators=(",", ":"))
+        text = _encoder.encode(value)
     except (TypeError, ValueError, RecursionError):
         raise UnserializableData(_explain(value, what)) from None
     if max_bytes is not None and len(text) > max_bytes:
@@ -113,4 +113,6 @@ def _fails(value: Any) -> bool:
     return False
 
 
-_decoder = json.JSONDecoder(object_hook=_untag)  # built once: loads() runs per action
+# Built once: dumps() and loads() run for every action.
+_encoder = json.JSONEncoder(default=_tag, allow_nan=False, separators=(",", ":"))
+_decoder = json.JSONDecoder(object_hook=_untag)
