@@ -521,12 +521,13 @@ def processors_cmd(state: State, imports: tuple[str, ...], fmt: str) -> None:
         rows.append({"name": name, "retries": s.retries,
                      "retry_interval": format_duration(s.retry_interval),
                      "backoff": s.backoff,
+                     "max_retry_interval": format_duration(s.max_retry_interval),
                      "timeout": format_duration(s.timeout) if s.timeout else None,
                      "batch_size": s.batch_size, "enabled": s.enabled,
                      "transactional": s.transactional,
                      "overridden": ",".join(sorted(state.config.processors.get(name, {})))})
-    emit(rows, ["name", "retries", "retry_interval", "backoff", "timeout", "batch_size",
-                "enabled", "transactional", "overridden"], fmt)
+    emit(rows, ["name", "retries", "retry_interval", "backoff", "max_retry_interval",
+                "timeout", "batch_size", "enabled", "transactional", "overridden"], fmt)
 
 
 @main.command()

@@ -218,7 +218,6 @@ def lost_actions(conn: Connection, lease: timedelta, limit: int = 500) -> list[A
     return [row_to_action(r) for r in conn.execute(LOST, {"limit": limit})]
 
 
-
 # Eligible pending actions by processor, for the metrics (sampled, not per action).
 BACKLOG = (
     select(t.c.processor, func.count(), func.min(t.c.next_eligible_at))

@@ -33,7 +33,7 @@ class Attempt:
 
 class Runner:
     def __init__(self, size: int, execute: Callable[[Attempt], list[Outcome]],
-                 report: Callable[[Attempt, list[Outcome]], None],
+                 report: Callable[[list[Outcome]], None],
                  on_timeout: Callable[[Attempt], list[Outcome]]) -> None:
         self._size = size
         self._execute = execute
@@ -93,7 +93,7 @@ class Runner:
                 self._changed.notify_all()
             if abandoned:
                 return  # timed out meanwhile: a replacement thread took this one's place
-            self._report(attempt, outcome)
+            self._report(outcome)
 
     def _watch(self) -> None:
         while True:
@@ -115,7 +115,7 @@ class Runner:
                 self._changed.notify_all()
             for attempt in expired:
                 self._spawn()
-                self._report(attempt, self._on_timeout(attempt))
+                self._report(self._on_timeout(attempt))
 
     # --- shutdown ---------------------------------------------------------------------
 

@@ -145,7 +145,7 @@ class Worker:
                      ", ".join(self._names), self.concurrency,
                      engine.url.render_as_string(hide_password=True))
             try:
-                self._claim_loop(engine, runner, completer, burst)
+                self._claim_loop(engine, runner, burst)
             finally:
                 self._shutdown(engine, runner, completer, maintenance, notifier)
                 self._hooks.shutdown(wait=True)
@@ -189,8 +189,7 @@ class Worker:
 
     # --- claiming ---------------------------------------------------------------------
 
-    def _claim_loop(self, engine: Engine, runner: Runner, completer: Completer,
-                    burst: bool) -> None:
+    def _claim_loop(self, engine: Engine, runner: Runner, burst: bool) -> None:
         poll = self.config.worker.poll_interval.total_seconds()
         backoff = 0.1
         conn = KeptConnection(engine, *(CLAIM_SESSION if engine.dialect.name == "postgresql"
@@ -315,10 +314,9 @@ class Worker:
     def _report_malformed(self, action: Action, exc: Exception) -> None:
         problem = PermanentFailure(f"the stored data cannot be decoded ({type(exc).__name__}: "
                                    f"{exc}); fix or cancel this action")
-        self._report(None, [self._failed_one(action, self.processors[action.processor],
-                                             problem)])
+        self._report([self._failed_one(action, self.processors[action.processor], problem)])
 
-    def _report(self, attempt: Attempt | None, result: list[outcomes.Outcome]) -> None:
+    def _report(self, result: list[outcomes.Outcome]) -> None:
         for outcome in result:
             if outcome.errors is not None:
                 _log_failed_attempt(outcome)
@@ -356,7 +354,7 @@ class Worker:
             notifier.stop()
         unstarted = [action for attempt in runner.close() for action in attempt.actions]
         for attempt in runner.wait_running(grace):
-            self._report(attempt, self._failed(attempt, Interrupted(
+            self._report(self._failed(attempt, Interrupted(
                 f"the worker stopped while this attempt was running (shutdown_grace "
                 f"{format_duration(self.config.worker.shutdown_grace)} ran out)")))
         completer.stop(timeout=max(deadline - time.monotonic(), 10.0))

@@ -14,14 +14,17 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
-from asyncactions import migrate
+from asyncactions import Worker, migrate
 from asyncactions import processors as registry
+from asyncactions.config import Config, WorkerSettings
 from asyncactions.database import make_engine
 
 ADMIN_URL = os.environ.get("ASYNCACTIONS_TEST_PG_URL",
@@ -49,6 +52,19 @@ class Db:
     def rows(self, sql: str, **params: object) -> list[tuple]:
         with self.engine.connect() as conn:
             return [tuple(r) for r in conn.execute(text(sql), params)]
+
+
+FAST = WorkerSettings(poll_interval=timedelta(milliseconds=50))
+
+
+def worker_config(db: Db, **kw: Any) -> Config:
+    """A config for in-process workers on `db` that poll every 50 ms."""
+    return Config(database_url=db.url, **{"worker": FAST, **kw})
+
+
+def drain(db: Db, concurrency: int = 4, **kw: Any) -> None:
+    """Run a burst worker in this process until nothing is eligible."""
+    Worker(config=worker_config(db, **kw), concurrency=concurrency).run(burst=True)
 
 
 def _admin() -> Engine:

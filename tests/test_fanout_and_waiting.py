@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 import tracemalloc
-from datetime import timedelta
 
 import pytest
 from sqlalchemy.orm import Session
@@ -19,10 +18,9 @@ from asyncactions import (
     processor,
     wait_for,
 )
-from asyncactions.config import Config, WorkerSettings
 from asyncactions.enqueue import combinations
 
-from .conftest import Db
+from .conftest import Db, worker_config
 
 
 def test_enqueue_all_inserts_the_cross_product_with_static_data(db: Db) -> None:
@@ -84,8 +82,7 @@ def test_wait_for_returns_the_final_action_soon_after_it_finishes(db: Db) -> Non
         return {"done": True}
 
     action = init_action(db.engine, "waited_on", {})
-    worker = Worker(config=Config(database_url=db.url, worker=WorkerSettings(
-        poll_interval=timedelta(milliseconds=50))))
+    worker = Worker(config=worker_config(db))
     thread = threading.Thread(target=worker.run)
     thread.start()
     try:

@@ -27,18 +27,10 @@ from asyncactions import (
     processor,
     report_exceptions,
 )
-from asyncactions.config import Config, WorkerSettings
 from asyncactions.outcomes import retry_delay
 from asyncactions.processors import ProcessorSettings
 
-from .conftest import Db, start_worker, wait_until, worker_log
-
-FAST = WorkerSettings(poll_interval=timedelta(milliseconds=50))
-
-
-def drain(db: Db, concurrency: int = 4) -> None:
-    Worker(config=Config(database_url=db.url, worker=FAST), concurrency=concurrency).run(
-        burst=True)
+from .conftest import Db, drain, start_worker, wait_until, worker_config, worker_log
 
 
 def statuses(db: Db) -> dict[str, int]:
@@ -146,7 +138,7 @@ def test_transactional_writes_roll_back_when_the_claim_was_lost(ledger: Db) -> N
         release.wait(30)
 
     action = init_action(ledger.engine, "book_slowly", {})
-    worker = Worker(config=Config(database_url=ledger.url, worker=FAST))
+    worker = Worker(config=worker_config(ledger))
     thread = threading.Thread(target=worker.run, kwargs={"burst": True})
     thread.start()
     assert entered.wait(30)
@@ -301,7 +293,7 @@ def test_metrics_endpoint_counts_outcomes_durations_and_backlog(db: Db) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    worker = Worker(config=Config(database_url=db.url, worker=FAST), metrics_port=port,
+    worker = Worker(config=worker_config(db), metrics_port=port,
                     processors=["counted"])
     thread = threading.Thread(target=worker.run)
     thread.start()

@@ -21,11 +21,10 @@ import pytest
 from sqlalchemy import Text, insert, literal
 
 from asyncactions import Action, Worker, admin, audit, codec, init_action, processor
-from asyncactions.config import Config, WorkerSettings
 from asyncactions.output import Ratio, emit, human_duration
 from asyncactions.schema import as_payload, async_action, async_action_worker
 
-from .conftest import ROOT, Db, cli
+from .conftest import ROOT, Db, cli, drain, worker_config
 from .test_cli import one_line_error
 
 FIELDS = set(Action.__dataclass_fields__)
@@ -115,16 +114,13 @@ def test_enqueue_with_a_unique_key_prints_the_live_holder(db: Db, tmp_path: Path
     assert len(by_id(db)) == 2
 
 
-FAST = WorkerSettings(poll_interval=timedelta(milliseconds=50))
-
-
 def test_show_prints_every_field_timings_and_the_error_history(db: Db, tmp_path: Path) -> None:
     @processor("flaky", retries=1, retry_interval=timedelta(0))
     def flaky(action):
         raise ConnectionError(f"smtp refused attempt {action.attempts}")
 
     failed = init_action(db.engine, "flaky", {"to": "ada@example.com"}).id
-    Worker(config=Config(database_url=db.url, worker=FAST), concurrency=1).run(burst=True)
+    drain(db, concurrency=1)
     done = put(db, "mail", "completed", wait=2, run=3, attempts=1, result={"sent": True})
     waiting = put(db, "mail", "pending")
 
@@ -338,7 +334,7 @@ def test_workers_shows_live_workers_and_what_they_hold(db: Db, tmp_path: Path) -
 
     init_action(db.engine, "hold", {})
     init_action(db.engine, "hold", {})
-    worker = Worker(config=Config(database_url=db.url, worker=FAST), concurrency=2)
+    worker = Worker(config=worker_config(db), concurrency=2)
     thread = threading.Thread(target=worker.run, kwargs={"burst": True})
     thread.start()
     try:
@@ -380,7 +376,7 @@ def test_processors_show_effective_settings(tmp_path: Path) -> None:
     mail, sms = records(cli("processors", "--format", "json", cwd=tmp_path,
                             env={"ASYNCACTIONS_CONFIG": ""}))
     assert mail == {"name": "mail", "retries": 7, "retry_interval": "5m", "backoff": "fixed",
-                    "timeout": None, "batch_size": 10, "enabled": False,
+                    "max_retry_interval": "1h", "timeout": None, "batch_size": 10, "enabled": False,
                     "transactional": False, "overridden": "enabled,retries"}
     assert (sms["retries"], sms["backoff"], sms["timeout"], sms["overridden"]) == (
         3, "exponential", "30s", "")

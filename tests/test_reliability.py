@@ -21,7 +21,7 @@ from asyncactions import Status, Worker, admin, init_action, init_actions, migra
 from asyncactions.config import Config, WorkerSettings
 from asyncactions.database import make_engine
 
-from .conftest import Cluster, Db, start_worker, wait_until, worker_log
+from .conftest import Cluster, Db, drain, start_worker, wait_until, worker_log
 
 FAULTS = textwrap.dedent("""
     import os, time
@@ -228,10 +228,8 @@ def test_hung_attempts_time_out_and_the_worker_keeps_working(db: Db) -> None:
 
     hung = init_actions(db.engine, "hangs", [{}] * 3)
     init_actions(db.engine, "quick", list(range(200)))
-    config = Config(database_url=db.url, worker=WorkerSettings(
-        poll_interval=timedelta(milliseconds=50)))
     try:
-        Worker(config=config, concurrency=3).run(burst=True)  # every slot hangs at first
+        drain(db, concurrency=3)  # every slot hangs at first
     finally:
         release.set()
     assert by_status(db) == {"completed": 200, "failed": 3}

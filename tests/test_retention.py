@@ -6,10 +6,9 @@ import threading
 from datetime import timedelta
 
 from asyncactions import Worker, init_action, init_actions, processor
-from asyncactions.config import Config, WorkerSettings
 from asyncactions.maintenance import leader
 
-from .conftest import Db, wait_until
+from .conftest import Db, wait_until, worker_config
 
 
 def test_a_worker_with_short_retention_keeps_the_table_bounded(db: Db) -> None:
@@ -19,10 +18,8 @@ def test_a_worker_with_short_retention_keeps_the_table_bounded(db: Db) -> None:
             raise RuntimeError("kept for the post-mortem")
 
     init_action(db.engine, "quick", "fail", retries=0)
-    config = Config(database_url=db.url,
-                    worker=WorkerSettings(poll_interval=timedelta(milliseconds=50)),
-                    retention={"completed": timedelta(seconds=1), "canceled": None,
-                               "failed": None})
+    config = worker_config(db, retention={"completed": timedelta(seconds=1),
+                                          "canceled": None, "failed": None})
     worker = Worker(config=config)
     thread = threading.Thread(target=worker.run)
     thread.start()

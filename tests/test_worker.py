@@ -20,19 +20,9 @@ from asyncactions import (
     init_actions,
     processor,
 )
-from asyncactions.config import Config, WorkerSettings
 
-from .conftest import Db
-
-FAST = WorkerSettings(poll_interval=timedelta(milliseconds=50))
-
-
-def config(db: Db, **kw) -> Config:
-    return Config(database_url=db.url, worker=FAST, **kw)
-
-
-def drain(db: Db, concurrency: int = 4, **kw) -> None:
-    Worker(config=config(db, **kw), concurrency=concurrency).run(burst=True)
+from .conftest import Db, drain
+from .conftest import worker_config as config
 
 
 def test_every_committed_action_runs_exactly_once_and_completes_with_its_result(db: Db) -> None:
