@@ -310,7 +310,7 @@ def _check_processor_known(state: State, engine: Engine, name: str,
 
 # --- audit ------------------------------------------------------------------------------
 
-FIELDS = tuple(Action.__dataclass_fields__)
+FIELDS = Action._fields
 SUMMARY = ("id", "processor", "status", "attempts", "retries", "related_id", "created_at",
            "finished_at", "error")
 

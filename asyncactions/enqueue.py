@@ -10,7 +10,7 @@ import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -35,6 +35,7 @@ from .errors import AsyncActionsError
 from .processors import _registry
 from .schema import (
     ACTIVE_STATUSES,
+    ID_SEQUENCE,
     LIVE_KEY,
     NOW,
     action_columns,
@@ -174,6 +175,8 @@ def init_actions(db: Database, processor: str, data: Sequence[Any], *,
             return [_insert_one(conn, stmt, d, {**params, "data": t, "unique_key": k})
                     for d, t, k in zip(data, texts, keys or [None] * len(texts), strict=True)]
         if keys is None:
+            if len(texts) >= COPY_FROM and conn.dialect.driver == "psycopg":
+                return _copy_in(conn, data, texts, params)
             rows = conn.execute(_bulk_insert_pg(conn.dialect.name, explicit_time),
                                 {**params, "datas": _json_array(texts)}).all()
             rows.sort(key=lambda r: r[0])
@@ -265,6 +268,62 @@ def _bulk_insert_pg(dialect: str, explicit_time: bool) -> Any:
             .returning(*_returning(dialect)))
 
 
+# From this many actions on, COPY beats the one-statement insert despite its two more
+# round trips: the server writes COPY's rows in multi-row batches (20,000 actions:
+# about 90 ms for COPY, 240 ms for INSERT … SELECT).
+COPY_FROM = 1000
+BACKSLASH = "\\"
+
+
+def _copy_in(conn: Connection, data: Sequence[Any], texts: list[str | None],
+             params: dict[str, Any]) -> list[Action]:
+    """A large bulk insert by COPY. COPY returns nothing, so one statement first draws
+    the ids (in the caller's order), reads the transaction's time and sends the
+    notification."""
+    ids, now, _ = conn.execute(_reserve_ids_pg(), {"n": len(texts),
+                                                "processor": params["processor"]}).one()
+    shared = {"processor": params["processor"], "related_id": params["related_id"],
+              "priority": params["priority"], "retries": params["retries"]}
+    # created_at and, without a delay, next_eligible_at take the column default now(),
+    # the transaction's time: parsing 20,000 timestamps would cost the server 35 ms.
+    explicit = params["eligible_at"]
+    eligible_at = (now + timedelta(seconds=params["delay"]) if explicit is None
+                   else explicit.replace(tzinfo=UTC) if explicit.tzinfo is None else explicit)
+    if eligible_at != now:
+        shared["next_eligible_at"] = eligible_at.isoformat()
+    # Every row ends alike: its shared columns are escaped once.
+    tail = "\t".join(_copy_field(v) for v in shared.values())
+    # JSON text holds no tab or newline, only backslashes to escape (rarely).
+    lines = "".join([f"{i}\t{t if t is not None and BACKSLASH not in t else _copy_field(t)}"
+                     f"\t{tail}\n" for i, t in zip(ids, texts, strict=True)])
+    columns = ", ".join(["id", "data", *shared])
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    with cursor.copy(f"COPY {async_action.name} ({columns}) FROM STDIN") as copy:
+        copy.write(lines)
+    return [Action(i, shared["processor"], Status.PENDING, d, shared["related_id"],
+                   shared["priority"], shared["retries"], 0, None, [], None, None, eligible_at,
+                   now, None, None, None, None) for i, d in zip(ids, data, strict=True)]
+
+
+def _copy_field(value: Any) -> str:
+    """One value in COPY's text format."""
+    if value is None:
+        return "\\N"
+    text = str(value)
+    for char, escaped in (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r")):
+        text = text.replace(char, escaped)
+    return text
+
+
+@functools.cache
+def _reserve_ids_pg() -> Any:
+    # array_agg takes the series in order, so the ids ascend in the caller's order.
+    ids = func.array_agg(func.nextval(ID_SEQUENCE))
+    notify = select(func.pg_notify(NOTIFY_CHANNEL, bindparam("processor", type_=Text)))
+    return select(ids, NOW, notify.scalar_subquery()).select_from(
+        func.generate_series(1, bindparam("n")))
+
+
 @functools.cache
 def _bulk_insert_unique_pg(dialect: str, explicit_time: bool) -> Any:
     """One row per item, in order: the new action's (id, created_at, next_eligible_at),
@@ -277,8 +336,8 @@ def _bulk_insert_unique_pg(dialect: str, explicit_time: bool) -> Any:
     elems = (func.unnest(bindparam("datas", type_=postgresql.ARRAY(Text)),
                          bindparam("keys", type_=postgresql.ARRAY(Text)))
              .table_valued("value", "key", with_ordinality="ord").render_derived(name="elems"))
-    numbered = (select(func.nextval(func.pg_get_serial_sequence(async_action.name, "id"))
-                       .label("id"), elems.c.value, elems.c.key, elems.c.ord)
+    numbered = (select(func.nextval(ID_SEQUENCE).label("id"), elems.c.value, elems.c.key,
+                       elems.c.ord)
                 .cte("numbered").prefix_with("MATERIALIZED"))
     values = {"id": numbered.c.id,
               **_insert_values(explicit_time, as_payload(numbered.c.value)),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -46,7 +46,7 @@ class Outcome:
 
     def final_action(self) -> Action:
         """The action as this outcome leaves it (what on_failure receives)."""
-        return replace(self.action, status=self.status, retries=self.retries,
+        return self.action._replace(status=self.status, retries=self.retries,
                        result=codec.loads(self.result), error=self.error,
                        errors=codec.loads(self.errors) if self.errors else self.action.errors,
                        claimed_by=None, lease_expires_at=None)

@@ -26,6 +26,7 @@ from sqlalchemy import (
     cast,
     func,
     literal,
+    literal_column,
     select,
     text,
 )
@@ -103,6 +104,8 @@ async_action = Table(
 Index("async_action_claim_idx", async_action.c.priority, async_action.c.next_eligible_at,
       async_action.c.id, postgresql_where=text("status = 'pending'"),
       sqlite_where=text("status = 'pending'"))
+# The id column's sequence, for statements that draw ids before inserting.
+ID_SEQUENCE = literal_column("'async_action_id_seq'::regclass")
 # unique_key is unique among live actions only; finished ones keep theirs for audit.
 # Spelled with literals: ON CONFLICT names the index by this predicate, and PostgreSQL
 # cannot match it to the index when the statuses are bind parameters of a prepared

@@ -23,7 +23,7 @@ from asyncactions import (
     init_actions,
     processor,
 )
-from asyncactions.enqueue import NOTIFY_CHANNEL
+from asyncactions.enqueue import COPY_FROM, NOTIFY_CHANNEL
 
 from .conftest import Db
 
@@ -178,7 +178,7 @@ def test_bulk_insert_sends_one_notification(pg: Db) -> None:
     listener.close()
 
 
-def test_bulk_insert_is_one_statement_on_postgresql(pg: Db) -> None:
+def test_bulk_insert_is_one_statement_on_postgresql_and_copy_when_large(pg: Db) -> None:
     from sqlalchemy import event
 
     statements: list[str] = []
@@ -186,9 +186,55 @@ def test_bulk_insert_is_one_statement_on_postgresql(pg: Db) -> None:
         event.listen(conn, "before_cursor_execute",
                      lambda *args: statements.append(args[2]))
         with conn.begin():
-            init_actions(conn, "bulk", [{"i": i} for i in range(5000)])
-    assert len([s for s in statements if "INSERT" in s]) == 1
-    assert pg.scalar("SELECT count(*) FROM async_action") == 5000
+            init_actions(conn, "bulk", [{"i": i} for i in range(COPY_FROM - 1)])
+        assert len(statements) == 1 and statements[0].startswith("INSERT")
+        statements.clear()
+        with conn.begin():
+            init_actions(conn, "bulk", [{"i": i} for i in range(COPY_FROM)])
+        # One statement draws the ids and sends the notification; COPY writes the rows.
+        assert len(statements) == 1 and "INSERT" not in statements[0]
+    assert pg.scalar("SELECT count(*) FROM async_action") == 2 * COPY_FROM - 1
+
+
+def awkward(i: int) -> object:
+    """Data that exercises every escape: quotes, backslashes, control characters,
+    non-ASCII, typed values, JSON null and bare scalars."""
+    if i % 7 == 0:
+        return None
+    if i % 11 == 0:
+        return "a\\b\tc"
+    return {"i": i, "text": 'say "hi"\\ \t tab \n line é 😀', "nested": [1.5, None, True],
+            "when": datetime(2026, 11, 23, 8, 0, i % 60, tzinfo=UTC), "amount": Decimal("19.90")}
+
+
+@pytest.mark.parametrize("n", [5, COPY_FROM], ids=["statement", "copy-on-postgresql"])
+@pytest.mark.parametrize("when", ["now", "delay", "naive eligible_at"])
+def test_bulk_insert_returns_exactly_what_it_stored(db: Db, n: int, when: str) -> None:
+    timing = {"now": {}, "delay": {"delay": timedelta(minutes=5)},
+              "naive eligible_at": {"eligible_at": datetime(2030, 1, 2, 3, 4, 5)}}[when]
+    actions = init_actions(db.engine, "p\tq\\r", [awkward(i) for i in range(n)],
+                           related_id="batch\n\\1", priority=-3, retries=0, **timing)
+    assert [a.data for a in actions] == [awkward(i) for i in range(n)]
+    assert [admin.get_action(db.engine, a.id) for a in actions] == actions
+    first = actions[0]
+    if when == "delay":
+        assert first.next_eligible_at - first.created_at == timedelta(minutes=5)
+    elif when == "naive eligible_at":
+        assert first.next_eligible_at == datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    else:
+        assert first.next_eligible_at == first.created_at
+
+
+@pytest.mark.parametrize("n", [5, COPY_FROM], ids=["statement", "copy"])
+def test_rolled_back_bulk_insert_leaves_nothing_and_wakes_nobody(pg: Db, n: int) -> None:
+    listener = _listener(pg)
+    with pg.engine.connect() as conn:
+        trans = conn.begin()
+        init_actions(conn, "bulk", [{"i": i} for i in range(n)])
+        trans.rollback()
+    assert list(listener.notifies(timeout=0.3)) == []
+    assert count(pg) == 0
+    listener.close()
 
 
 # --- unique keys ------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from asyncactions.schema import as_payload, async_action, async_action_worker
 from .conftest import ROOT, Db, cli, drain, worker_config
 from .test_cli import one_line_error
 
-FIELDS = set(Action.__dataclass_fields__)
+FIELDS = set(Action._fields)
 HOUR = timedelta(hours=1)
 
 
