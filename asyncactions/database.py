@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Dialect, Engine, create_engine, event, inspect
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
+from sqlalchemy.sql import ClauseElement
 
 from .errors import ConfigError, DatabaseError
 
@@ -127,3 +129,69 @@ class KeptConnection:
             except sa_exc.SQLAlchemyError:
                 pass
             self._conn = None
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    sql: str
+    names: tuple[str, ...] | None  # parameter order, for positional drivers
+    construct: Callable[[Mapping[str, Any]], dict[str, Any]]
+    bind: dict[str, Callable[[Any], Any]]
+    results: tuple[Callable[[Any], Any] | None, ...]
+
+
+class HotStatement:
+    """A Core statement compiled once per dialect and run on the driver's own cursor.
+
+    For the statements a worker or an application runs for every action (enqueue one,
+    claim, record outcomes): SQLAlchemy's work per execution costs as much as a local
+    round trip (a claim: 0.73 ms through SQLAlchemy, 0.38 ms this way). Same SQL, same
+    transaction, same value conversions, and errors raised as SQLAlchemy's DBAPIError;
+    only SQLAlchemy's statement events do not see it.
+    """
+
+    def __init__(self, statement: ClauseElement) -> None:
+        self.statement = statement
+        self._compiled: dict[tuple[str, str], _Compiled] = {}
+
+    def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        dialect = conn.dialect
+        compiled = (self._compiled.get((dialect.name, dialect.driver))
+                    or self._compile(dialect))
+        values = compiled.construct(params)
+        for name, process in compiled.bind.items():
+            values[name] = process(values[name])
+        args: Any = values if compiled.names is None else [values[n] for n in compiled.names]
+        if not conn.in_transaction():
+            conn.begin()  # as SQLAlchemy's autobegin would: the caller commits
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(compiled.sql, args)
+            rows = cursor.fetchall()  # every hot statement returns rows
+        except dialect.loaded_dbapi.Error as exc:
+            raise sa_exc.DBAPIError.instance(compiled.sql, args, exc,
+                                             dialect.loaded_dbapi.Error) from exc
+        finally:
+            cursor.close()
+        if any(compiled.results):
+            rows = [tuple(v if p is None else p(v) for p, v in zip(compiled.results, row,
+                                                                   strict=True))
+                    for row in rows]
+        return rows
+
+    def _compile(self, dialect: Dialect) -> _Compiled:
+        compiled = self.statement.compile(dialect=dialect)
+        if compiled.post_compile_params or compiled.literal_execute_params:
+            raise TypeError("a HotStatement cannot have expanding parameters")
+        bind = {}
+        for param, name in compiled.bind_names.items():
+            process = param.type.dialect_impl(dialect).bind_processor(dialect)
+            if process is not None:
+                bind[name] = process
+        results = tuple(col.type.dialect_impl(dialect).result_processor(dialect, None)
+                        for col in getattr(self.statement, "exported_columns", ()))
+        entry = _Compiled(compiled.string,
+                          tuple(compiled.positiontup or ()) if compiled.positional else None,
+                          compiled.construct_params, bind, results)
+        self._compiled[(dialect.name, dialect.driver)] = entry
+        return entry

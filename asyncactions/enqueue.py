@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from . import codec
 from .action import Action, Status
+from .database import HotStatement
 from .errors import AsyncActionsError
 from .processors import _registry
 from .schema import (
@@ -230,11 +231,12 @@ def _resolve_unique(conn: Connection, explicit_time: bool, rows: Sequence[Row[An
     return actions
 
 
-def _insert_one(conn: Connection, stmt: Any, data: Any, params: dict[str, Any]) -> Action:
+def _insert_one(conn: Connection, stmt: HotStatement, data: Any, params: dict[str, Any]) -> Action:
     """Insert one action, or return the live action that holds its unique_key."""
     while True:
-        row = conn.execute(stmt, params).first()
-        if row is not None:
+        rows = stmt.rows(conn, params)
+        if rows:
+            row = rows[0]
             return _new_action(row, data, params)
         existing = _live_action_with_key(conn, params["unique_key"])
         if existing is not None:
@@ -244,14 +246,14 @@ def _insert_one(conn: Connection, stmt: Any, data: Any, params: dict[str, Any]) 
 
 # The statements are built once per shape: building one costs more than running it.
 @functools.cache
-def _insert_stmt(dialect: str, explicit_time: bool, unique: bool) -> Any:
+def _insert_stmt(dialect: str, explicit_time: bool, unique: bool) -> HotStatement:
     dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = dialect_insert(async_action).values(
         _insert_values(explicit_time, as_payload(bindparam("data", type_=Text))))
     if unique:
         stmt = stmt.on_conflict_do_nothing(index_elements=["unique_key"],
                                            index_where=LIVE_KEY)
-    return stmt.returning(*_returning(dialect))
+    return HotStatement(stmt.returning(*_returning(dialect)))
 
 
 @functools.cache

@@ -6,6 +6,7 @@ time arithmetic and payload casts differ, and schema.py spells those.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from sqlalchemy import (
     column,
     delete,
     func,
+    literal,
     null,
     select,
     update,
@@ -31,6 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from . import codec
 from .action import Action, Status
+from .database import HotStatement
 from .enqueue import row_to_action
 from .outcomes import Outcome
 from .schema import (
@@ -49,33 +52,37 @@ t = async_action
 # optimisation fence: the planner cannot run the LIMITed, SKIP LOCKED select more than
 # once or lock more rows than asked. (SQLite ignores FOR UPDATE; its single writer
 # makes the statement atomic anyway.)
-_picked = (
-    select(t.c.id)
-    .where(t.c.status == Status.PENDING.value,
-           t.c.next_eligible_at <= NOW,
-           t.c.processor.in_(bindparam("processors", expanding=True)))
-    .order_by(t.c.priority, t.c.next_eligible_at, t.c.id)
-    .limit(bindparam("free"))
-    .with_for_update(skip_locked=True)
-    .cte("picked")
-    .prefix_with("MATERIALIZED")
-)
-CLAIM = (
-    update(t)
-    .where(t.c.id.in_(select(_picked.c.id)))
-    .values(status=Status.RUNNING.value, attempts=t.c.attempts + 1, started_at=NOW,
-            finished_at=None, claimed_by=bindparam("worker"),
-            lease_expires_at=db_now(bindparam("lease", type_=Float)))
-    .returning(*action_columns())
-)
+@functools.cache
+def _claim_statement(processors: tuple[str, ...]) -> HotStatement:
+    # The worker's processors are fixed: one statement for them, with a bound value
+    # each (an expanding IN would be re-rendered on every claim).
+    picked = (
+        select(t.c.id)
+        .where(t.c.status == Status.PENDING.value,
+               t.c.next_eligible_at <= NOW,
+               t.c.processor.in_([literal(name, Text) for name in processors]))
+        .order_by(t.c.priority, t.c.next_eligible_at, t.c.id)
+        .limit(bindparam("free"))
+        .with_for_update(skip_locked=True)
+        .cte("picked")
+        .prefix_with("MATERIALIZED")
+    )
+    return HotStatement(
+        update(t)
+        .where(t.c.id.in_(select(picked.c.id)))
+        .values(status=Status.RUNNING.value, attempts=t.c.attempts + 1, started_at=NOW,
+                finished_at=None, claimed_by=bindparam("worker"),
+                lease_expires_at=db_now(bindparam("lease", type_=Float)))
+        .returning(*action_columns())
+    )
 
 
 def claim(conn: Connection, worker: str, processors: Sequence[str], free: int,
           lease: timedelta) -> tuple[list[Action], list[tuple[Action, Exception]]]:
     """Claim up to `free` eligible actions. Returns them in claim order, and apart the
     ones whose stored data does not decode (with why), to be failed on their own."""
-    rows = conn.execute(CLAIM, {"processors": list(processors), "free": free, "worker": worker,
-                                "lease": lease.total_seconds()}).all()
+    rows = _claim_statement(tuple(processors)).rows(
+        conn, {"free": free, "worker": worker, "lease": lease.total_seconds()})
     actions, malformed = [], []
     for row in rows:
         try:
@@ -119,7 +126,8 @@ def _record_statement(dialect: str) -> Any:
     )
 
 
-_RECORD = {dialect: _record_statement(dialect) for dialect in ("postgresql", "sqlite")}
+_RECORD = {dialect: HotStatement(_record_statement(dialect))
+           for dialect in ("postgresql", "sqlite")}
 
 
 def record(conn: Connection, outcomes: Sequence[Outcome]) -> set[int]:
@@ -129,7 +137,7 @@ def record(conn: Connection, outcomes: Sequence[Outcome]) -> set[int]:
         "status": o.status.value, "retries": o.retries, "result": o.result, "error": o.error,
         "errors": o.errors, "final": o.is_final, "delay": o.delay.total_seconds(),
     } for o in outcomes])
-    rows = conn.execute(_RECORD[conn.dialect.name], {"batch": batch}).all()
+    rows = _RECORD[conn.dialect.name].rows(conn, {"batch": batch})
     return {row[0] for row in rows}
 
 

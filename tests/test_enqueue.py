@@ -64,6 +64,15 @@ def test_connection_joins_the_callers_transaction(db: Db) -> None:
     assert db.rows("SELECT data FROM async_action") in ([(1,)], [("1",)])
 
 
+def test_connection_in_commit_as_you_go_style_keeps_the_action_until_commit(db: Db) -> None:
+    with db.engine.connect() as conn:  # no begin(): the action starts a transaction
+        init_action(conn, "p", "rolled back on close")
+    with db.engine.connect() as conn:
+        init_action(conn, "p", "committed")
+        conn.commit()
+    assert db.rows("SELECT data FROM async_action") in ([("committed",)], [('"committed"',)])
+
+
 def test_engine_runs_in_its_own_transaction(db: Db) -> None:
     action = init_action(db.engine, "p", {"a": 1})
     assert admin.get_action(db.engine, action.id).data == {"a": 1}
