@@ -7,6 +7,7 @@ transaction, so a rolled-back transaction leaves no action and wakes nobody.
 from __future__ import annotations
 
 import functools
+import gc
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -162,8 +163,10 @@ def init_actions(db: Database, processor: str, data: Sequence[Any], *,
     takes the item's place in the result.
     """
     options = _options(processor, delay, eligible_at, retries, priority)
-    texts = [None if d is None else codec.dumps(d, what=f"data[{i}]", max_bytes=MAX_DATA_BYTES)
-             for i, d in enumerate(data)]
+    with _gc_paused():
+        texts = [None if d is None else codec.dumps(d, what=f"data[{i}]",
+                                                    max_bytes=MAX_DATA_BYTES)
+                 for i, d in enumerate(data)]
     keys = _unique_keys(unique_key, data)
     if not texts:
         return []
@@ -302,9 +305,27 @@ def _copy_in(conn: Connection, data: Sequence[Any], texts: list[str | None],
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     with cursor.copy(f"COPY {async_action.name} ({columns}) FROM STDIN") as copy:
         copy.write(lines)
-    return [Action(i, shared["processor"], Status.PENDING, d, shared["related_id"],
-                   shared["priority"], shared["retries"], 0, None, [], None, None, eligible_at,
-                   now, None, None, None, None) for i, d in zip(ids, data, strict=True)]
+    make = Action._make
+    with _gc_paused():
+        return [make((i, shared["processor"], Status.PENDING, d, shared["related_id"],
+                      shared["priority"], shared["retries"], 0, None, [], None, None,
+                      eligible_at, now, None, None, None, None))
+                for i, d in zip(ids, data, strict=True)]
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Tens of thousands of new objects, none of them garbage: without the pause the
+    cyclic collector runs over and over while they are built (20,000 actions: 15 ms
+    with the pause, 20 to 130 ms without)."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _copy_field(value: Any) -> str:
