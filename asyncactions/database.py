@@ -154,22 +154,28 @@ class HotStatement:
         self.statement = statement
         self._compiled: dict[tuple[str, str], _Compiled] = {}
 
-    def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-        dialect = conn.dialect
+    def render(self, dialect: Dialect, params: Mapping[str, Any]) -> tuple[str, Any]:
+        """The SQL and the driver's arguments, as rows() sends them."""
         compiled = (self._compiled.get((dialect.name, dialect.driver))
                     or self._compile(dialect))
         values = compiled.construct(params)
         for name, process in compiled.bind.items():
             values[name] = process(values[name])
-        args: Any = values if compiled.names is None else [values[n] for n in compiled.names]
+        return compiled.sql, (values if compiled.names is None
+                              else [values[n] for n in compiled.names])
+
+    def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        dialect = conn.dialect
+        sql, args = self.render(dialect, params)
+        compiled = self._compiled[(dialect.name, dialect.driver)]
         if not conn.in_transaction():
             conn.begin()  # as SQLAlchemy's autobegin would: the caller commits
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
-            cursor.execute(compiled.sql, args)
+            cursor.execute(sql, args)
             rows = cursor.fetchall()  # every hot statement returns rows
         except dialect.loaded_dbapi.Error as exc:
-            raise sa_exc.DBAPIError.instance(compiled.sql, args, exc,
+            raise sa_exc.DBAPIError.instance(sql, args, exc,
                                              dialect.loaded_dbapi.Error) from exc
         finally:
             cursor.close()

@@ -53,7 +53,7 @@ t = async_action
 # once or lock more rows than asked. (SQLite ignores FOR UPDATE; its single writer
 # makes the statement atomic anyway.)
 @functools.cache
-def _claim_statement(processors: tuple[str, ...]) -> HotStatement:
+def claim_statement(processors: tuple[str, ...]) -> HotStatement:
     # The worker's processors are fixed: one statement for them, with a bound value
     # each (an expanding IN would be re-rendered on every claim).
     picked = (
@@ -81,7 +81,7 @@ def claim(conn: Connection, worker: str, processors: Sequence[str], free: int,
           lease: timedelta) -> tuple[list[Action], list[tuple[Action, Exception]]]:
     """Claim up to `free` eligible actions. Returns them in claim order, and apart the
     ones whose stored data does not decode (with why), to be failed on their own."""
-    rows = _claim_statement(tuple(processors)).rows(
+    rows = claim_statement(tuple(processors)).rows(
         conn, {"free": free, "worker": worker, "lease": lease.total_seconds()})
     actions, malformed = [], []
     for row in rows:

@@ -9,7 +9,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine
 
 from asyncactions import queries
 from asyncactions.worker import CLAIM_SESSION
@@ -49,23 +49,18 @@ class ClaimProbe:
         self.conn.commit()
         self.client_ms: list[float] = []
         self.server_ms: list[float] = []
-        self._sent: list[tuple[str, Any]] = []
         self._claim_sql: tuple[str, Any] | None = None
-        event.listen(self.engine, "before_cursor_execute", self._capture)
-
-    def _capture(self, _conn: Any, _cursor: Any, statement: str, parameters: Any,
-                 *_: Any) -> None:
-        self._sent.append((statement, parameters))
 
     def claim(self, record: bool = True) -> None:
-        self._sent.clear()
         with self.conn.begin() as tx:
             start = time.perf_counter()
             claimed, _ = queries.claim(self.conn, "bench:scale", ["bench_noop"], CLAIM_BATCH,
                                        LEASE)
             elapsed = time.perf_counter() - start
             tx.rollback()
-        self._claim_sql = self._sent[-1]
+        self._claim_sql = queries.claim_statement(("bench_noop",)).render(
+            self.conn.dialect, {"free": CLAIM_BATCH, "worker": "bench:scale",
+                                "lease": LEASE.total_seconds()})
         if len(claimed) != CLAIM_BATCH:
             raise RuntimeError(f"claimed {len(claimed)} actions, expected {CLAIM_BATCH}")
         if record:
