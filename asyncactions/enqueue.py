@@ -11,7 +11,7 @@ import gc
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -239,8 +239,7 @@ def _insert_one(conn: Connection, stmt: HotStatement, data: Any, params: dict[st
     while True:
         rows = stmt.rows(conn, params)
         if rows:
-            row = rows[0]
-            return _new_action(row, data, params)
+            return _new_action(rows[0], data, params)
         existing = _live_action_with_key(conn, params["unique_key"])
         if existing is not None:
             return existing
@@ -293,7 +292,8 @@ def _copy_in(conn: Connection, data: Sequence[Any], texts: list[str | None],
     # the transaction's time: parsing 20,000 timestamps would cost the server 35 ms.
     explicit = params["eligible_at"]
     eligible_at = (now + timedelta(seconds=params["delay"]) if explicit is None
-                   else explicit.replace(tzinfo=UTC) if explicit.tzinfo is None else explicit)
+                   else async_action.c.next_eligible_at.type.process_bind_param(explicit,
+                                                                                conn.dialect))
     if eligible_at != now:
         shared["next_eligible_at"] = eligible_at.isoformat()
     # Every row ends alike: its shared columns are escaped once.
@@ -305,11 +305,8 @@ def _copy_in(conn: Connection, data: Sequence[Any], texts: list[str | None],
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     with cursor.copy(f"COPY {async_action.name} ({columns}) FROM STDIN") as copy:
         copy.write(lines)
-    make = Action._make
     with _gc_paused():
-        return [make((i, shared["processor"], Status.PENDING, d, shared["related_id"],
-                      shared["priority"], shared["retries"], 0, None, [], None, None,
-                      eligible_at, now, None, None, None, None))
+        return [_new_action((i, now, eligible_at), d, params)
                 for i, d in zip(ids, data, strict=True)]
 
 
@@ -388,9 +385,12 @@ def _bulk_insert_unique_pg(dialect: str, explicit_time: bool) -> Any:
 
 
 def _new_action(row: Sequence[Any], data: Any, params: dict[str, Any]) -> Action:
-    return Action(row[0], params["processor"], Status.PENDING, data, params["related_id"],
-                  params["priority"], params["retries"], 0, None, [], None,
-                  params["unique_key"], row[2], row[1], None, None, None, None)
+    """The action just inserted, from (id, created_at, next_eligible_at) and the values
+    sent. Action._make: a bulk enqueue builds tens of thousands of these."""
+    return Action._make((row[0], params["processor"], Status.PENDING, data,
+                         params["related_id"], params["priority"], params["retries"], 0, None,
+                         [], None, params["unique_key"], row[2], row[1], None, None, None,
+                         None))
 
 
 def _live_action_with_key(conn: Connection, unique_key: str | None) -> Action | None:

@@ -49,7 +49,10 @@ class ClaimProbe:
         self.conn.commit()
         self.client_ms: list[float] = []
         self.server_ms: list[float] = []
-        self._claim_sql: tuple[str, Any] | None = None
+        # The very statement and arguments queries.claim sends, for EXPLAIN.
+        self._claim_sql = queries.claim_statement(("bench_noop",)).render(
+            self.conn.dialect, {"free": CLAIM_BATCH, "worker": "bench:scale",
+                                "lease": LEASE.total_seconds()})
 
     def claim(self, record: bool = True) -> None:
         with self.conn.begin() as tx:
@@ -58,16 +61,12 @@ class ClaimProbe:
                                        LEASE)
             elapsed = time.perf_counter() - start
             tx.rollback()
-        self._claim_sql = queries.claim_statement(("bench_noop",)).render(
-            self.conn.dialect, {"free": CLAIM_BATCH, "worker": "bench:scale",
-                                "lease": LEASE.total_seconds()})
         if len(claimed) != CLAIM_BATCH:
             raise RuntimeError(f"claimed {len(claimed)} actions, expected {CLAIM_BATCH}")
         if record:
             self.client_ms.append(elapsed * 1000)
 
     def explain(self, analyze: bool = True) -> dict[str, Any]:
-        assert self._claim_sql is not None, "claim() first"
         statement, parameters = self._claim_sql
         options = "ANALYZE, FORMAT JSON" if analyze else "FORMAT JSON"
         with self.conn.begin() as tx:
