@@ -25,6 +25,7 @@ from sqlalchemy import (
     delete,
     func,
     literal,
+    literal_column,
     null,
     select,
     update,
@@ -58,7 +59,10 @@ def claim_statement(processors: tuple[str, ...]) -> HotStatement:
     # each (an expanding IN would be re-rendered on every claim).
     picked = (
         select(t.c.id)
-        .where(t.c.status == Status.PENDING.value,
+        # A literal, not a bound value: the statement is prepared, and only a status
+        # written into it lets the cached generic plan use the partial claim index (a
+        # bound one makes PostgreSQL plan every claim afresh).
+        .where(t.c.status == literal_column(f"'{Status.PENDING.value}'"),
                t.c.next_eligible_at <= NOW,
                t.c.processor.in_([literal(name, Text) for name in processors]))
         .order_by(t.c.priority, t.c.next_eligible_at, t.c.id)

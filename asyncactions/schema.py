@@ -25,7 +25,6 @@ from sqlalchemy import (
     bindparam,
     cast,
     func,
-    literal,
     literal_column,
     select,
     text,
@@ -145,7 +144,8 @@ async_action_schedule = Table(
 # --- dialect-specific spellings --------------------------------------------------
 
 class db_now(FunctionElement[datetime]):
-    """The database's clock plus an offset in seconds (a bind parameter or literal).
+    """The database's clock plus an offset in seconds (a bind parameter or literal), or
+    the clock itself when given no offset.
 
     Using the database's clock keeps every worker and host on one time line.
     """
@@ -156,6 +156,8 @@ class db_now(FunctionElement[datetime]):
 
 @compiles(db_now, "postgresql")
 def _db_now_pg(element: db_now, compiler: Any, **kw: Any) -> str:
+    if not element.clauses.clauses:
+        return "now()"
     (offset,) = element.clauses
     return f"(now() + make_interval(secs => {compiler.process(offset, **kw)}))"
 
@@ -163,12 +165,16 @@ def _db_now_pg(element: db_now, compiler: Any, **kw: Any) -> str:
 @compiles(db_now, "sqlite")
 def _db_now_sqlite(element: db_now, compiler: Any, **kw: Any) -> str:
     # Same text layout as SQLAlchemy stores (microseconds), so comparisons sort correctly.
+    if not element.clauses.clauses:
+        return "(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')"
     (offset,) = element.clauses
     return (f"(strftime('%Y-%m-%d %H:%M:%f', 'now', ({compiler.process(offset, **kw)})"
             " || ' seconds') || '000')")
 
 
-NOW = db_now(literal(0))
+# The clock itself, with no offset to bind: a statement prepared with it plans like one
+# that says now().
+NOW = db_now()
 
 
 class as_payload(FunctionElement[Any]):

@@ -19,7 +19,10 @@ from asyncactions import (
     init_action,
     init_actions,
     processor,
+    queries,
 )
+from asyncactions.database import KeptConnection
+from asyncactions.worker import CLAIM_SESSION
 
 from .conftest import Db, drain
 from .conftest import worker_config as config
@@ -212,6 +215,23 @@ def test_processors_option_limits_what_the_worker_claims(db: Db) -> None:
     assert ran == ["b"] * 3
     with pytest.raises(UnknownProcessor, match="unknown processor 'c'"):
         Worker(config=config(db), processors=["c"])
+
+
+def test_claims_reuse_one_cached_plan_instead_of_planning_each_claim(pg: Db) -> None:
+    init_actions(pg.engine, "p", [{}] * 30)
+    conn = KeptConnection(pg.engine, *CLAIM_SESSION, single_statements=True)
+    for _ in range(20):  # psycopg prepares a statement after 5 runs
+        with conn.begin() as c:
+            claimed, _ = queries.claim(c, "w", ["p"], 1, timedelta(minutes=5))
+            assert len(claimed) == 1
+    with conn.begin() as c:
+        generic, custom = c.exec_driver_sql(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+            "WHERE position('picked' in statement) > 0").one()
+    conn.close()
+    # PostgreSQL keeps the generic plan only when it costs no more than a custom one:
+    # with sequential and bitmap scans off, only the walk of the claim index does.
+    assert generic >= 5 and custom <= 5
 
 
 def test_worker_without_processors_is_a_clear_error(db: Db) -> None:
