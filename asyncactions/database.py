@@ -122,6 +122,11 @@ class KeptConnection:
             self.close()
             raise
 
+    @property
+    def driver(self) -> Any:
+        """The driver's own connection, or None while not connected."""
+        return None if self._conn is None else self._conn.connection.driver_connection
+
     def close(self) -> None:
         if self._conn is not None:
             try:

@@ -1,57 +1,93 @@
-"""Wake the worker when actions are enqueued (PostgreSQL LISTEN/NOTIFY).
+"""Wake the claim loop: when outcomes free capacity, on stop, and on PostgreSQL when
+actions are enqueued (LISTEN/NOTIFY).
 
-Polling remains the fallback: a notification can be missed while reconnecting, so
-the worker also claims every poll_interval whatever happens here.
+The claim loop's own connection listens, and the loop sleeps on its socket: a
+notification wakes the very thread that claims, on a connection whose backend has
+just run, with no thread or connection of its own in between (a notifier thread
+cost ~0.15 ms at the median and up to 0.6 ms at the tail before each claim).
+
+Polling remains the fallback: a notification sent while the connection is being
+re-established is lost, so the loop also claims every poll_interval, and claims at
+once after connecting (the claim then sees everything committed before LISTEN).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import select
 import threading
-from collections.abc import Callable, Collection
+import time
+import weakref
+from collections.abc import Collection
+from typing import Any
 
 import psycopg
-from sqlalchemy import Engine
 
 from .enqueue import NOTIFY_CHANNEL
 
 log = logging.getLogger("asyncactions.notifier")
 
+# Run once on each new claim connection.
+LISTEN = f"LISTEN {NOTIFY_CHANNEL}"
 
-class Notifier:
-    def __init__(self, engine: Engine, processors: Collection[str],
-                 wake: Callable[[], None]) -> None:
-        url = engine.url.set(drivername="postgresql")
-        self._conninfo = url.render_as_string(hide_password=False)
+
+class Wakeup:
+    """What the claim loop sleeps on between claims: set() from any thread, or a
+    notification for one of the worker's processors on the listening connection."""
+
+    def __init__(self, processors: Collection[str]) -> None:
         self._processors = frozenset(processors)
-        self._wake = wake
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="asyncactions-notifier",
-                                        daemon=True)
+        self._event = threading.Event()
+        # A byte in the pipe interrupts a select() already under way.
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        weakref.finalize(self, _close, self._read, self._write)
 
-    def start(self) -> None:
-        self._thread.start()
+    def set(self) -> None:
+        if not self._event.is_set():
+            self._event.set()
+            with contextlib.suppress(BlockingIOError):  # full of wake-ups already
+                os.write(self._write, b"\0")
 
-    def stop(self) -> None:
-        self._stop.set()
+    def clear(self) -> None:
+        self._event.clear()
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 4096):
+                pass
 
-    def _loop(self) -> None:
-        delay = 0.1
-        while not self._stop.is_set():
-            try:
-                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10) as conn:
-                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    delay = 0.1
-                    self._wake()  # anything enqueued while we were not listening
-                    while not self._stop.is_set():
-                        for note in conn.notifies(timeout=1.0):
-                            if note.payload in self._processors:
-                                self._wake()
-            except psycopg.Error as exc:
-                if self._stop.is_set():
+    def wait(self, timeout: float, listening: Any = None) -> None:
+        """Sleep until set(), a notification for our processors on `listening` (a psycopg
+        connection that ran LISTEN), or the timeout."""
+        if listening is None:
+            self._event.wait(timeout)
+            return
+        deadline = time.monotonic() + timeout
+        try:
+            # Notifications that arrived during the last claim are already read: look
+            # there first, or they would wait for the next poll.
+            if self._ours(listening) or self._event.is_set():
+                return
+            remaining = timeout
+            while remaining > 0:
+                ready, _, _ = select.select([self._read, listening.pgconn.socket], [], [],
+                                            remaining)
+                if self._read in ready or self._ours(listening) or self._event.is_set():
                     return
-                log.warning("listening for notifications failed (%s); reconnecting in %.1fs",
-                            str(exc).strip().splitlines()[0] if str(exc).strip() else exc,
-                            delay)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 5.0)
+                remaining = deadline - time.monotonic()
+        except (psycopg.Error, OSError) as exc:
+            # The connection is gone: claim now, which reconnects (and listens again).
+            log.debug("listening for notifications failed (%s)", exc)
+
+    def _ours(self, listening: psycopg.Connection[Any]) -> bool:
+        """Whether any notification read so far is for one of our processors (reading
+        them all: what is left unread would pile up)."""
+        payloads = {n.payload for n in listening.notifies(timeout=0)}
+        return not payloads.isdisjoint(self._processors)
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)

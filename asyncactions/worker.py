@@ -1,9 +1,10 @@
 """The worker: claim eligible actions, run them concurrently, hand outcomes to the
 completer. The CLI `worker` command is a thin layer over `Worker`.
 
-Threads, each with one job: the claim loop (the caller's thread), the runner's pool
-(processors, with timeouts), the completer (batched outcome writes), the notifier
-(wake-ups) and the maintenance scheduler (heartbeats, lease recovery).
+Threads, each with one job: the claim loop (the caller's thread, which also listens
+for wake-ups on its connection), the runner's pool (processors, with timeouts), the
+completer (batched outcome writes) and the maintenance scheduler (heartbeats, lease
+recovery).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .database import KeptConnection, first_line, make_engine, require_schema
 from .errors import ConfigError
 from .maintenance import Maintenance, pid_namespace
 from .metrics import Metrics
-from .notifier import Notifier
+from .notifier import LISTEN, Wakeup
 from .processors import PermanentFailure
 from .runner import Attempt, Runner
 
@@ -96,7 +97,7 @@ class Worker:
         self.metrics = Metrics() if metrics_port else None
         self._metrics_port = metrics_port
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._wake = Wakeup(self._names)
         self._lock = threading.Lock()
         # Claimed and not yet written: running, waiting for a thread, or in the completer.
         # Bounding it keeps claims from outrunning the completer and bounds what a crash
@@ -131,15 +132,13 @@ class Worker:
                                       self.metrics,
                                       self.config.schedules, self.config.retention)
             self._hooks = ThreadPoolExecutor(1, thread_name_prefix="asyncactions-hooks")
-            notifier = (Notifier(engine, self._names, self._wake.set)
-                        if engine.dialect.name == "postgresql" else None)
             if self.metrics is not None and self._metrics_port:
                 self.metrics.serve(self._metrics_port)
             self._register(engine)
             maintenance.recover_lost()  # a restart after a crash on this host: recover now
             self._completer, self._runner = completer, runner
             restore_signals = self._install_signal_handlers()
-            for part in (completer, runner, maintenance, *([notifier] if notifier else [])):
+            for part in (completer, runner, maintenance):
                 part.start()
             log.info("worker %s started: processors %s, concurrency %d, database %s", self.id,
                      ", ".join(self._names), self.concurrency,
@@ -147,7 +146,7 @@ class Worker:
             try:
                 self._claim_loop(engine, runner, burst)
             finally:
-                self._shutdown(engine, runner, completer, maintenance, notifier)
+                self._shutdown(engine, runner, completer, maintenance)
                 self._hooks.shutdown(wait=True)
                 restore_signals()
         finally:
@@ -192,8 +191,9 @@ class Worker:
     def _claim_loop(self, engine: Engine, runner: Runner, burst: bool) -> None:
         poll = self.config.worker.poll_interval.total_seconds()
         backoff = 0.1
-        conn = KeptConnection(engine, *(CLAIM_SESSION if engine.dialect.name == "postgresql"
-                                        else ()), single_statements=True)
+        listens = engine.dialect.name == "postgresql"
+        conn = KeptConnection(engine, *((*CLAIM_SESSION, LISTEN) if listens else ()),
+                              single_statements=True)
         while not self._stop.is_set():
             self._wake.clear()
             # Burst ends when a round claims nothing while nothing was held before it:
@@ -210,7 +210,7 @@ class Worker:
             if burst and not claimed and idle_before:
                 break
             if not more:
-                self._wake.wait(poll)
+                self._wake.wait(poll, conn.driver if listens else None)
         conn.close()
 
     def _claim_round(self, conn: KeptConnection, runner: Runner) -> tuple[int, bool]:
@@ -347,11 +347,9 @@ class Worker:
     # --- shutdown ---------------------------------------------------------------------
 
     def _shutdown(self, engine: Engine, runner: Runner, completer: Completer,
-                  maintenance: Maintenance, notifier: Notifier | None) -> None:
+                  maintenance: Maintenance) -> None:
         grace = self.config.worker.shutdown_grace.total_seconds()
         deadline = time.monotonic() + grace
-        if notifier:
-            notifier.stop()
         unstarted = [action for attempt in runner.close() for action in attempt.actions]
         for attempt in runner.wait_running(grace):
             self._report(self._failed(attempt, Interrupted(

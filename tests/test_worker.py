@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from asyncactions import (
     processor,
     queries,
 )
+from asyncactions.config import Config, WorkerSettings
 from asyncactions.database import KeptConnection
 from asyncactions.worker import CLAIM_SESSION
 
@@ -232,6 +234,37 @@ def test_claims_reuse_one_cached_plan_instead_of_planning_each_claim(pg: Db) -> 
     # PostgreSQL keeps the generic plan only when it costs no more than a custom one:
     # with sequential and bitmap scans off, only the walk of the claim index does.
     assert generic >= 5 and custom <= 5
+
+
+def test_an_idle_worker_wakes_on_the_enqueue_not_the_poll_even_after_losing_its_backend(
+        pg: Db) -> None:
+    picked: queue.Queue[int] = queue.Queue()
+
+    @processor("wake_me")
+    def wake_me(action):
+        picked.put(action.data["n"])
+
+    polls_rarely = Config(database_url=pg.url,
+                          worker=WorkerSettings(poll_interval=timedelta(minutes=10)))
+    worker = Worker(config=polls_rarely)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        for n in range(3):
+            init_action(pg.engine, "wake_me", {"n": n})
+            assert picked.get(timeout=10) == n  # not the 10-minute poll
+        # The claim connection, which also listens, is cut: the worker connects again
+        # and listens on the new connection.
+        killed = pg.scalar("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                           "WHERE datname = current_database() AND query LIKE 'WITH picked%'")
+        assert killed == 1
+        for n in range(3, 6):
+            init_action(pg.engine, "wake_me", {"n": n})
+            assert picked.get(timeout=10) == n
+    finally:
+        worker.stop()
+        thread.join(10)
+    assert not thread.is_alive()
 
 
 def test_worker_without_processors_is_a_clear_error(db: Db) -> None:
