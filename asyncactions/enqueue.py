@@ -54,14 +54,22 @@ Database = Session | Connection | Engine
 
 
 @contextmanager
-def connection(db: Database) -> Iterator[Connection]:
+def connection(db: Database, *, one_statement: bool = False) -> Iterator[Connection]:
     """The connection to work on: the caller's (joining its transaction) or, for an
-    Engine, a fresh one in a short transaction of its own."""
+    Engine, a fresh one in a short transaction of its own.
+
+    With `one_statement`, on PostgreSQL an Engine's connection runs in autocommit: a
+    single statement is then its own transaction, committed (and flushed) in its own
+    round trip, without the round trips of BEGIN and COMMIT (~0.12 ms an enqueue)."""
     if isinstance(db, Session):
         yield db.connection()
     elif isinstance(db, Connection):
         yield db
     elif isinstance(db, Engine):
+        if one_statement and db.dialect.name == "postgresql":
+            with db.connect() as conn:
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")
+            return
         with db.begin() as conn:
             yield conn
     else:
@@ -142,7 +150,9 @@ def init_action(db: Database, processor: str, data: Any = None, *,
     text = None if data is None else codec.dumps(data, max_bytes=MAX_DATA_BYTES)
     params = {"processor": processor, "data": text, "related_id": related_id,
               "unique_key": unique_key, **options}
-    with connection(db) as conn:
+    # One statement, unless a unique_key is taken: then each look-up and retry is a
+    # statement of its own anyway (see _insert_one).
+    with connection(db, one_statement=True) as conn:
         stmt = _insert_stmt(conn.dialect.name, eligible_at is not None, unique_key is not None)
         return _insert_one(conn, stmt, data, params)
 

@@ -78,6 +78,16 @@ def test_engine_runs_in_its_own_transaction(db: Db) -> None:
     assert admin.get_action(db.engine, action.id).data == {"a": 1}
 
 
+def test_an_engine_enqueue_leaves_its_pooled_connection_transactional(db: Db) -> None:
+    # On PostgreSQL the one-statement enqueue runs in autocommit; the connection it
+    # borrowed must go back to the pool as it came.
+    kept = init_action(db.engine, "p", {"kept": True})
+    with db.engine.connect() as conn:
+        init_action(conn, "p", {"kept": False})
+        conn.rollback()
+    assert db.rows("SELECT id FROM async_action") == [(kept.id,)]
+
+
 def test_bulk_insert_keeps_order_and_options(db: Db) -> None:
     actions = init_actions(db.engine, "p", [{"i": i} for i in range(500)],
                            related_id="batch:1", priority=5, retries=7)
