@@ -209,8 +209,9 @@ class Worker:
                 continue
             if burst and not claimed and idle_before:
                 break
-            if not more:
-                self._wake.wait(poll, conn.driver if listens else None)
+            # With more waiting, claim again at once; but read the notifications even
+            # then, or they pile up in the driver for as long as the backlog lasts.
+            self._wake.wait(0 if more else poll, conn.driver if listens else None)
         conn.close()
 
     def _claim_round(self, conn: KeptConnection, runner: Runner) -> tuple[int, bool]:

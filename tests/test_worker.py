@@ -7,6 +7,7 @@ import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 
 from asyncactions import (
@@ -24,6 +25,7 @@ from asyncactions import (
 )
 from asyncactions.config import Config, WorkerSettings
 from asyncactions.database import KeptConnection
+from asyncactions.notifier import LISTEN, Wakeup
 from asyncactions.worker import CLAIM_SESSION
 
 from .conftest import Db, drain
@@ -265,6 +267,20 @@ def test_an_idle_worker_wakes_on_the_enqueue_not_the_poll_even_after_losing_its_
         worker.stop()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_waking_reads_every_notification_so_none_pile_up_on_the_claim_connection(
+        pg: Db) -> None:
+    listening = psycopg.connect(pg.engine.url.set(drivername="postgresql")
+                                .render_as_string(hide_password=False), autocommit=True)
+    listening.execute(LISTEN)
+    init_actions(pg.engine, "not_mine", [{}] * 3)  # one notification for the three
+    init_action(pg.engine, "not_mine", {})
+    init_action(pg.engine, "not_mine", {})
+    listening.execute("SELECT 1")  # they arrive with this reply, as during a claim
+    Wakeup(["mine"]).wait(0, listening)  # what the claim loop does between full claims
+    assert list(listening.notifies(timeout=0.2)) == []
+    listening.close()
 
 
 def test_worker_without_processors_is_a_clear_error(db: Db) -> None:
