@@ -10,7 +10,6 @@ from typing import Any
 from sqlalchemy import Connection, Dialect, Engine, create_engine, event, inspect
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql import ClauseElement
 
 from .errors import ConfigError, DatabaseError
@@ -171,7 +170,7 @@ class HotStatement:
         sql, args = compiled.sql, self._args(compiled, params)
         if not conn.in_transaction():
             conn.begin()  # as SQLAlchemy's autobegin would: the caller commits
-        cursor = _kept_cursor(conn.connection)
+        cursor = kept_cursor(conn)
         try:
             cursor.execute(sql, args)
             rows = cursor.fetchall()  # every hot statement returns rows
@@ -215,10 +214,12 @@ class HotStatement:
 _CURSOR = "asyncactions.cursor"
 
 
-def _kept_cursor(pooled: PoolProxiedConnection) -> Any:
-    """One cursor per driver connection, kept with it in the pool: a new psycopg cursor
-    costs about 0.1 ms when the CPU has been idle, which is what a worker waking for a
-    single action, or an enqueue after a pause, would pay on every statement."""
+def kept_cursor(conn: Connection) -> Any:
+    """The driver's cursor for `conn`, one per driver connection, kept with it in the
+    pool: a new psycopg cursor costs about 0.1 ms when the CPU has been idle, which is
+    what a worker waking for a single action, or an enqueue after a pause, would pay on
+    every statement."""
+    pooled = conn.connection
     driver = pooled.dbapi_connection
     cursor = pooled.info.get(_CURSOR)
     if cursor is None or cursor.connection is not driver:

@@ -32,9 +32,9 @@ from sqlalchemy.orm import Session
 
 from . import codec
 from .action import Action, Status
-from .database import HotStatement
+from .database import HotStatement, kept_cursor
 from .errors import AsyncActionsError
-from .processors import _registry
+from .processors import lookup
 from .schema import (
     ACTIVE_STATUSES,
     ID_SEQUENCE,
@@ -100,7 +100,7 @@ def _options(processor: str, delay: timedelta | None, eligible_at: datetime | No
     if delay is not None and eligible_at is not None:
         raise AsyncActionsError("give either delay or eligible_at, not both")
     if retries is None:
-        known = _registry.get(processor)
+        known = lookup(processor)
         retries = known.settings.retries if known else DEFAULT_RETRIES
     if retries < 0:
         raise AsyncActionsError(f"retries must be >= 0, got {retries}")
@@ -312,8 +312,7 @@ def _copy_in(conn: Connection, data: Sequence[Any], texts: list[str | None],
     lines = "".join([f"{i}\t{t if t is not None and BACKSLASH not in t else _copy_field(t)}"
                      f"\t{tail}\n" for i, t in zip(ids, texts, strict=True)])
     columns = ", ".join(["id", "data", *shared])
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    with cursor.copy(f"COPY {async_action.name} ({columns}) FROM STDIN") as copy:
+    with kept_cursor(conn).copy(f"COPY {async_action.name} ({columns}) FROM STDIN") as copy:
         copy.write(lines)
     with _gc_paused():
         return [_new_action((i, now, eligible_at), d, params)

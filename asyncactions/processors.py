@@ -90,6 +90,12 @@ def registered() -> dict[str, Processor]:
     return dict(_registry)
 
 
+def lookup(name: str) -> Processor | None:
+    """The registered processor `name`, without copying the registry (every enqueue
+    asks, for its default retries)."""
+    return _registry.get(name)
+
+
 def import_modules(modules: Iterable[str]) -> None:
     """Import the modules that define processors; the current directory is importable."""
     if os.getcwd() not in sys.path and "" not in sys.path:

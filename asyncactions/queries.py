@@ -25,7 +25,6 @@ from sqlalchemy import (
     delete,
     func,
     literal,
-    literal_column,
     null,
     select,
     update,
@@ -39,6 +38,7 @@ from .enqueue import row_to_action
 from .outcomes import Outcome
 from .schema import (
     NOW,
+    PENDING_ONLY,
     action_columns,
     as_payload,
     async_action,
@@ -59,10 +59,7 @@ def claim_statement(processors: tuple[str, ...]) -> HotStatement:
     # each (an expanding IN would be re-rendered on every claim).
     picked = (
         select(t.c.id)
-        # A literal, not a bound value: the statement is prepared, and only a status
-        # written into it lets the cached generic plan use the partial claim index (a
-        # bound one makes PostgreSQL plan every claim afresh).
-        .where(t.c.status == literal_column(f"'{Status.PENDING.value}'"),
+        .where(PENDING_ONLY,  # the claim index's own predicate (see schema.py)
                t.c.next_eligible_at <= NOW,
                t.c.processor.in_([literal(name, Text) for name in processors]))
         .order_by(t.c.priority, t.c.next_eligible_at, t.c.id)

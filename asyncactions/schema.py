@@ -99,10 +99,13 @@ async_action = Table(
 )
 
 # The claim query's index: only runnable rows, in the claim's sort order, so the
-# claim stays fast however many finished rows the table keeps.
+# claim stays fast however many finished rows the table keeps. The claim says the same
+# predicate in the same words (a literal, not a bound status): only then can the plan
+# PostgreSQL caches for the prepared claim use this index, instead of re-planning
+# every claim.
+PENDING_ONLY = text("status = 'pending'")
 Index("async_action_claim_idx", async_action.c.priority, async_action.c.next_eligible_at,
-      async_action.c.id, postgresql_where=text("status = 'pending'"),
-      sqlite_where=text("status = 'pending'"))
+      async_action.c.id, postgresql_where=PENDING_ONLY, sqlite_where=PENDING_ONLY)
 # The id column's sequence, for statements that draw ids before inserting.
 ID_SEQUENCE = literal_column("'async_action_id_seq'::regclass")
 # unique_key is unique among live actions only; finished ones keep theirs for audit.
