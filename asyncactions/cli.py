@@ -21,8 +21,9 @@ from . import admin, audit, codec
 from . import enqueue as enqueue_module
 from . import processors as registry
 from .action import Action
-from .config import Config, format_duration, load_config, parse_duration
+from .config import Config, load_config
 from .database import describe, first_line, make_engine, require_schema
+from .durations import format_duration, parse_duration
 from .enqueue import init_action
 from .errors import AsyncActionsError, ConfigError, UnknownProcessor
 from .output import FORMATS, Ratio, emit
@@ -514,10 +515,10 @@ def purge(state: State, older_than: Any, status: tuple[str, ...], dry_run: bool)
 def processors_cmd(state: State, imports: tuple[str, ...], fmt: str) -> None:
     """Registered processors with their effective settings (decorator, then config)."""
     registry.import_modules([*state.config.imports, *imports])
-    registry.select(state.config)  # validates [processors.*] names
+    registry.select(state.config.processors, state.config.source)  # validates [processors.*] names
     rows = []
     for name, proc in sorted(registry.registered().items()):
-        s = proc.configured(state.config).settings
+        s = proc.configured(state.config.processors.get(name)).settings
         rows.append({"name": name, "retries": s.retries,
                      "retry_interval": format_duration(s.retry_interval),
                      "backoff": s.backoff,

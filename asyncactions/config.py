@@ -7,46 +7,23 @@ one line naming the key and what is allowed.
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .durations import parse_duration
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .schedules import Schedule
+from .processors import PROCESSOR_SETTINGS, positive_int
+from .schedules import Schedule
+from .schedules import parse as parse_schedule
 
 EMBEDDED_DATABASE_URL = "sqlite:///asyncactions.db"
 DEFAULT_CONFIG_PATHS = (Path("asyncactions.toml"), Path("config/asyncactions.toml"))
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(value: str | timedelta, *, what: str = "duration") -> timedelta:
-    """'500ms', '30s', '5m', '2h', '7d' -> timedelta."""
-    if isinstance(value, timedelta):
-        return value
-    match = _DURATION.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise ConfigError(f"{what}: {value!r} is not a duration; write it like 500ms, 30s, 5m, "
-                          "2h or 7d")
-    return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
-
-
-def format_duration(value: timedelta) -> str:
-    seconds = value.total_seconds()
-    if seconds == 0:
-        return "0s"
-    for unit in ("d", "h", "m", "s"):
-        size = _UNIT_SECONDS[unit]
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{round(seconds * 1000)}ms"
-
+# Threads per worker process: far more than a process can use well.
+MAX_CONCURRENCY = 10_000
 
 RETENTION: dict[str, timedelta | None] = {
     "completed": timedelta(days=7), "canceled": timedelta(days=7), "failed": timedelta(days=30)}
@@ -81,40 +58,6 @@ class Config:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-# Processor settings a config file may override, with their checkers.
-def _positive_int(value: Any, what: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{what}: must be a whole number >= {minimum}, got {value!r}")
-    return value
-
-
-def _bool(value: Any, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{what}: must be true or false, got {value!r}")
-    return value
-
-
-def _backoff(value: Any, what: str) -> str:
-    if value not in ("fixed", "exponential"):
-        raise ConfigError(f"{what}: must be \"fixed\" or \"exponential\", got {value!r}")
-    return value
-
-
-def _optional_duration(value: Any, what: str) -> timedelta | None:
-    return None if value in (None, "none", "") else parse_duration(value, what=what)
-
-
-PROCESSOR_SETTINGS = {
-    "retries": lambda v, w: _positive_int(v, w),
-    "retry_interval": lambda v, w: parse_duration(v, what=w),
-    "max_retry_interval": lambda v, w: parse_duration(v, what=w),
-    "backoff": _backoff,
-    "timeout": _optional_duration,
-    "batch_size": lambda v, w: _positive_int(v, w, 1),
-    "enabled": _bool,
-}
-
-
 def _check_keys(table: dict[str, Any], allowed: set[str] | dict[str, Any], where: str) -> None:
     for key in table:
         if key not in allowed:
@@ -131,7 +74,7 @@ def _parse(raw: dict[str, Any], source: str) -> Config:
     imports = raw.get("imports", [])
     if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
         raise ConfigError(f"{source}: imports must be a list of module names, got {imports!r}")
-    max_bytes = _positive_int(raw.get("max_data_bytes", 131072), f"{source}: max_data_bytes", 1)
+    max_bytes = positive_int(raw.get("max_data_bytes", 131072), f"{source}: max_data_bytes", 1)
 
     worker_raw = raw.get("worker", {})
     if not isinstance(worker_raw, dict):
@@ -140,8 +83,8 @@ def _parse(raw: dict[str, Any], source: str) -> Config:
     _check_keys(worker_raw, WorkerSettings.__dataclass_fields__, where)
     worker = WorkerSettings()
     if "concurrency" in worker_raw:
-        worker = replace(worker, concurrency=_positive_int(
-            worker_raw["concurrency"], f"{where} concurrency", 1))
+        worker = replace(worker, concurrency=positive_int(
+            worker_raw["concurrency"], f"{where} concurrency", 1, MAX_CONCURRENCY))
     for key in ("poll_interval", "lease", "shutdown_grace"):
         if key in worker_raw:
             worker = replace(worker, **{key: parse_duration(worker_raw[key],
@@ -154,8 +97,6 @@ def _parse(raw: dict[str, Any], source: str) -> Config:
             raise ConfigError(f"{where} must be a table")
         _check_keys(table, PROCESSOR_SETTINGS, where)
         processors[name] = {k: PROCESSOR_SETTINGS[k](v, f"{where} {k}") for k, v in table.items()}
-
-    from .schedules import parse as parse_schedule  # schedules needs parse_duration
 
     schedules = []
     for name, table in raw.get("schedules", {}).items():

@@ -19,13 +19,16 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
 
-from . import admin, queries, schedules
+from . import admin, queries
 from .database import first_line
+from .enqueue import init_action
 from .metrics import Metrics
 from .outcomes import Outcome, failed_attempt
 from .processors import Processor, ProcessorSettings
 from .schedules import Schedule
+from .schema import async_action_schedule
 
 log = logging.getLogger("asyncactions.maintenance")
 
@@ -178,7 +181,7 @@ class Maintenance:
 
     def fire(self, schedule: Schedule) -> None:
         try:
-            schedules.fire_due(self._engine, schedule)
+            fire_due(self._engine, schedule)
         except sa_exc.DBAPIError as exc:
             log.warning("schedule %s could not fire: %s", schedule.name, first_line(exc))
 
@@ -216,3 +219,39 @@ def leader(conn: Connection, job: str) -> Iterator[bool]:
         if got:
             conn.execute(select(func.pg_advisory_unlock(key)))
             conn.commit()
+
+
+def _claim_fire(conn: Connection, name: str, fire: datetime) -> bool:
+    """Move the schedule's last_fire_at forward to `fire`; true for the one worker that did."""
+    s = async_action_schedule
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    stmt = insert(s).values(name=name, last_fire_at=fire)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[s.c.name], set_={"last_fire_at": fire},
+        where=s.c.last_fire_at < stmt.excluded.last_fire_at).returning(s.c.name)
+    return conn.execute(stmt).first() is not None
+
+
+def last_fire(conn: Connection, name: str) -> datetime | None:
+    s = async_action_schedule
+    return conn.execute(select(s.c.last_fire_at).where(s.c.name == name)).scalar()
+
+
+def fire_due(engine: Engine, schedule: Schedule, now: datetime | None = None) -> bool:
+    """Enqueue the schedule's latest due fire time unless another worker already did.
+
+    A schedule seen for the first time starts from now: it does not fire for the past."""
+    now = now or datetime.now(UTC)
+    with engine.begin() as conn:
+        last = last_fire(conn, schedule.name)
+        if last is None:
+            _claim_fire(conn, schedule.name, now)
+            return False
+        fire = schedule.latest_fire(last, now)
+        if fire is None or not _claim_fire(conn, schedule.name, fire):
+            return False
+        action = init_action(conn, schedule.processor, schedule.data,
+                             unique_key=f"schedule:{schedule.name}:{fire.isoformat()}")
+    log.info("schedule %s: enqueued %s for %s", schedule.name, action.display_id,
+             fire.isoformat())
+    return True

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Literal
 
-from .config import PROCESSOR_SETTINGS, Config
+from .durations import check_duration, parse_duration
 from .errors import ConfigError, ImportFailed, UnknownProcessor
 
 
@@ -45,22 +45,25 @@ class Processor:
     fn: Callable[..., Any]
     settings: ProcessorSettings
 
-    def configured(self, config: Config) -> Processor:
-        """These settings with the config file's [processors.NAME] applied on top."""
-        overrides = config.processors.get(self.name)
+    def configured(self, overrides: dict[str, Any] | None) -> Processor:
+        """These settings with a config file's [processors.NAME] (checked) on top."""
         return replace(self, settings=replace(self.settings, **overrides)) if overrides else self
+
+
+DEFAULTS = ProcessorSettings()
 
 
 _registry: dict[str, Processor] = {}
 
 
-def processor(name: str, *, retries: int = 3,
-              retry_interval: timedelta = timedelta(minutes=5),
-              backoff: Literal["fixed", "exponential"] = "fixed",
-              timeout: timedelta | None = None, batch_size: int = 1, enabled: bool = True,
-              transactional: bool = False,
-              on_failure: Callable[[Any], None] | None = None,
-              max_retry_interval: timedelta = timedelta(hours=1),
+def processor(name: str, *, retries: int = DEFAULTS.retries,
+              retry_interval: timedelta = DEFAULTS.retry_interval,
+              backoff: Literal["fixed", "exponential"] = DEFAULTS.backoff,
+              timeout: timedelta | None = DEFAULTS.timeout,
+              batch_size: int = DEFAULTS.batch_size, enabled: bool = DEFAULTS.enabled,
+              transactional: bool = DEFAULTS.transactional,
+              on_failure: Callable[[Any], None] | None = DEFAULTS.on_failure,
+              max_retry_interval: timedelta = DEFAULTS.max_retry_interval,
               ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register the decorated function as the processor called `name`."""
     settings = ProcessorSettings(retries=retries, retry_interval=retry_interval,
@@ -108,13 +111,14 @@ def import_modules(modules: Iterable[str]) -> None:
                                "--import / imports and that the module is on the path") from None
 
 
-def select(config: Config, names: Iterable[str] | None = None) -> dict[str, Processor]:
-    """The processors this worker runs: named ones (or all), with config applied,
-    enabled ones only."""
-    available = {name: p.configured(config) for name, p in _registry.items()}
-    for name in config.processors:
+def select(overrides: dict[str, dict[str, Any]], source: str,
+           names: Iterable[str] | None = None) -> dict[str, Processor]:
+    """The processors this worker runs: named ones (or all), with the config file's
+    overrides applied, enabled ones only."""
+    available = {name: p.configured(overrides.get(name)) for name, p in _registry.items()}
+    for name in overrides:
         if name not in available:
-            raise UnknownProcessor(f"{config.source}: [processors.{name}] names no registered "
+            raise UnknownProcessor(f"{source}: [processors.{name}] names no registered "
                                    f"processor; registered: {_names(available)}")
     if names is not None:
         names = list(names)
@@ -128,3 +132,54 @@ def select(config: Config, names: Iterable[str] | None = None) -> dict[str, Proc
 
 def _names(processors: dict[str, Processor]) -> str:
     return ", ".join(sorted(processors)) or "none"
+
+
+# Settings a config file may override, with their checkers (also run on the decorator's).
+MAX_RETRIES = 1_000_000
+MAX_BATCH_SIZE = 10_000
+
+
+def positive_int(value: Any, what: str, minimum: int = 0, maximum: int = 2**31 - 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ConfigError(f"{what}: must be a whole number from {minimum} to {maximum}, "
+                          f"got {value!r}")
+    return value
+
+
+def _bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what}: must be true or false, got {value!r}")
+    return value
+
+
+def _backoff(value: Any, what: str) -> str:
+    if value not in ("fixed", "exponential"):
+        raise ConfigError(f"{what}: must be \"fixed\" or \"exponential\", got {value!r}")
+    return value
+
+
+def _duration(value: Any, what: str) -> timedelta:
+    if isinstance(value, timedelta):
+        return check_duration(value, what=what)
+    return parse_duration(value, what=what)
+
+
+def _optional_duration(value: Any, what: str) -> timedelta | None:
+    return None if value in (None, "none", "") else _duration(value, what)
+
+
+def _callable_or_none(value: Any, what: str) -> Any:
+    if value is not None and not callable(value):
+        raise ConfigError(f"{what}: must be a function or None, got {value!r}")
+    return value
+
+
+PROCESSOR_SETTINGS: dict[str, Callable[[Any, str], Any]] = {
+    "retries": lambda v, w: positive_int(v, w, 0, MAX_RETRIES),
+    "retry_interval": _duration,
+    "max_retry_interval": _duration,
+    "backoff": _backoff,
+    "timeout": _optional_duration,
+    "batch_size": lambda v, w: positive_int(v, w, 1, MAX_BATCH_SIZE),
+    "enabled": _bool,
+}

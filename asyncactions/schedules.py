@@ -10,7 +10,6 @@ recent missed fire time is enqueued: no flood.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,15 +18,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import Connection, Engine, select
-from sqlalchemy.dialects import postgresql, sqlite
 
-from .config import parse_duration
-from .enqueue import init_action
+from .durations import parse_duration
 from .errors import ConfigError
-from .schema import async_action_schedule
-
-log = logging.getLogger("asyncactions.schedules")
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 CATCH_UP_WINDOW = timedelta(days=7)  # how far back a missed cron fire is looked for
@@ -106,39 +99,3 @@ def parse(name: str, table: dict[str, Any], where: str) -> Schedule:
                               f"({exc}); write 5 fields: minute hour day month weekday, e.g. "
                               "\"0 2 * * *\"") from None
     return schedule
-
-
-def _claim_fire(conn: Connection, name: str, fire: datetime) -> bool:
-    """Move the schedule's last_fire_at forward to `fire`; true for the one worker that did."""
-    s = async_action_schedule
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    stmt = insert(s).values(name=name, last_fire_at=fire)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[s.c.name], set_={"last_fire_at": fire},
-        where=s.c.last_fire_at < stmt.excluded.last_fire_at).returning(s.c.name)
-    return conn.execute(stmt).first() is not None
-
-
-def last_fire(conn: Connection, name: str) -> datetime | None:
-    s = async_action_schedule
-    return conn.execute(select(s.c.last_fire_at).where(s.c.name == name)).scalar()
-
-
-def fire_due(engine: Engine, schedule: Schedule, now: datetime | None = None) -> bool:
-    """Enqueue the schedule's latest due fire time unless another worker already did.
-
-    A schedule seen for the first time starts from now: it does not fire for the past."""
-    now = now or datetime.now(UTC)
-    with engine.begin() as conn:
-        last = last_fire(conn, schedule.name)
-        if last is None:
-            _claim_fire(conn, schedule.name, now)
-            return False
-        fire = schedule.latest_fire(last, now)
-        if fire is None or not _claim_fire(conn, schedule.name, fire):
-            return False
-        action = init_action(conn, schedule.processor, schedule.data,
-                             unique_key=f"schedule:{schedule.name}:{fire.isoformat()}")
-    log.info("schedule %s: enqueued %s for %s", schedule.name, action.display_id,
-             fire.isoformat())
-    return True

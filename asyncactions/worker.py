@@ -29,8 +29,9 @@ from . import enqueue, migrate, outcomes, queries
 from . import processors as registry
 from .action import Action, Status
 from .completer import Completer
-from .config import Config, format_duration, load_config
+from .config import Config, load_config
 from .database import KeptConnection, first_line, make_engine, require_schema
+from .durations import format_duration
 from .errors import ConfigError
 from .maintenance import Maintenance, pid_namespace
 from .metrics import Metrics
@@ -81,7 +82,7 @@ class Worker:
         enqueue.MAX_DATA_BYTES = config.max_data_bytes  # for what this process enqueues
         self.concurrency = concurrency or config.worker.concurrency
         registry.import_modules([*config.imports, *imports])
-        self.processors = registry.select(config, processors)
+        self.processors = registry.select(config.processors, config.source, processors)
         if not self.processors:
             raise ConfigError("no enabled processors to run; name the modules that define them "
                               "with --import (or `imports` in the config file)")

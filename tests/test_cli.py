@@ -126,7 +126,7 @@ def test_malformed_config_is_one_line(tmp_path: Path) -> None:
     assert "asyncactions.toml: malformed TOML" in line
     (tmp_path / "asyncactions.toml").write_text("[worker]\nconcurrency = 0\n")
     line = one_line_error(cli("db", "current", cwd=tmp_path))
-    assert "[worker] concurrency: must be a whole number >= 1, got 0" in line
+    assert "[worker] concurrency: must be a whole number from 1 to 10000, got 0" in line
 
 
 def test_unreachable_database_is_one_line() -> None:

@@ -7,13 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from asyncactions.config import (
-    EMBEDDED_DATABASE_URL,
-    ConfigError,
-    format_duration,
-    load_config,
-    parse_duration,
-)
+from asyncactions.config import EMBEDDED_DATABASE_URL, ConfigError, load_config
+from asyncactions.durations import format_duration, parse_duration
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -94,9 +89,11 @@ def test_default_locations_and_the_embedded_default(tmp_path: Path,
     ("[worker]\nconcurency = 3\n",
      "[worker]: unknown key 'concurency'; allowed: concurrency, lease, poll_interval, "
      "shutdown_grace"),
-    ("[worker]\nconcurrency = 'ten'\n", "[worker] concurrency: must be a whole number >= 1"),
+    ("[worker]\nconcurrency = 'ten'\n",
+     "[worker] concurrency: must be a whole number from 1 to 10000"),
     ("[worker]\nlease = '60 seconds'\n", "[worker] lease: '60 seconds' is not a duration"),
-    ("[processors.x]\nretries = -1\n", "[processors.x] retries: must be a whole number >= 0"),
+    ("[processors.x]\nretries = -1\n",
+     "[processors.x] retries: must be a whole number from 0 to 1000000"),
     ("[processors.x]\nbackoff = 'linear'\n", 'must be "fixed" or "exponential"'),
     ("[processors.x]\ncolour = 'red'\n", "[processors.x]: unknown key 'colour'"),
     ("databse_url = 'x'\n", "unknown key 'databse_url'"),

@@ -12,7 +12,8 @@ import pytest
 
 from asyncactions import ConfigError, get_action
 from asyncactions.config import load_config
-from asyncactions.schedules import Schedule, fire_due
+from asyncactions.maintenance import fire_due
+from asyncactions.schedules import Schedule
 
 from .conftest import Db, start_worker, wait_until, worker_log
 
