@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
+
+from . import codec
 
 
 class Status(StrEnum):
@@ -40,7 +43,7 @@ class Action(NamedTuple):
     data: Any
     related_id: str | None
     priority: int
-    retries: int
+    retries: int | None  # None: the processor's, until a worker first claims it
     attempts: int
     error: str | None
     errors: list[dict[str, Any]]
@@ -59,3 +62,34 @@ class Action(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.display_id} {self.processor} {self.status}"
+
+
+def row_to_action(row: Sequence[Any], *, payloads: bool = True) -> Action:
+    """A row selected with schema.action_columns() as an Action (payloads decoded, unless
+    `payloads` is false: then data and result stay raw JSON text, for rows that do not
+    decode)."""
+    (id_, processor, status, data, related_id, priority, retries, attempts, error, errors,
+     result, unique_key, *times) = row[:18]
+    if not payloads:
+        try:
+            errors = codec.loads(errors)
+        except codec.MALFORMED:
+            errors = None
+        return Action(id_, processor, Status(status), data, related_id, priority, retries,
+                      attempts, error, errors if isinstance(errors, list) else [], result,
+                      unique_key, *times)
+    errors = codec.loads(errors)
+    if errors is not None and not isinstance(errors, list):
+        raise ValueError(f"errors is {type(errors).__name__}, not a list")
+    return Action(id_, processor, Status(status), codec.loads(data), related_id, priority,
+                  retries, attempts, error, errors or [], codec.loads(result), unique_key,
+                  *times)
+
+
+def read_action(row: Sequence[Any]) -> Action:
+    """row_to_action that never fails on payloads: one that does not decode is kept as
+    stored (raw text), so an operator can still see and steer the action."""
+    try:
+        return row_to_action(row)
+    except codec.MALFORMED:
+        return row_to_action(row, payloads=False)

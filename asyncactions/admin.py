@@ -28,11 +28,11 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.expression import ColumnElement
 
 from . import codec
-from .action import Action, Status
+from .action import Action, Status, row_to_action
 from .audit import FINAL, Filter, parse_statuses
-from .enqueue import Database, connection, row_to_action
+from .database import Database, connection
 from .errors import ActionNotFound, AsyncActionsError
-from .queries import OUTCOME_CHANNEL
+from .notifier import OUTCOME_CHANNEL
 from .schema import ACTIVE_STATUSES, NOW, UtcDateTime, action_columns, async_action, db_now
 
 t = async_action

@@ -24,8 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.expression import ColumnElement
 
-from .action import Action, Status
-from .enqueue import Database, connection, row_to_action
+from .action import Action, Status, row_to_action
+from .database import Database, connection
 from .errors import AsyncActionsError
 from .schema import (
     NOW,

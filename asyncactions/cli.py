@@ -18,7 +18,6 @@ from sqlalchemy import Connection, Engine, select
 from sqlalchemy import exc as sa_exc
 
 from . import admin, audit, codec
-from . import enqueue as enqueue_module
 from . import processors as registry
 from .action import Action
 from .config import Config, load_config
@@ -41,7 +40,6 @@ class State:
     def config(self) -> Config:
         if self._config is None:
             self._config = load_config(self.config_path, self.database_url)
-            enqueue_module.MAX_DATA_BYTES = self._config.max_data_bytes
         return self._config
 
     @property
@@ -272,7 +270,8 @@ def enqueue(state: State, processor: str, data: str | None, related_id: str | No
     engine = state.checked_engine
     _check_processor_known(state, engine, processor, imports)
     action = init_action(engine, processor, payload, related_id=related_id, delay=delay,
-                         priority=priority, unique_key=unique_key)
+                         priority=priority, unique_key=unique_key,
+                         max_data_bytes=state.config.max_data_bytes)
     click.echo(action.display_id)
     if wait:
         try:

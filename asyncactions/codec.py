@@ -3,7 +3,10 @@
 A typed value is stored as a one-key object, readable by plain SQL:
 ``{"$datetime": "2026-11-23T05:41:46+00:00"}``, ``{"$date": "2026-11-23"}``,
 ``{"$decimal": "19.90"}``, ``{"$uuid": "…"}``. Naive datetimes are written without
-an offset and come back naive. One-key objects with these keys are reserved.
+an offset and come back naive. One-key objects with these keys are reserved: a value
+that holds one is refused, since it would be read back as something else.
+Payloads are trees at most MAX_DEPTH deep, so that reading one back never runs out of
+stack, wherever it is read.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ from .errors import UnserializableData
 ALLOWED = "a str, number, bool, None, list, dict, datetime, date, Decimal or UUID"
 
 # What decoding stored text can raise when the table holds something we did not write.
-MALFORMED = (ValueError, ArithmeticError, TypeError)
+MALFORMED = (ValueError, ArithmeticError, TypeError, RecursionError)
+MAX_DEPTH = 100
+# The default limit of an encoded payload (data, and results), in bytes; the config
+# file's max_data_bytes changes it for the programs that read that file.
+MAX_DATA_BYTES = 131072
 
 _DECODERS = {
     "$datetime": datetime.fromisoformat,
@@ -51,7 +58,14 @@ def dumps(value: Any, *, what: str = "data", max_bytes: int | None = None) -> st
     try:
         text = _encode(value)
     except (TypeError, ValueError, RecursionError):
-        raise UnserializableData(_explain(value, what)) from None
+        try:
+            problem = _explain(value, what)
+        except RecursionError:
+            problem = f"{what}: nested too deeply; at most {MAX_DEPTH} levels are allowed"
+        raise UnserializableData(problem) from None
+    # Cheap tests on the text first: only payloads that may break a rule are walked.
+    if '"$' in text or text.count("{") + text.count("[") > MAX_DEPTH:
+        _check_tree(value, what)
     if max_bytes is not None and len(text) > max_bytes:
         size = len(text.encode())
         if size > max_bytes:
@@ -77,6 +91,27 @@ def _untag(obj: dict[str, Any]) -> Any:
             except MALFORMED:
                 raise ValueError(f'{{"{key}": {raw!r}}} is not a valid {key[1:]}') from None
     return obj
+
+
+def _check_tree(value: Any, what: str) -> None:
+    """Refuse reserved one-key objects and trees deeper than MAX_DEPTH (iteratively: the
+    tree may be deeper than the stack)."""
+    stack: list[tuple[Any, str, int]] = [(value, what, 1)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise UnserializableData(f"{what}: nested more than {MAX_DEPTH} levels deep; "
+                                     "store a flatter structure")
+        if isinstance(node, dict):
+            if len(node) == 1 and next(iter(node)) in _DECODERS:
+                key = next(iter(node))
+                raise UnserializableData(
+                    f'{path}: {{"{key}": …}} is reserved (typed values are stored as one-key '
+                    f'objects and it would be read back as a {key[1:]}); rename the key or '
+                    "add another one")
+            stack.extend((v, f"{path}[{json.dumps(k)}]", depth + 1) for k, v in node.items())
+        elif isinstance(node, list | tuple):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node))
 
 
 def _explain(value: Any, path: str, seen: frozenset[int] = frozenset()) -> str:

@@ -1,8 +1,11 @@
-"""Write outcomes in batches: one fenced statement for everything that finished in
-the last few milliseconds, instead of a transaction per action.
+"""Completing: write outcomes in batches, one fenced statement for everything that
+finished in the last few milliseconds, instead of a transaction per action.
 
-An outcome is never dropped: if the database is away, the batch is kept and written
-again once it is back (or the lease runs out and the action runs again).
+An outcome is never silently dropped. While the database is away, the batch is kept
+and written again once it is back. When the database refuses a batch for what is in
+it (a value out of range, say), the outcomes are written one by one, so only the bad
+one is affected: it is failed with why instead. An outcome that cannot be written at
+all is given up on, logged, and its lease brings the action back.
 """
 
 from __future__ import annotations
@@ -10,23 +13,25 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 
 from . import queries
-from .database import KeptConnection, first_line
-from .outcomes import Outcome
+from .database import KeptConnection, first_line, is_disconnect
+from .outcomes import Outcome, unstorable
 
 log = logging.getLogger("asyncactions.completer")
 
 MAX_BATCH = 1000
 
+# (outcomes as written, ids the fence let through); also told of outcomes given up on.
+Written = Callable[[list[Outcome], set[int]], None]
+
 
 class Completer:
-    def __init__(self, engine: Engine,
-                 on_written: Callable[[list[Outcome], set[int]], None]) -> None:
+    def __init__(self, engine: Engine, on_written: Written) -> None:
         self._engine = engine
         self._on_written = on_written
         self._queue: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
@@ -37,8 +42,13 @@ class Completer:
     def start(self) -> None:
         self._thread.start()
 
-    def add(self, outcome: Outcome) -> None:
-        self._queue.put(outcome)
+    def add(self, outcomes: Sequence[Outcome]) -> None:
+        for outcome in outcomes:
+            self._queue.put(outcome)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self, timeout: float | None = None) -> None:
         """Flush what is queued, then stop (giving up after `timeout`)."""
@@ -67,24 +77,68 @@ class Completer:
                 else:
                     batch.append(item)
             if batch:
-                self._write(conn, batch)
+                try:
+                    self.write(conn, batch)
+                except BaseException:  # never lose the thread: log, tell, go on
+                    log.exception("writing %d outcomes failed unexpectedly", len(batch))
+                    self._told(batch, set())
         conn.close()
 
-    def _write(self, conn: KeptConnection, batch: list[Outcome]) -> None:
+    def write(self, conn: KeptConnection, batch: list[Outcome]) -> None:
+        """Write one batch (retrying while the database is away), then tell."""
+        try:
+            applied = self._retrying(conn, batch)
+        except sa_exc.DBAPIError as exc:
+            if is_disconnect(exc):  # only while stopping: the leases will bring them back
+                self._told(batch, set())
+                return
+            log.warning("the database refused a batch of %d outcomes (%s); writing them one "
+                        "by one", len(batch), first_line(exc))
+            self._one_by_one(conn, batch)
+            return
+        self._told(batch, applied)
+
+    def _one_by_one(self, conn: KeptConnection, batch: list[Outcome]) -> None:
+        for outcome in batch:
+            try:
+                self._told([outcome], self._retrying(conn, [outcome]))
+                continue
+            except sa_exc.DBAPIError as exc:
+                if is_disconnect(exc):
+                    self._told([outcome], set())
+                    continue
+                instead = unstorable(outcome, exc)
+                log.error("%s: the database refused its outcome (%s); failing it instead",
+                          outcome.action.display_id, first_line(exc))
+            try:
+                self._told([instead], self._retrying(conn, [instead]))
+            except sa_exc.DBAPIError as exc:
+                log.error("%s: could not record even its failure (%s); its lease will bring "
+                          "it back", outcome.action.display_id, first_line(exc))
+                self._told([outcome], set())
+
+    def _retrying(self, conn: KeptConnection, batch: list[Outcome]) -> set[int]:
+        """Write the batch; while the connection is lost, wait and try again (until
+        stopping). Other database errors are raised."""
         delay = 0.1
-        applied: set[int] = set()
         while True:
             try:
                 with conn.begin() as connection:
-                    applied = queries.record(connection, batch)
-                break
+                    return queries.record(connection, batch)
             except sa_exc.DBAPIError as exc:
-                if self._stopping.is_set():
-                    log.error("could not write %d outcomes before stopping: %s; their leases "
-                              "will expire and they will run again", len(batch), first_line(exc))
-                    break
+                if not is_disconnect(exc) or self._stopping.is_set():
+                    if self._stopping.is_set():
+                        log.error("could not write %d outcomes before stopping: %s; their "
+                                  "leases will expire and they will run again", len(batch),
+                                  first_line(exc))
+                    raise
                 log.warning("writing %d outcomes failed (%s); retrying in %.1fs", len(batch),
                             first_line(exc), delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
-        self._on_written(batch, applied)
+
+    def _told(self, written: list[Outcome], applied: set[int]) -> None:
+        try:
+            self._on_written(written, applied)
+        except BaseException:
+            log.exception("handling %d written outcomes failed", len(written))

@@ -25,6 +25,11 @@ DEFAULT_CONFIG_PATHS = (Path("asyncactions.toml"), Path("config/asyncactions.tom
 # Threads per worker process: far more than a process can use well.
 MAX_CONCURRENCY = 10_000
 
+def check_concurrency(value: int, what: str) -> int:
+    """Threads per worker process: at least 1, at most MAX_CONCURRENCY."""
+    return positive_int(value, what, 1, MAX_CONCURRENCY)
+
+
 RETENTION: dict[str, timedelta | None] = {
     "completed": timedelta(days=7), "canceled": timedelta(days=7), "failed": timedelta(days=30)}
 
@@ -35,6 +40,7 @@ class WorkerSettings:
     poll_interval: timedelta = timedelta(seconds=1)
     lease: timedelta = timedelta(seconds=60)
     shutdown_grace: timedelta = timedelta(seconds=30)
+    listen: bool = True  # false: poll only (PgBouncer in transaction mode has no LISTEN)
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,11 @@ def _parse(raw: dict[str, Any], source: str) -> Config:
     if "concurrency" in worker_raw:
         worker = replace(worker, concurrency=positive_int(
             worker_raw["concurrency"], f"{where} concurrency", 1, MAX_CONCURRENCY))
+    if "listen" in worker_raw:
+        if not isinstance(worker_raw["listen"], bool):
+            raise ConfigError(f"{where} listen: must be true or false, got "
+                              f"{worker_raw['listen']!r}")
+        worker = replace(worker, listen=worker_raw["listen"])
     for key in ("poll_interval", "lease", "shutdown_grace"):
         if key in worker_raw:
             worker = replace(worker, **{key: parse_duration(worker_raw[key],

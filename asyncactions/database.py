@@ -3,16 +3,43 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Dialect, Engine, create_engine, event, inspect
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
 
 from .errors import ConfigError, DatabaseError
+
+Database = Session | Connection | Engine
+
+
+@contextmanager
+def connection(db: Database, *, one_statement: bool = False) -> Iterator[Connection]:
+    """The connection to work on: the caller's (joining its transaction) or, for an
+    Engine, a fresh one in a short transaction of its own.
+
+    With `one_statement`, on PostgreSQL an Engine's connection runs in autocommit: a
+    single statement is then its own transaction, committed (and flushed) in its own
+    round trip, without the round trips of BEGIN and COMMIT."""
+    if isinstance(db, Session):
+        yield db.connection()
+    elif isinstance(db, Connection):
+        yield db
+    elif isinstance(db, Engine):
+        if one_statement and db.dialect.name == "postgresql":
+            with db.connect() as conn:
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")
+            return
+        with db.begin() as conn:
+            yield conn
+    else:
+        raise TypeError(f"db must be a SQLAlchemy Session, Connection or Engine, not "
+                        f"{type(db).__name__}")
 
 
 def normalize_url(url: str) -> str:
@@ -62,6 +89,13 @@ def describe(engine_or_url: Engine | str) -> str:
     return url.render_as_string(hide_password=True)
 
 
+def is_disconnect(exc: sa_exc.DBAPIError) -> bool:
+    """Whether the error is about the connection (worth waiting out and retrying), not
+    about the statement or its values (which would fail again the same way)."""
+    return exc.connection_invalidated or isinstance(
+        exc, sa_exc.OperationalError | sa_exc.InterfaceError)
+
+
 def first_line(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip().splitlines()
@@ -108,18 +142,31 @@ class KeptConnection:
     @contextmanager
     def begin(self) -> Iterator[Connection]:
         if self._conn is None:
-            self._conn = self._engine.connect()
-            if self._autocommit:
-                self._conn = self._conn.execution_options(isolation_level="AUTOCOMMIT")
-            for statement in self._setup:
-                self._conn.exec_driver_sql(statement)
-            self._conn.commit()
+            self._conn = self._connect()
         try:
             with self._conn.begin():
                 yield self._conn
         except sa_exc.DBAPIError:
             self.close()
             raise
+
+    def _connect(self) -> Connection:
+        """A new connection, used only once its setup statements have all run: one whose
+        setup failed (LISTEN, session settings) is thrown away, and the next use tries
+        again."""
+        conn = self._engine.connect()
+        try:
+            if self._autocommit:
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            for statement in self._setup:
+                conn.exec_driver_sql(statement)
+            conn.commit()
+        except BaseException:
+            with suppress(sa_exc.SQLAlchemyError):
+                conn.invalidate()
+                conn.close()
+            raise
+        return conn
 
     @property
     def driver(self) -> Any:

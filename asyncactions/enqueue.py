@@ -16,7 +16,6 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
-    Engine,
     Float,
     Row,
     Text,
@@ -28,13 +27,14 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
 
 from . import codec
-from .action import Action, Status
-from .database import HotStatement, kept_cursor
+from .action import Action, Status, row_to_action
+from .database import Database, HotStatement, connection, kept_cursor
+from .durations import check_duration
 from .errors import AsyncActionsError
-from .processors import lookup
+from .notifier import NOTIFY_CHANNEL
+from .processors import MAX_RETRIES
 from .schema import (
     ACTIVE_STATUSES,
     ID_SEQUENCE,
@@ -46,64 +46,17 @@ from .schema import (
     db_now,
 )
 
-NOTIFY_CHANNEL = "asyncactions"
-MAX_DATA_BYTES = 131072
-DEFAULT_RETRIES = 3
-
-Database = Session | Connection | Engine
-
-
-@contextmanager
-def connection(db: Database, *, one_statement: bool = False) -> Iterator[Connection]:
-    """The connection to work on: the caller's (joining its transaction) or, for an
-    Engine, a fresh one in a short transaction of its own.
-
-    With `one_statement`, on PostgreSQL an Engine's connection runs in autocommit: a
-    single statement is then its own transaction, committed (and flushed) in its own
-    round trip, without the round trips of BEGIN and COMMIT (~0.12 ms an enqueue)."""
-    if isinstance(db, Session):
-        yield db.connection()
-    elif isinstance(db, Connection):
-        yield db
-    elif isinstance(db, Engine):
-        if one_statement and db.dialect.name == "postgresql":
-            with db.connect() as conn:
-                yield conn.execution_options(isolation_level="AUTOCOMMIT")
-            return
-        with db.begin() as conn:
-            yield conn
-    else:
-        raise TypeError(f"db must be a SQLAlchemy Session, Connection or Engine, not "
-                        f"{type(db).__name__}")
-
-
-def row_to_action(row: Row[Any] | Sequence[Any], *, payloads: bool = True) -> Action:
-    """A row selected with schema.action_columns() as an Action (payloads decoded, unless
-    `payloads` is false: then data and result stay raw JSON text, for rows that do not
-    decode)."""
-    (id_, processor, status, data, related_id, priority, retries, attempts, error, errors,
-     result, unique_key, *times) = row[:18]
-    if not payloads:
-        try:
-            errors = codec.loads(errors)
-        except codec.MALFORMED:
-            errors = None
-        return Action(id_, processor, Status(status), data, related_id, priority, retries,
-                      attempts, error, errors or [], result, unique_key, *times)
-    return Action(id_, processor, Status(status), codec.loads(data), related_id, priority,
-                  retries, attempts, error, codec.loads(errors) or [], codec.loads(result),
-                  unique_key, *times)
-
 
 def _options(processor: str, delay: timedelta | None, eligible_at: datetime | None,
              retries: int | None, priority: int) -> dict[str, Any]:
     if delay is not None and eligible_at is not None:
         raise AsyncActionsError("give either delay or eligible_at, not both")
-    if retries is None:
-        known = lookup(processor)
-        retries = known.settings.retries if known else DEFAULT_RETRIES
-    if retries < 0:
-        raise AsyncActionsError(f"retries must be >= 0, got {retries}")
+    # None stays NULL: the worker that first claims the action sets it from the
+    # processor's settings there (the producer need not know the processor).
+    if retries is not None and not 0 <= retries <= MAX_RETRIES:
+        raise AsyncActionsError(f"retries must be from 0 to {MAX_RETRIES}, got {retries}")
+    if delay is not None:
+        check_duration(delay, what="delay")
     if not -32768 <= priority <= 32767:
         raise AsyncActionsError(f"priority must fit a smallint (-32768..32767), got {priority}")
     return {"retries": retries, "priority": priority,
@@ -140,14 +93,15 @@ def _returning(dialect: str) -> list[Any]:
 def init_action(db: Database, processor: str, data: Any = None, *,
                 related_id: str | None = None, delay: timedelta | None = None,
                 eligible_at: datetime | None = None, retries: int | None = None,
-                priority: int = 0, unique_key: str | None = None) -> Action:
+                priority: int = 0, unique_key: str | None = None,
+                max_data_bytes: int = codec.MAX_DATA_BYTES) -> Action:
     """Record one action in the caller's transaction and return it with its id.
 
     With a `unique_key` held by a pending or running action, nothing is inserted and
     that action is returned instead.
     """
     options = _options(processor, delay, eligible_at, retries, priority)
-    text = None if data is None else codec.dumps(data, max_bytes=MAX_DATA_BYTES)
+    text = None if data is None else codec.dumps(data, max_bytes=max_data_bytes)
     params = {"processor": processor, "data": text, "related_id": related_id,
               "unique_key": unique_key, **options}
     # One statement, unless a unique_key is taken: then each look-up and retry is a
@@ -163,7 +117,8 @@ UniqueKeys = Callable[[Any], str | None] | Sequence[str | None]
 def init_actions(db: Database, processor: str, data: Sequence[Any], *,
                  related_id: str | None = None, delay: timedelta | None = None,
                  eligible_at: datetime | None = None, retries: int | None = None,
-                 priority: int = 0, unique_key: UniqueKeys | None = None) -> list[Action]:
+                 priority: int = 0, unique_key: UniqueKeys | None = None,
+                 max_data_bytes: int = codec.MAX_DATA_BYTES) -> list[Action]:
     """Record many actions of one processor in one statement (one round trip); returns
     one Action per item of `data`, in order.
 
@@ -175,7 +130,7 @@ def init_actions(db: Database, processor: str, data: Sequence[Any], *,
     options = _options(processor, delay, eligible_at, retries, priority)
     with _gc_paused():
         texts = [None if d is None else codec.dumps(d, what=f"data[{i}]",
-                                                    max_bytes=MAX_DATA_BYTES)
+                                                    max_bytes=max_data_bytes)
                  for i, d in enumerate(data)]
     keys = _unique_keys(unique_key, data)
     if not texts:
@@ -404,8 +359,7 @@ def _new_action(row: Sequence[Any], data: Any, params: dict[str, Any]) -> Action
 
 def _live_action_with_key(conn: Connection, unique_key: str | None) -> Action | None:
     row = conn.execute(select(*action_columns()).where(
-        async_action.c.unique_key == unique_key,
-        async_action.c.status.in_(ACTIVE_STATUSES))).first()
+        LIVE_KEY, async_action.c.unique_key == unique_key)).first()
     return row_to_action(row) if row else None
 
 

@@ -1,8 +1,18 @@
-"""Background upkeep inside every worker, on APScheduler: heartbeats and lease recovery.
+"""Maintenance beside the worker's flow, as small services, each with a `run_once()`
+that its tests call directly:
 
-Safe with any number of workers: recovery locks rows with SKIP LOCKED and writes
-through the same fenced statement as normal outcomes, so two workers never recover
-one action twice and a late original result never overwrites the recovery.
+- Heartbeat (every worker): keeps the worker registered and its leases alive, and
+  learns who leads the cluster.
+- Rescuer, Pruner, ScheduleFirer, Waker (the leader only, so an idle cluster's load
+  on the database does not grow with its size): bring back lost actions, delete
+  finished ones past retention, enqueue schedules, wake listening workers for actions
+  that became eligible.
+- BacklogSampler (every worker serving metrics): pending counts and ages.
+
+APScheduler runs them; a service that fails is logged and runs again next time.
+Leadership needs no lock: two leaders for a moment (while a lost one's heartbeat ages)
+are harmless, since rescue is fenced, pruning idempotent and each schedule fire time
+unique.
 """
 
 from __future__ import annotations
@@ -10,28 +20,235 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import zlib
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import Connection, Engine, func, select
-from sqlalchemy import exc as sa_exc
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from . import admin, queries
+from .completer import Written
 from .database import first_line
 from .enqueue import init_action
 from .metrics import Metrics
-from .outcomes import Outcome, failed_attempt
-from .processors import Processor, ProcessorSettings
+from .outcomes import failed_attempt
+from .processors import DEFAULTS, Processor
 from .schedules import Schedule
 from .schema import async_action_schedule
 
 log = logging.getLogger("asyncactions.maintenance")
 
+
+class Service(Protocol):
+    interval: float  # seconds between runs
+
+    def run_once(self) -> object: ...
+
+
+class Leadership:
+    """Whether this worker leads, as its latest heartbeat said; it lapses a lease after
+    that heartbeat, so a worker cut off from the database stops leading on its own."""
+
+    def __init__(self, worker_id: str, lease: timedelta) -> None:
+        self._worker = worker_id
+        self._lease = lease.total_seconds()
+        self._until = 0.0
+
+    def saw(self, leader: str | None) -> None:
+        self._until = time.monotonic() + self._lease if leader == self._worker else 0.0
+
+    @property
+    def leading(self) -> bool:
+        return time.monotonic() < self._until
+
+
+class Heartbeat:
+    def __init__(self, engine: Engine, worker_id: str, lease: timedelta,
+                 held: Callable[[], Sequence[int]], register: Callable[[], None],
+                 leadership: Leadership, metrics: Metrics | None = None) -> None:
+        self._engine = engine
+        self._worker = worker_id
+        self._lease = lease
+        self._held = held
+        self._register = register
+        self._leadership = leadership
+        self._metrics = metrics
+        # Several beats per lease, so a missed beat or two never costs a lease.
+        self.interval = lease.total_seconds() / 6
+
+    def run_once(self) -> bool:
+        """Beat; returns whether this worker was still registered."""
+        with self._engine.begin() as conn:
+            alive, leader = queries.heartbeat(conn, self._worker, self._lease, self._held())
+        if not alive:
+            log.warning("this worker was declared dead (no heartbeat for a lease); "
+                        "registering again")
+            self._register()
+            with self._engine.begin() as conn:
+                _, leader = queries.heartbeat(conn, self._worker, self._lease, ())
+        if self._leadership.leading != (leader == self._worker):
+            log.info("this worker %s the cluster's maintenance",
+                     "now runs" if leader == self._worker else "no longer runs")
+        self._leadership.saw(leader)
+        if self._metrics is not None:
+            self._metrics.heartbeat()
+        return alive
+
+
+class WorkerLost(Exception):
+    """Recorded as the error of an attempt whose worker stopped heartbeating."""
+
+
+class Rescuer:
+    """Return the actions of lost workers to pending (a failed attempt), or fail them."""
+
+    def __init__(self, engine: Engine, lease: timedelta, processors: dict[str, Processor],
+                 on_written: Written) -> None:
+        self._engine = engine
+        self._lease = lease
+        self._processors = processors
+        self._on_written = on_written
+        # Often enough that a lost action returns within about 1.1 leases of its loss.
+        self.interval = max(min(lease.total_seconds() / 10, 1.0), 0.1)
+
+    def run_once(self) -> int:
+        hostname = socket.gethostname()
+        with self._engine.begin() as conn:
+            dead = dead_local_workers(queries.workers_on(conn, hostname), hostname)
+            if dead:
+                log.warning("workers %s on this host have exited; recovering their actions "
+                            "now", ", ".join(dead))
+                queries.forget_workers(conn, dead)
+            outcomes = []
+            for action in queries.lost_actions(conn, self._lease):
+                holder = action.claimed_by or "unknown worker"
+                error = WorkerLost(f"worker {holder} was lost while running attempt "
+                                   f"{action.attempts} (its lease expired or its process "
+                                   "exited)")
+                processor = self._processors.get(action.processor)
+                outcomes.append(failed_attempt(
+                    action, error, worker=holder,
+                    settings=processor.settings if processor else DEFAULTS,
+                    with_traceback=False))
+            applied = queries.record(conn, outcomes) if outcomes else set()
+        for outcome in outcomes:
+            log.warning("recovered %s (%s) from lost worker %s: now %s",
+                        outcome.action.display_id, outcome.action.processor,
+                        outcome.action.claimed_by, outcome.status)
+        if outcomes:
+            self._on_written(outcomes, applied)
+        return len(applied)
+
+
+class Pruner:
+    """Delete finished actions past their retention, in small batches."""
+
+    def __init__(self, engine: Engine, retention: dict[str, timedelta]) -> None:
+        self._engine = engine
+        self._retention = retention
+        # Often enough that the shortest retention is kept to within a tenth.
+        shortest = min(retention.values(), default=timedelta(hours=1)).total_seconds()
+        self.interval = min(max(shortest / 10, 1.0), 300.0)
+
+    def run_once(self) -> int:
+        deleted = sum(admin.purge(self._engine, age, [status], batch_size=500)
+                      for status, age in self._retention.items())
+        if deleted:
+            log.info("pruned %d finished actions past their retention", deleted)
+        return deleted
+
+
+class ScheduleFirer:
+    """Enqueue each schedule's fire times. Each schedule's next fire time is known here,
+    so between fire times this touches no table."""
+
+    interval = 1.0
+
+    def __init__(self, engine: Engine, schedules: Iterable[Schedule], *,
+                 max_data_bytes: int) -> None:
+        self._engine = engine
+        self._max_data_bytes = max_data_bytes
+        # Due at once on start: catch up on a fire time missed while down.
+        self._schedules = list(schedules)
+        self._due = {s.name: datetime.min.replace(tzinfo=UTC) for s in self._schedules}
+
+    def run_once(self, now: datetime | None = None) -> int:
+        now = now or datetime.now(UTC)
+        fired = 0
+        for schedule in self._schedules:
+            if self._due[schedule.name] <= now:
+                fired += fire_due(self._engine, schedule, now,
+                                  max_data_bytes=self._max_data_bytes)
+                self._due[schedule.name] = schedule.next_fire_after(now)
+        return fired
+
+
+class Waker:
+    """Wake listening workers for actions whose delay or retry interval ran out."""
+
+    def __init__(self, engine: Engine, poll_interval: timedelta) -> None:
+        self._engine = engine
+        self.interval = max(poll_interval.total_seconds(), 0.05)
+
+    def run_once(self) -> int:
+        # Looking twice as far back as the interval: a late run misses nothing, and a
+        # second wake-up for the same action costs an empty claim at most.
+        with self._engine.begin() as conn:
+            return queries.wake_eligible(conn, timedelta(seconds=2 * self.interval))
+
+
+class BacklogSampler:
+    """Pending counts and ages for the metrics: one grouped query every few seconds."""
+
+    interval = 10.0
+
+    def __init__(self, engine: Engine, metrics: Metrics,
+                 processors: dict[str, Processor]) -> None:
+        self._engine = engine
+        self._metrics = metrics
+        self._processors = processors
+
+    def run_once(self) -> None:
+        with self._engine.connect() as conn:
+            rows = queries.backlog(conn)
+        self._metrics.backlog(rows, self._processors)
+
+
+class Maintenance:
+    """Runs the services: `everywhere` on this worker, `leading` only while it leads."""
+
+    def __init__(self, leadership: Leadership, everywhere: Sequence[Service],
+                 leading: Sequence[Service]) -> None:
+        self._leadership = leadership
+        self._scheduler = BackgroundScheduler(daemon=True)
+        for service, leader_only in [*((s, False) for s in everywhere),
+                                     *((s, True) for s in leading)]:
+            # The worker beat once as it started; the others run at once.
+            first = None if isinstance(service, Heartbeat) else datetime.now(UTC)
+            self._scheduler.add_job(self._tick, "interval", args=[service, leader_only],
+                                    seconds=service.interval, id=type(service).__name__,
+                                    max_instances=1, coalesce=True, next_run_time=first)
+
+    def _tick(self, service: Service, leader_only: bool) -> None:
+        if leader_only and not self._leadership.leading:
+            return
+        try:
+            service.run_once()
+        except Exception as exc:
+            log.warning("%s failed: %s", type(service).__name__, first_line(exc))
+
+    def start(self) -> None:
+        self._scheduler.start()
+
+    def stop(self) -> None:
+        self._scheduler.shutdown(wait=True)
+
+
+# --- lost workers on this host ---------------------------------------------------------
 
 def pid_namespace() -> str:
     """Identifies this process's pid namespace (a host, or a container on it)."""
@@ -68,158 +285,7 @@ def dead_local_workers(workers: list[tuple[str, str, int]], hostname: str) -> li
     return dead
 
 
-class WorkerLost(Exception):
-    """Recorded as the error of an attempt whose worker stopped heartbeating."""
-
-
-class Maintenance:
-    def __init__(self, engine: Engine, worker_id: str, lease: timedelta,
-                 processors: dict[str, Processor], held: Callable[[], list[int]],
-                 on_reregister: Callable[[], None],
-                 on_recorded: Callable[[list[Outcome], set[int]], None],
-                 metrics: Metrics | None = None, schedules: Iterable[Schedule] = (),
-                 retention: dict[str, timedelta | None] | None = None) -> None:
-        self._engine = engine
-        self._worker = worker_id
-        self._lease = lease
-        self._processors = processors
-        self._held = held
-        self._on_reregister = on_reregister
-        self._on_recorded = on_recorded
-        self._metrics = metrics
-        self._scheduler = BackgroundScheduler(daemon=True)
-        # Beat several times per lease so a missed beat or two never costs a lease; look
-        # for lost actions often enough that one returns within 1.1 leases of its loss.
-        lease_s = lease.total_seconds()
-        # (at least every second: the lost action's lease may be shorter than ours).
-        for job, every in ((self.heartbeat, lease_s / 6),
-                           (self.recover_lost, min(lease_s / 10, 1.0))):
-            self._scheduler.add_job(job, "interval", seconds=max(every, 0.1),
-                                    id=job.__name__, max_instances=1, coalesce=True)
-        self._retention = {k: v for k, v in (retention or {}).items() if v is not None}
-        if self._retention:
-            # Often enough that the shortest retention is kept to within a tenth.
-            shortest = min(self._retention.values()).total_seconds()
-            self._scheduler.add_job(self.prune, "interval",
-                                    seconds=min(max(shortest / 10, 1.0), 300.0), id="prune",
-                                    max_instances=1, coalesce=True,
-                                    next_run_time=datetime.now(UTC))
-        for schedule in schedules:
-            # Each fire time, and once now to catch up on a fire missed while down.
-            self._scheduler.add_job(self.fire, schedule.trigger(), args=[schedule],
-                                    id=f"schedule:{schedule.name}", max_instances=1,
-                                    coalesce=True, misfire_grace_time=None)
-            self._scheduler.add_job(self.fire, args=[schedule], max_instances=1,
-                                    next_run_time=datetime.now(UTC))
-        if metrics is not None:
-            self._scheduler.add_job(self.sample_backlog, "interval", seconds=10,
-                                    id="sample_backlog", max_instances=1, coalesce=True,
-                                    next_run_time=datetime.now(UTC))
-
-    def start(self) -> None:
-        self._scheduler.start()
-
-    def stop(self) -> None:
-        self._scheduler.shutdown(wait=True)
-
-    def heartbeat(self) -> None:
-        try:
-            with self._engine.begin() as conn:
-                alive = queries.heartbeat(conn, self._worker, self._lease, self._held())
-        except sa_exc.DBAPIError as exc:
-            log.warning("heartbeat failed: %s", first_line(exc))
-            return
-        if self._metrics is not None:
-            self._metrics.heartbeat()
-        if not alive:
-            log.warning("this worker was declared dead (no heartbeat for a lease); "
-                        "registering again")
-            self._on_reregister()
-
-    def recover_lost(self) -> int:
-        """Return actions of lost workers to pending (a failed attempt), or fail them."""
-        try:
-            with self._engine.begin() as conn:
-                dead = dead_local_workers(queries.workers_on(conn, socket.gethostname()),
-                                          socket.gethostname())
-                if dead:
-                    log.warning("workers %s on this host have exited; recovering their "
-                                "actions now", ", ".join(dead))
-                    queries.forget_workers(conn, dead)
-                lost = queries.lost_actions(conn, self._lease)
-                outcomes = []
-                for action in lost:
-                    holder = action.claimed_by or "unknown worker"
-                    error = WorkerLost(f"worker {holder} was lost while running attempt "
-                                       f"{action.attempts} (its lease expired or its process "
-                                       "exited)")
-                    processor = self._processors.get(action.processor)
-                    settings = processor.settings if processor else ProcessorSettings()
-                    outcomes.append(failed_attempt(action, error, worker=holder,
-                                                   settings=settings, tb=None))
-                applied = queries.record(conn, outcomes) if outcomes else set()
-        except sa_exc.DBAPIError as exc:
-            log.warning("lease recovery failed: %s", first_line(exc))
-            return 0
-        self._on_recorded(outcomes, applied)
-        for outcome in outcomes:
-            log.warning("recovered %s (%s) from lost worker %s: now %s",
-                        outcome.action.display_id, outcome.action.processor,
-                        outcome.action.claimed_by, outcome.status)
-        return len(outcomes)
-
-    def sample_backlog(self) -> None:
-        """Pending counts and ages for the metrics: one grouped query every few seconds."""
-        try:
-            with self._engine.connect() as conn:
-                rows = queries.backlog(conn)
-        except sa_exc.DBAPIError as exc:
-            log.warning("sampling the backlog failed: %s", first_line(exc))
-            return
-        if self._metrics is not None:
-            self._metrics.backlog(rows, self._processors)
-
-    def fire(self, schedule: Schedule) -> None:
-        try:
-            fire_due(self._engine, schedule)
-        except sa_exc.DBAPIError as exc:
-            log.warning("schedule %s could not fire: %s", schedule.name, first_line(exc))
-
-    def prune(self) -> int:
-        """Delete finished actions past their retention, in small batches, by one worker
-        of the cluster at a time."""
-        deleted = 0
-        try:
-            with self._engine.connect() as conn, leader(conn, "prune") as leading:
-                if not leading:
-                    return 0
-                for status, age in self._retention.items():
-                    deleted += admin.purge(self._engine, age, [status], batch_size=500)
-        except sa_exc.DBAPIError as exc:
-            log.warning("pruning finished actions failed: %s", first_line(exc))
-        if deleted:
-            log.info("pruned %d finished actions past their retention", deleted)
-        return deleted
-
-
-@contextmanager
-def leader(conn: Connection, job: str) -> Iterator[bool]:
-    """Hold a cluster-wide lock for `job` while inside; yields whether we got it.
-
-    A PostgreSQL session advisory lock; SQLite serializes writers anyway (one host)."""
-    if conn.dialect.name != "postgresql":
-        yield True
-        return
-    key = zlib.crc32(f"asyncactions:{job}".encode())
-    got = conn.execute(select(func.pg_try_advisory_lock(key))).scalar()
-    conn.commit()
-    try:
-        yield bool(got)
-    finally:
-        if got:
-            conn.execute(select(func.pg_advisory_unlock(key)))
-            conn.commit()
-
+# --- schedules -------------------------------------------------------------------------
 
 def _claim_fire(conn: Connection, name: str, fire: datetime) -> bool:
     """Move the schedule's last_fire_at forward to `fire`; true for the one worker that did."""
@@ -237,10 +303,14 @@ def last_fire(conn: Connection, name: str) -> datetime | None:
     return conn.execute(select(s.c.last_fire_at).where(s.c.name == name)).scalar()
 
 
-def fire_due(engine: Engine, schedule: Schedule, now: datetime | None = None) -> bool:
+def fire_due(engine: Engine, schedule: Schedule, now: datetime | None = None, *,
+             max_data_bytes: int | None = None) -> bool:
     """Enqueue the schedule's latest due fire time unless another worker already did.
 
-    A schedule seen for the first time starts from now: it does not fire for the past."""
+    A fire time is enqueued only by the worker whose update moves the schedule's
+    last_fire_at forward to it, in the same transaction, and its unique key is the
+    fire time: never twice, whatever the number of workers or leaders. A schedule seen
+    for the first time starts from now: it does not fire for the past."""
     now = now or datetime.now(UTC)
     with engine.begin() as conn:
         last = last_fire(conn, schedule.name)
@@ -250,8 +320,10 @@ def fire_due(engine: Engine, schedule: Schedule, now: datetime | None = None) ->
         fire = schedule.latest_fire(last, now)
         if fire is None or not _claim_fire(conn, schedule.name, fire):
             return False
+        options = {} if max_data_bytes is None else {"max_data_bytes": max_data_bytes}
         action = init_action(conn, schedule.processor, schedule.data,
-                             unique_key=f"schedule:{schedule.name}:{fire.isoformat()}")
+                             unique_key=f"schedule:{schedule.name}:{fire.isoformat()}",
+                             **options)
     log.info("schedule %s: enqueued %s for %s", schedule.name, action.display_id,
              fire.isoformat())
     return True

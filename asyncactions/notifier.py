@@ -25,10 +25,13 @@ from typing import Any
 
 import psycopg
 
-from .enqueue import NOTIFY_CHANNEL
-
 log = logging.getLogger("asyncactions.notifier")
 
+# Enqueues (and the leader, for actions that became eligible) notify this channel with
+# the processor's name; the claim connection listens to it.
+NOTIFY_CHANNEL = "asyncactions"
+# Outcome writes notify this one (once per batch), for wait_for().
+OUTCOME_CHANNEL = "asyncactions_outcome"
 # Run once on each new claim connection.
 LISTEN = f"LISTEN {NOTIFY_CHANNEL}"
 

@@ -1,7 +1,9 @@
-"""Turn what a processor did (returned, raised) into the Outcome to record per action.
+"""What to record for a finished attempt: one Outcome per action, with an explicit kind.
 
-The retry decision lives here and nowhere else: a small pure function of the
-action, the processor's settings and the exception.
+The retry decision lives here and nowhere else, as small functions of the action, the
+processor's settings and what happened. Building an outcome never raises, whatever the
+processor raised or returned: an exception whose message cannot be read, a result that
+cannot be stored, a delay out of range each become a failed attempt that says so.
 """
 
 from __future__ import annotations
@@ -10,83 +12,134 @@ import random
 import traceback
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
-from . import codec, hooks
+from . import codec
 from .action import Action, Status
+from .durations import MAX_DURATION, format_duration
 from .errors import UnserializableData
-from .processors import Defer, PermanentFailure, Processor, ProcessorSettings
+from .processors import DEFAULTS, Defer, PermanentFailure, ProcessorSettings
 
 ERROR_MAX_CHARS = 1000
+TRACEBACK_MAX_CHARS = 20_000
 ERROR_HISTORY = 20
+
+
+class Kind(StrEnum):
+    """How an attempt ended, for the row, the logs and the metrics."""
+
+    COMPLETED = "completed"
+    RETRIED = "retried"  # failed, retries left: pending again after the retry interval
+    DEFERRED = "deferred"  # Defer: pending again after its delay, retries kept
+    FAILED = "failed"  # for good
+
+    @property
+    def status(self) -> Status:
+        return {Kind.COMPLETED: Status.COMPLETED, Kind.FAILED: Status.FAILED}.get(
+            self, Status.PENDING)
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What to write for one finished attempt. `status` is the row's new status."""
+    """What to write for one finished attempt."""
 
-    action: Action
-    status: Status
+    action: Action  # as claimed: its id, attempts and claimed_by fence the write
+    kind: Kind
     retries: int
     delay: timedelta = timedelta(0)
     result: str | None = None  # codec JSON
     error: str | None = None
     errors: str | None = None  # codec JSON of the whole history, when it grew
+    exc: BaseException | None = None  # reported (hooks) once the write went through
+
+    @property
+    def status(self) -> Status:
+        return self.kind.status
 
     @property
     def is_final(self) -> bool:
         return self.status.is_final
 
-    @property
-    def kind(self) -> str:
-        """completed, failed, retried or deferred: for logs and metrics."""
-        if self.status != Status.PENDING:
-            return self.status.value
-        return "retried" if self.errors is not None else "deferred"
-
     def final_action(self) -> Action:
         """The action as this outcome leaves it (what on_failure receives)."""
-        return self.action._replace(status=self.status, retries=self.retries,
-                       result=codec.loads(self.result), error=self.error,
-                       errors=codec.loads(self.errors) if self.errors else self.action.errors,
-                       claimed_by=None, lease_expires_at=None)
+        return self.action._replace(
+            status=self.status, retries=self.retries, result=codec.loads(self.result),
+            error=self.error,
+            errors=codec.loads(self.errors) if self.errors else self.action.errors,
+            claimed_by=None, lease_expires_at=None)
 
 
 def error_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ").strip()
+    """'ExcType: message' on one line, truncated; never raises."""
+    name = type(exc).__name__
+    try:
+        text = f"{name}: {exc}".replace("\n", " ").strip()
+    except BaseException as broken:  # its __str__ raised: say so instead
+        text = f"{name}: (its message cannot be read: {type(broken).__name__})"
     return text if len(text) <= ERROR_MAX_CHARS else text[: ERROR_MAX_CHARS - 1] + "…"
 
 
-def completed(action: Action, value: Any) -> Outcome:
+def _traceback(exc: BaseException) -> str | None:
+    if exc.__traceback__ is None:
+        return None
     try:
-        result = None if value is None else codec.dumps(value, what="result")
+        text = "".join(traceback.format_exception(exc))
+    except BaseException:
+        return None
+    if len(text) > TRACEBACK_MAX_CHARS:  # keep the end: where it was raised
+        text = "…" + text[-(TRACEBACK_MAX_CHARS - 1):]
+    return text
+
+
+def completed(action: Action, value: Any, *, max_bytes: int = codec.MAX_DATA_BYTES,
+              worker: str | None = None) -> Outcome:
+    try:
+        result = None if value is None else codec.dumps(value, what="result",
+                                                        max_bytes=max_bytes)
     except UnserializableData as exc:
-        return failed_attempt(action, exc, worker=action.claimed_by, permanent=True)
-    return Outcome(action, Status.COMPLETED, action.retries, result=result)
+        return failed_attempt(action, exc, worker=worker, permanent=True)
+    return Outcome(action, Kind.COMPLETED, _retries(action), result=result)
 
 
-def deferred(action: Action, defer: Defer) -> Outcome:
-    return Outcome(action, Status.PENDING, action.retries, delay=defer.delay,
+def deferred(action: Action, defer: Defer, *, worker: str | None = None,
+             settings: ProcessorSettings = DEFAULTS) -> Outcome:
+    if not timedelta(0) <= defer.delay <= MAX_DURATION:
+        problem = ValueError(f"Defer({defer.delay}) is outside 0s..{format_duration(MAX_DURATION)}"
+                             "; defer for less, or fail the action")
+        return failed_attempt(action, problem, worker=worker, settings=settings)
+    return Outcome(action, Kind.DEFERRED, _retries(action, settings), delay=defer.delay,
                    error=action.error)
 
 
 def failed_attempt(action: Action, exc: BaseException, *, worker: str | None,
-                   settings: ProcessorSettings | None = None, permanent: bool = False,
-                   tb: str | None = None) -> Outcome:
+                   settings: ProcessorSettings = DEFAULTS, permanent: bool = False,
+                   with_traceback: bool = True) -> Outcome:
     """A failed attempt: retry after the interval while retries remain, else fail."""
     line = error_line(exc)
-    if tb is None:
-        tb = "".join(traceback.format_exception(exc)) if exc.__traceback__ else None
     entry = {"attempt": action.attempts, "at": datetime.now(UTC).isoformat(), "error": line,
-             "traceback": tb, "worker": worker}
+             "traceback": _traceback(exc) if with_traceback else None, "worker": worker}
     history = codec.dumps([*action.errors, entry][-ERROR_HISTORY:], what="errors")
-    final = permanent or isinstance(exc, PermanentFailure) or action.retries <= 0
-    hooks.failed(exc, action, final=final)
-    if final:
-        return Outcome(action, Status.FAILED, action.retries, error=line, errors=history)
-    return Outcome(action, Status.PENDING, action.retries - 1,
-                   delay=retry_delay(action, settings or ProcessorSettings()),
-                   error=line, errors=history)
+    retries = _retries(action, settings)
+    if permanent or isinstance(exc, PermanentFailure) or retries <= 0:
+        return Outcome(action, Kind.FAILED, retries, error=line, errors=history, exc=exc)
+    return Outcome(action, Kind.RETRIED, retries - 1, delay=retry_delay(action, settings),
+                   error=line, errors=history, exc=exc)
+
+
+def unstorable(outcome: Outcome, exc: BaseException) -> Outcome:
+    """The outcome to write instead of one the database refused: failed for good, with
+    nothing of the original but why."""
+    action = outcome.action._replace(errors=[])
+    problem = ValueError(f"the database refused this attempt's {outcome.kind} outcome "
+                         f"({error_line(exc)}); it was failed instead")
+    return failed_attempt(action, problem, worker=action.claimed_by, permanent=True,
+                          with_traceback=False)
+
+
+def _retries(action: Action, settings: ProcessorSettings = DEFAULTS) -> int:
+    # Set at claim; a row claimed by an older worker may still say NULL.
+    return settings.retries if action.retries is None else action.retries
 
 
 def retry_delay(action: Action, settings: ProcessorSettings) -> timedelta:
@@ -96,51 +149,7 @@ def retry_delay(action: Action, settings: ProcessorSettings) -> timedelta:
     # Exponential: double per failed attempt so far, capped, with ±20% jitter so a
     # burst of failures does not come back as a burst.
     failures = max(len(action.errors), action.attempts - 1, 0)
-    grown = min(base * (2 ** min(failures, 30)), max(settings.max_retry_interval, base))
-    return grown * random.uniform(0.8, 1.2)
-
-
-def run(proc: Processor, actions: list[Action], worker: str,
-        session: Any = None) -> tuple[list[Outcome], bool]:
-    """Call the processor on one action (or a batch) and classify how each ended.
-
-    Returns the outcomes and whether the processor raised (then a transactional
-    processor's writes must roll back).
-    """
-    batch = proc.settings.batch_size > 1
-    args: tuple[Any, ...] = (actions if batch else actions[0],)
-    if session is not None:
-        args += (session,)
-    try:
-        value = proc.fn(*args)
-    except Defer as defer:
-        return [deferred(a, defer) for a in actions], True
-    except Exception as exc:
-        return [failed_attempt(a, exc, worker=worker, settings=proc.settings)
-                for a in actions], True
-    if not batch:
-        return [completed(actions[0], value)], False
-    return _batch_outcomes(proc, actions, value, worker), False
-
-
-def _batch_outcomes(proc: Processor, actions: list[Action], value: Any,
-                    worker: str) -> list[Outcome]:
-    """A batch processor returns None (all completed) or {action_id: result or exception}."""
-    if value is None:
-        return [completed(a, None) for a in actions]
-    if not isinstance(value, dict):
-        problem = TypeError(f"batch processor {proc.name!r} returned {type(value).__name__}; "
-                            "return None or a dict {action_id: result or exception}")
-        return [failed_attempt(a, problem, worker=worker, settings=proc.settings)
-                for a in actions]
-    results = []
-    for action in actions:
-        outcome = value.get(action.id)
-        if isinstance(outcome, Defer):
-            results.append(deferred(action, outcome))
-        elif isinstance(outcome, BaseException):
-            results.append(failed_attempt(action, outcome, worker=worker,
-                                          settings=proc.settings))
-        else:
-            results.append(completed(action, outcome))
-    return results
+    cap = max(settings.max_retry_interval, base).total_seconds()
+    grown = min(base.total_seconds() * 2 ** min(failures, 30), cap)
+    return timedelta(seconds=min(grown * random.uniform(0.8, 1.2),
+                                 MAX_DURATION.total_seconds()))

@@ -1,4 +1,6 @@
-"""The worker's SQL: claim, record outcomes, hand back, leases. One statement each.
+"""The worker's SQL: claim, record outcomes, hand back, heartbeat (and leadership),
+rescue, wake. One statement each; tests/test_queries.py holds each to its contract on
+both backends.
 
 Written in SQLAlchemy Core so one statement serves PostgreSQL and SQLite; only
 time arithmetic and payload casts differ, and schema.py spells those.
@@ -32,9 +34,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from . import codec
-from .action import Action, Status
+from .action import Action, Status, read_action, row_to_action
 from .database import HotStatement
-from .enqueue import row_to_action
+from .notifier import NOTIFY_CHANNEL, OUTCOME_CHANNEL
 from .outcomes import Outcome
 from .schema import (
     NOW,
@@ -54,14 +56,17 @@ t = async_action
 # once or lock more rows than asked. (SQLite ignores FOR UPDATE; its single writer
 # makes the statement atomic anyway.)
 @functools.cache
-def claim_statement(processors: tuple[str, ...]) -> HotStatement:
-    # The worker's processors are fixed: one statement for them, with a bound value
-    # each (an expanding IN would be re-rendered on every claim).
+def claim_statement(processors: tuple[tuple[str, int], ...]) -> HotStatement:
+    """The claim for these (processor, retries) pairs. The worker's processors are
+    fixed: one statement for them, with a bound value each (an expanding IN would be
+    re-rendered on every claim). An action enqueued without retries gets its
+    processor's here, from the settings of the worker that first claims it."""
+    names = [name for name, _ in processors]
     picked = (
         select(t.c.id)
         .where(PENDING_ONLY,  # the claim index's own predicate (see schema.py)
                t.c.next_eligible_at <= NOW,
-               t.c.processor.in_([literal(name, Text) for name in processors]))
+               t.c.processor.in_([literal(name, Text) for name in names]))
         .order_by(t.c.priority, t.c.next_eligible_at, t.c.id)
         .limit(bindparam("free"))
         .with_for_update(skip_locked=True)
@@ -72,16 +77,20 @@ def claim_statement(processors: tuple[str, ...]) -> HotStatement:
         update(t)
         .where(t.c.id.in_(select(picked.c.id)))
         .values(status=Status.RUNNING.value, attempts=t.c.attempts + 1, started_at=NOW,
+                retries=func.coalesce(t.c.retries, case(
+                    {name: literal(retries, Integer) for name, retries in processors},
+                    value=t.c.processor)),
                 finished_at=None, claimed_by=bindparam("worker"),
                 lease_expires_at=db_now(bindparam("lease", type_=Float)))
         .returning(*action_columns())
     )
 
 
-def claim(conn: Connection, worker: str, processors: Sequence[str], free: int,
+def claim(conn: Connection, worker: str, processors: Sequence[tuple[str, int]], free: int,
           lease: timedelta) -> tuple[list[Action], list[tuple[Action, Exception]]]:
-    """Claim up to `free` eligible actions. Returns them in claim order, and apart the
-    ones whose stored data does not decode (with why), to be failed on their own."""
+    """Claim up to `free` eligible actions of these (processor, default retries). Returns
+    them in claim order, and apart the ones whose stored data does not decode (with
+    why), to be failed on their own."""
     rows = claim_statement(tuple(processors)).rows(
         conn, {"free": free, "worker": worker, "lease": lease.total_seconds()})
     actions, malformed = [], []
@@ -95,10 +104,17 @@ def claim(conn: Connection, worker: str, processors: Sequence[str], free: int,
     return actions, malformed
 
 
+def any_eligible(conn: Connection, processors: Sequence[str]) -> bool:
+    """Whether any action of these processors is eligible now, locked or not: a claim
+    that skipped locked rows (a heartbeat was extending a lease) may have missed it."""
+    return conn.execute(select(
+        select(t.c.id).where(PENDING_ONLY, t.c.next_eligible_at <= NOW,
+                             t.c.processor.in_(processors)).exists())).scalar_one()
+
+
 # Record a batch of outcomes in one set-based statement, fenced on the attempt that was
 # claimed: a worker that lost its lease (and so its claim) can never overwrite a newer
 # attempt or a cancel. RETURNING tells which outcomes the fence let through.
-OUTCOME_CHANNEL = "asyncactions_outcome"
 _OUTCOME_COLUMNS = [column("id", BigInteger), column("attempts", Integer),
                     column("worker", Text), column("status", Text), column("retries", Integer),
                     column("result", Text), column("error", Text), column("errors", Text),
@@ -184,16 +200,37 @@ EXTEND_LEASES = (
 )
 
 
-def heartbeat(conn: Connection, worker: str, lease: timedelta, held: Sequence[int]) -> int:
-    """Mark this worker alive and extend the leases of what it holds; returns whether its
-    registration row still existed (0 means another worker declared it dead)."""
-    alive = conn.execute(update(async_action_worker)
-                         .where(async_action_worker.c.id == worker)
-                         .values(heartbeat_at=NOW)).rowcount
+# The leader is the longest-running worker that beat lately (within two heartbeat
+# intervals, a third of a lease): it runs the cluster's maintenance (rescue, prune,
+# schedules, wake-ups). Every heartbeat learns who it is in the same statement, so
+# electing one costs no statement of its own, holds no lock a connection pooler could
+# strand, and passes on about half a lease after the leader's loss, before its
+# actions' leases run out.
+_live = async_action_worker.alias("live")
+HEARTBEAT = (
+    update(async_action_worker)
+    .where(async_action_worker.c.id == bindparam("worker"))
+    .values(heartbeat_at=NOW)
+    .returning(
+        select(_live.c.id)
+        .where(_live.c.heartbeat_at > db_now(bindparam("neg_recent", type_=Float)))
+        .order_by(_live.c.started_at, _live.c.id)
+        .limit(1)
+        .scalar_subquery())
+)
+
+
+def heartbeat(conn: Connection, worker: str, lease: timedelta,
+              held: Sequence[int]) -> tuple[bool, str | None]:
+    """Mark this worker alive and extend the leases of what it holds. Returns whether its
+    registration row still existed (false: another worker declared it dead) and the
+    leader's id."""
+    row = conn.execute(HEARTBEAT, {"worker": worker,
+                                   "neg_recent": -lease.total_seconds() / 3}).first()
     if held:
         conn.execute(EXTEND_LEASES, {"worker": worker, "lease": lease.total_seconds(),
                                      "held": list(held)})
-    return alive
+    return row is not None, row[0] if row else None
 
 
 def workers_on(conn: Connection, hostname: str) -> list[tuple[str, str, int]]:
@@ -224,7 +261,28 @@ LOST = (
 
 def lost_actions(conn: Connection, lease: timedelta, limit: int = 500) -> list[Action]:
     conn.execute(FORGET_DEAD_WORKERS, {"neg_lease": -lease.total_seconds()})
-    return [row_to_action(r) for r in conn.execute(LOST, {"limit": limit})]
+    return [read_action(r) for r in conn.execute(LOST, {"limit": limit})]
+
+
+# Wake the workers for actions that became eligible lately (a delay or a retry interval
+# ran out): enqueues notify when they commit, but nothing happens when a time passes.
+# Run by the leader each poll interval, so that listening workers need not poll; it
+# reads only the recent end of the eligibility index.
+WAKE = (
+    select(func.pg_notify(NOTIFY_CHANNEL, column("processor")))
+    .select_from(
+        select(t.c.processor).distinct()
+        .where(PENDING_ONLY,
+               t.c.next_eligible_at > db_now(bindparam("neg_window", type_=Float)),
+               t.c.next_eligible_at <= NOW)
+        .subquery())
+)
+
+
+def wake_eligible(conn: Connection, window: timedelta) -> int:
+    """Notify each processor with actions that became eligible within `window`; returns
+    how many processors were woken."""
+    return len(conn.execute(WAKE, {"neg_window": -window.total_seconds()}).all())
 
 
 # Eligible pending actions by processor, for the metrics (sampled, not per action).

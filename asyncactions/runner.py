@@ -4,41 +4,31 @@ A Python thread cannot be killed, so an attempt that outlives its timeout is
 abandoned: it is recorded as timed out at once, its thread is replaced so the
 worker keeps its full concurrency, and whatever the thread returns later is
 dropped. Threads are daemons, so a hung processor never keeps the process alive.
+
+No thread of the pool can die: the executor turns whatever a processor does into
+outcomes, and anything that still escapes is logged and the thread goes on.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from .action import Action
-from .outcomes import Outcome
+from .executor import Attempt, Done, Executor
 
-
-@dataclass(eq=False)
-class Attempt:
-    """One call of a processor: one action, or a batch of one processor's actions."""
-
-    actions: list[Action]
-    processor: str
-    timeout: float | None  # seconds
-    deadline: float = field(default=0.0)  # monotonic, once started
-    finished: bool = False  # its outcome was reported (by its thread or as timed out)
+log = logging.getLogger("asyncactions.runner")
 
 
 class Runner:
-    def __init__(self, size: int, execute: Callable[[Attempt], list[Outcome]],
-                 report: Callable[[list[Outcome]], None],
-                 on_timeout: Callable[[Attempt], list[Outcome]]) -> None:
+    def __init__(self, size: int, executor: Executor, report: Callable[[Done], None]) -> None:
         self._size = size
-        self._execute = execute
+        self._executor = executor
         self._report = report
-        self._on_timeout = on_timeout
         self._waiting: deque[Attempt] = deque()
         self._lock = threading.Lock()
         self._work_ready = threading.Condition(self._lock)  # for the pool's threads
@@ -64,12 +54,6 @@ class Runner:
         """Attempts running or waiting for a thread."""
         return len(self._waiting) + len(self._running)
 
-    def held(self) -> list[int]:
-        """Ids of the actions waiting or running here: the ones whose leases to extend."""
-        with self._lock:
-            return [action.id for attempt in (*self._waiting, *self._running)
-                    for action in attempt.actions]
-
     def _spawn(self) -> None:
         threading.Thread(target=self._work, name="asyncactions-run", daemon=True).start()
 
@@ -82,10 +66,14 @@ class Runner:
                 attempt = self._waiting.popleft()
                 self._running.add(attempt)
                 if attempt.timeout is not None:
-                    attempt.deadline = time.monotonic() + attempt.timeout
-                    heapq.heappush(self._deadlines, (attempt.deadline, next(self._seq), attempt))
+                    deadline = time.monotonic() + attempt.timeout
+                    heapq.heappush(self._deadlines, (deadline, next(self._seq), attempt))
                     self._changed.notify_all()
-            outcome = self._execute(attempt)
+            try:
+                done = self._executor.run(attempt)
+            except BaseException as exc:  # the executor never raises; if it did, go on
+                log.exception("running an attempt failed unexpectedly")
+                done = Done(self._executor.failed(attempt, exc))
             with self._lock:
                 abandoned = attempt.finished
                 attempt.finished = True
@@ -93,9 +81,25 @@ class Runner:
                 self._changed.notify_all()
             if abandoned:
                 return  # timed out meanwhile: a replacement thread took this one's place
-            self._report(outcome)
+            self._reported(done)
+
+    def _reported(self, done: Done) -> None:
+        try:
+            self._report(done)
+        except BaseException:
+            log.exception("reporting an outcome failed")
 
     def _watch(self) -> None:
+        while True:
+            try:
+                if self._watch_once():
+                    return
+            except BaseException:
+                log.exception("the timeout watchdog failed; it goes on")
+                time.sleep(0.1)
+
+    def _watch_once(self) -> bool:
+        """Abandon the attempts past their deadline; true once closed and idle."""
         while True:
             expired: list[Attempt] = []
             with self._lock:
@@ -108,14 +112,14 @@ class Runner:
                         expired.append(attempt)
                 if not expired:
                     if self._closed and not self._running:
-                        return
+                        return True
                     wait = self._deadlines[0][0] - now if self._deadlines else None
                     self._changed.wait(wait)
                     continue
                 self._changed.notify_all()
             for attempt in expired:
                 self._spawn()
-                self._report(self._on_timeout(attempt))
+                self._reported(Done(self._executor.timed_out(attempt)))
 
     # --- shutdown ---------------------------------------------------------------------
 

@@ -83,7 +83,7 @@ async_action = Table(
     Column("data", Payload),
     Column("related_id", Text),
     Column("priority", SmallInteger, nullable=False, server_default="0"),
-    Column("retries", Integer, nullable=False),
+    Column("retries", Integer),  # NULL: the processor's, set at the first claim
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("error", Text),
     Column("errors", Payload),
@@ -106,6 +106,9 @@ async_action = Table(
 PENDING_ONLY = text("status = 'pending'")
 Index("async_action_claim_idx", async_action.c.priority, async_action.c.next_eligible_at,
       async_action.c.id, postgresql_where=PENDING_ONLY, sqlite_where=PENDING_ONLY)
+# The leader's wake-up finds actions that just became eligible by time alone.
+Index("async_action_eligible_idx", async_action.c.next_eligible_at,
+      postgresql_where=PENDING_ONLY, sqlite_where=PENDING_ONLY)
 # The id column's sequence, for statements that draw ids before inserting.
 ID_SEQUENCE = literal_column("'async_action_id_seq'::regclass")
 # unique_key is unique among live actions only; finished ones keep theirs for audit.

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import create_engine
 
 from asyncactions import queries
-from asyncactions.worker import CLAIM_SESSION
+from asyncactions.claiming import CLAIM_SESSION
 
 from . import pg
 from .procs import Workers, log, wait_until
@@ -50,14 +50,14 @@ class ClaimProbe:
         self.client_ms: list[float] = []
         self.server_ms: list[float] = []
         # The very statement and arguments queries.claim sends, for EXPLAIN.
-        self._claim_sql = queries.claim_statement(("bench_noop",)).render(
+        self._claim_sql = queries.claim_statement((("bench_noop", 3),)).render(
             self.conn.dialect, {"free": CLAIM_BATCH, "worker": "bench:scale",
                                 "lease": LEASE.total_seconds()})
 
     def claim(self, record: bool = True) -> None:
         with self.conn.begin() as tx:
             start = time.perf_counter()
-            claimed, _ = queries.claim(self.conn, "bench:scale", ["bench_noop"], CLAIM_BATCH,
+            claimed, _ = queries.claim(self.conn, "bench:scale", [("bench_noop", 3)], CLAIM_BATCH,
                                        LEASE)
             elapsed = time.perf_counter() - start
             tx.rollback()

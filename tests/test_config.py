@@ -87,7 +87,7 @@ def test_default_locations_and_the_embedded_default(tmp_path: Path,
 
 @pytest.mark.parametrize(("body", "message"), [
     ("[worker]\nconcurency = 3\n",
-     "[worker]: unknown key 'concurency'; allowed: concurrency, lease, poll_interval, "
+     "[worker]: unknown key 'concurency'; allowed: concurrency, lease, listen, poll_interval, "
      "shutdown_grace"),
     ("[worker]\nconcurrency = 'ten'\n",
      "[worker] concurrency: must be a whole number from 1 to 10000"),

@@ -41,7 +41,8 @@ def test_committed_session_enqueue_persists_the_action(db: Db) -> None:
     assert stored.processor == "send_welcome_email"
     assert stored.data == {"user_id": 42}
     assert stored.related_id == "user:42"
-    assert (stored.retries, stored.attempts, stored.priority) == (3, 0, 0)
+    # retries: None until a worker claims it and sets the processor's.
+    assert (stored.retries, stored.attempts, stored.priority) == (None, 0, 0)
     assert stored.created_at.tzinfo is not None
     assert stored.next_eligible_at <= datetime.now(UTC) + timedelta(seconds=1)
 
@@ -99,13 +100,14 @@ def test_bulk_insert_keeps_order_and_options(db: Db) -> None:
     assert init_actions(db.engine, "p", []) == []
 
 
-def test_retries_default_to_the_registered_processors_setting(db: Db) -> None:
+def test_retries_are_kept_when_given_and_left_to_the_processor_when_not(db: Db) -> None:
     @processor("five_retries", retries=5)
     def five(action):  # pragma: no cover - never run
         return None
 
-    assert init_action(db.engine, "five_retries").retries == 5
-    assert init_action(db.engine, "not_registered_here").retries == 3
+    # Registered here or not, the claiming worker's settings decide (test_wedges.py).
+    assert init_action(db.engine, "five_retries").retries is None
+    assert init_action(db.engine, "not_registered_here").retries is None
     assert init_action(db.engine, "five_retries", retries=0).retries == 0
 
 

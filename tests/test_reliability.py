@@ -11,7 +11,7 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -124,14 +124,17 @@ def test_a_lost_remote_workers_actions_return_when_its_lease_expires(db: Db) -> 
     resumable_id = init_action(db.engine, "resumable", {}).id
     last_id = init_action(db.engine, "last_chance", {}).id
     lease = 1.0
+    # It stopped heartbeating: its last beat gave the actions below their last second.
+    last_beat = datetime.now(UTC) - timedelta(seconds=60 - lease)
     with db.engine.begin() as conn:
         conn.execute(text("INSERT INTO async_action_worker VALUES ('elsewhere:99:0-dead', "
                           "'elsewhere', 99, 'resumable,last_chance', :t, :t)"),
-                     {"t": admin.get_action(conn, resumable_id).created_at})
+                     {"t": last_beat})
     from asyncactions import queries
     with db.engine.begin() as conn:
-        claimed, _ = queries.claim(conn, "elsewhere:99:0-dead", ["resumable", "last_chance"], 2,
-                                timedelta(seconds=lease))
+        claimed, _ = queries.claim(conn, "elsewhere:99:0-dead",
+                                   [("resumable", 1), ("last_chance", 0)], 2,
+                                   timedelta(seconds=lease))
     assert len(claimed) == 2
     claimed_at = time.monotonic()
     config = Config(database_url=db.url, worker=WorkerSettings(
@@ -176,7 +179,9 @@ def test_sigterm_finishes_in_flight_attempts_and_leaves_the_rest_untouched(
     assert completed == started
     untouched = db.rows("SELECT DISTINCT attempts, retries, error FROM async_action "
                         "WHERE status = 'pending'")
-    assert untouched == [(0, 3, None)]
+    # Handed back as if never claimed (retries, once set by a claim, stay set).
+    assert {(attempts, error) for attempts, _, error in untouched} == {(0, None)}
+    assert {retries for _, retries, _ in untouched} <= {None, 3}
     assert db.scalar("SELECT count(*) FROM async_action_worker") == 0
     assert "stopping gracefully" in worker_log(worker)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
-from asyncactions import Worker, init_action, init_actions, processor
-from asyncactions.maintenance import leader
+from sqlalchemy import text
+
+from asyncactions import Worker, admin, init_action, init_actions, processor, queries
+from asyncactions.maintenance import Heartbeat, Leadership, Maintenance, Pruner
 
 from .conftest import Db, wait_until, worker_config
 
@@ -45,9 +47,45 @@ def test_a_worker_with_short_retention_keeps_the_table_bounded(db: Db) -> None:
         ("failed", "RuntimeError: kept for the post-mortem")]
 
 
-def test_one_pruner_at_a_time_across_the_cluster(pg: Db) -> None:
-    with pg.engine.connect() as first, pg.engine.connect() as second:
-        with leader(first, "prune") as got_first, leader(second, "prune") as got_second:
-            assert (got_first, got_second) == (True, False)
-        with leader(second, "prune") as got_again:
-            assert got_again
+def test_only_the_elected_leader_prunes(db: Db) -> None:
+    """Two workers' maintenance side by side: the longest-running one leads and prunes;
+    the other's pruner does not run, until the leader's heartbeat ages past a lease."""
+    lease = timedelta(minutes=1)
+    with db.engine.begin() as conn:
+        queries.register_worker(conn, "elder", "h", 1, ["p"])
+        conn.execute(text("UPDATE async_action_worker SET started_at = :t"),
+                     {"t": datetime.now(UTC) - timedelta(minutes=1)})
+        queries.register_worker(conn, "younger", "h", 2, ["p"])
+    pruned: dict[str, int] = {}
+
+    class CountingPruner(Pruner):
+        def __init__(self, name: str) -> None:
+            super().__init__(db.engine, {"canceled": timedelta(0)})
+            self.name = name
+
+        def run_once(self) -> int:
+            pruned[self.name] = pruned.get(self.name, 0) + super().run_once()
+            return pruned[self.name]
+
+    parts = {}
+    for name in ("elder", "younger"):
+        leadership = Leadership(name, lease)
+        heartbeat = Heartbeat(db.engine, name, lease, list, lambda: None, leadership)
+        parts[name] = (heartbeat, Maintenance(leadership, [heartbeat],
+                                              [CountingPruner(name)]))
+
+    def round_of_maintenance() -> None:
+        admin.cancel(db.engine, init_action(db.engine, "p", {}).id)
+        for heartbeat, maintenance in parts.values():
+            heartbeat.run_once()
+            for job in maintenance._scheduler.get_jobs():
+                job.func(*job.args)
+
+    round_of_maintenance()
+    assert pruned == {"elder": 1}
+    with db.engine.begin() as conn:
+        conn.execute(text("UPDATE async_action_worker SET heartbeat_at = :t WHERE id = 'elder'"),
+                     {"t": datetime.now(UTC) - 2 * lease})
+    parts.pop("elder")  # its process is gone
+    round_of_maintenance()
+    assert pruned == {"elder": 1, "younger": 1}

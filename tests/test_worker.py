@@ -23,10 +23,10 @@ from asyncactions import (
     processor,
     queries,
 )
+from asyncactions.claiming import CLAIM_SESSION
 from asyncactions.config import Config, WorkerSettings
 from asyncactions.database import KeptConnection
 from asyncactions.notifier import LISTEN, Wakeup
-from asyncactions.worker import CLAIM_SESSION
 
 from .conftest import Db, drain
 from .conftest import worker_config as config
@@ -226,7 +226,7 @@ def test_claims_reuse_one_cached_plan_instead_of_planning_each_claim(pg: Db) -> 
     conn = KeptConnection(pg.engine, *CLAIM_SESSION, single_statements=True)
     for _ in range(20):  # psycopg prepares a statement after 5 runs
         with conn.begin() as c:
-            claimed, _ = queries.claim(c, "w", ["p"], 1, timedelta(minutes=5))
+            claimed, _ = queries.claim(c, "w", [("p", 3)], 1, timedelta(minutes=5))
             assert len(claimed) == 1
     with conn.begin() as c:
         generic, custom = c.exec_driver_sql(

@@ -1,0 +1,188 @@
+"""Executing: call the processor on a claimed attempt and turn however it ended into one
+Outcome per action. This is the one place that decides what an attempt's end means.
+
+Whatever the processor does (returns anything, raises anything, `SystemExit` and
+`KeyboardInterrupt` included), `run` returns outcomes and never raises: a processor's
+exception is its action's failure, never the worker's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from . import queries
+from .action import Action
+from .database import first_line
+from .durations import format_duration
+from .metrics import Metrics
+from .outcomes import Kind, Outcome, completed, deferred, error_line, failed_attempt
+from .processors import DEFAULTS, Defer, PermanentFailure, Processor
+
+log = logging.getLogger("asyncactions.executor")
+
+
+@dataclass(eq=False)
+class Attempt:
+    """One call of a processor: one action, or a batch of one processor's actions."""
+
+    actions: list[Action]
+    processor: str
+    timeout: float | None  # seconds
+    finished: bool = field(default=False)  # its outcome was reported (or it timed out)
+
+
+@dataclass(frozen=True)
+class Done:
+    """An attempt's outcomes, and the ids already written with them (a transactional
+    attempt commits its outcomes with the processor's work), else None: to be written."""
+
+    outcomes: list[Outcome]
+    applied: set[int] | None = None
+
+
+class Interrupted(Exception):
+    """Recorded for an attempt still running when shutdown_grace ran out."""
+
+
+class Executor:
+    def __init__(self, processors: dict[str, Processor], worker_id: str, engine: Engine, *,
+                 max_bytes: int, metrics: Metrics | None = None) -> None:
+        self._processors = processors
+        self._worker = worker_id
+        self._engine = engine
+        self._max_bytes = max_bytes
+        self._metrics = metrics
+
+    def run(self, attempt: Attempt) -> Done:
+        started = time.perf_counter()
+        proc = self._processors[attempt.processor]
+        try:
+            if proc.settings.transactional:
+                done = self._in_transaction(proc, attempt)
+            else:
+                done = Done(self._call(proc, attempt.actions)[0])
+        except BaseException as exc:  # our own bookkeeping failed: still an outcome each
+            log.exception("recording the outcome of %s failed", _ids(attempt))
+            done = Done(self.failed(attempt, exc))
+        if self._metrics is not None:
+            self._metrics.attempt(proc.name, time.perf_counter() - started)
+        return done
+
+    def _call(self, proc: Processor, actions: list[Action],
+              session: Any = None) -> tuple[list[Outcome], bool]:
+        """Call the processor; returns the outcomes and whether it raised (then a
+        transactional processor's writes roll back)."""
+        batch = proc.settings.batch_size > 1
+        args: tuple[Any, ...] = (actions if batch else actions[0],)
+        if session is not None:
+            args += (session,)
+        try:
+            value = proc.fn(*args)
+        except Defer as defer:
+            return [self._outcome(a, defer) for a in actions], True
+        except BaseException as exc:  # SystemExit and the like end this attempt only
+            return [self._outcome(a, exc) for a in actions], True
+        if not batch:
+            return [self._outcome(actions[0], value)], False
+        return self._batch_outcomes(proc, actions, value), False
+
+    def _batch_outcomes(self, proc: Processor, actions: list[Action],
+                        value: Any) -> list[Outcome]:
+        """None: all completed; else {action_id: result or exception}, missing ids completed."""
+        if value is None:
+            return [self._outcome(a, None) for a in actions]
+        if not isinstance(value, dict):
+            problem = TypeError(f"batch processor {proc.name!r} returned "
+                                f"{type(value).__name__}; return None or a dict "
+                                "{action_id: result or exception}")
+            return [self._outcome(a, problem) for a in actions]
+        return [self._outcome(a, value.get(a.id)) for a in actions]
+
+    def _outcome(self, action: Action, end: Any) -> Outcome:
+        """The one decision: a Defer, an exception (a failed attempt) or a result."""
+        settings = self._processors[action.processor].settings
+        try:
+            if isinstance(end, Defer):
+                return deferred(action, end, worker=self._worker, settings=settings)
+            if isinstance(end, BaseException):
+                return failed_attempt(action, end, worker=self._worker, settings=settings)
+            return completed(action, end, max_bytes=self._max_bytes, worker=self._worker)
+        except BaseException as exc:
+            return self._last_resort(action, exc)
+
+    def _in_transaction(self, proc: Processor, attempt: Attempt) -> Done:
+        """The processor's writes and the outcomes commit together, or not at all."""
+        with Session(self._engine) as session:
+            session.begin()
+            outcomes, raised = self._call(proc, attempt.actions, session)
+            if raised:
+                session.rollback()
+                return Done(outcomes)
+            try:
+                applied = queries.record(session.connection(), outcomes)
+                if len(applied) < len(outcomes):
+                    # We lost the claim (lease expired, canceled): our work must not land.
+                    session.rollback()
+                    log.warning("%s lost its claim while running; its writes were rolled "
+                                "back", _ids(attempt))
+                    applied = set()
+                else:
+                    session.commit()
+            except Exception as exc:
+                session.rollback()
+                log.warning("committing %s failed (%s); its writes were rolled back",
+                            _ids(attempt), first_line(exc))
+                return Done(self.failed(attempt, exc))
+        return Done(outcomes, applied)
+
+    # --- attempts that ended without the processor returning ----------------------------
+
+    def timed_out(self, attempt: Attempt) -> list[Outcome]:
+        limit = format_duration(timedelta(seconds=attempt.timeout or 0))
+        return self.failed(attempt, TimeoutError(
+            f"attempt timed out after {limit} (the processor's timeout) and was abandoned"))
+
+    def interrupted(self, attempt: Attempt, grace: timedelta) -> list[Outcome]:
+        return self.failed(attempt, Interrupted(
+            f"the worker stopped while this attempt was running (shutdown_grace "
+            f"{format_duration(grace)} ran out)"))
+
+    def undecodable(self, action: Action, exc: BaseException) -> Outcome:
+        problem = PermanentFailure(f"the stored data cannot be decoded ({error_line(exc)}); "
+                                   "fix or cancel this action")
+        return self._failed_one(action, problem)
+
+    def failed(self, attempt: Attempt, exc: BaseException) -> list[Outcome]:
+        return [self._failed_one(action, exc) for action in attempt.actions]
+
+    def _failed_one(self, action: Action, exc: BaseException) -> Outcome:
+        proc = self._processors.get(action.processor)
+        try:
+            return failed_attempt(action, exc, worker=self._worker,
+                                  settings=proc.settings if proc else DEFAULTS)
+        except BaseException as broken:
+            return self._last_resort(action, broken)
+
+    def _last_resort(self, action: Action, exc: BaseException) -> Outcome:
+        """Building the outcome itself failed (a history that no longer encodes, say):
+        fail the action for good with what we know, from values that cannot fail."""
+        log.error("%s: could not record its outcome (%s); failing it", action.display_id,
+                  type(exc).__name__)
+        try:
+            return failed_attempt(action._replace(errors=[]), exc, worker=self._worker,
+                                  permanent=True, with_traceback=False)
+        except BaseException:
+            return Outcome(action, Kind.FAILED, 0,
+                           error="RecordingFailed: this attempt's outcome could not be "
+                                 "recorded")
+
+
+def _ids(attempt: Attempt) -> str:
+    return ", ".join(a.display_id for a in attempt.actions)
