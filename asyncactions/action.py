@@ -86,10 +86,30 @@ def row_to_action(row: Sequence[Any], *, payloads: bool = True) -> Action:
                   *times)
 
 
-def read_action(row: Sequence[Any]) -> Action:
-    """row_to_action that never fails on payloads: one that does not decode is kept as
-    stored (raw text), so an operator can still see and steer the action."""
+def read_action(row: Any) -> Action:
+    """A row selected with action_columns(), decoded. In a row that does not decode
+    (written by hand or by an older version) each payload that does not (data, result,
+    an error history that is not a list of entries) stays as stored, text, so an
+    operator can see what is wrong, and cancel or retry the action."""
     try:
-        return row_to_action(row)
+        action = row_to_action(row)
+        if _is_history(action.errors):
+            return action
     except codec.MALFORMED:
-        return row_to_action(row, payloads=False)
+        pass
+    raw = Action._make(row[:len(Action._fields)])
+    errors = [] if raw.errors is None else _decoded(raw.errors)
+    return raw._replace(status=Status(raw.status), data=_decoded(raw.data),
+                        result=_decoded(raw.result),
+                        errors=errors if _is_history(errors) else raw.errors)
+
+
+def _decoded(text: str | None) -> Any:
+    try:
+        return codec.loads(text)
+    except codec.MALFORMED:
+        return text
+
+
+def _is_history(errors: Any) -> bool:
+    return isinstance(errors, list) and all(isinstance(e, dict) for e in errors)

@@ -27,8 +27,7 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.expression import ColumnElement
 
-from . import codec
-from .action import Action, Status, row_to_action
+from .action import Action, Status, read_action
 from .audit import FINAL, Filter, parse_statuses
 from .database import Database, connection
 from .errors import ActionNotFound, AsyncActionsError
@@ -38,16 +37,27 @@ from .schema import ACTIVE_STATUSES, NOW, UtcDateTime, action_columns, async_act
 t = async_action
 _other = t.alias("other")  # the same table again, for conditions on other rows
 _ID = re.compile(r"^(?:ASYNC-)?0*(\d+)$", re.IGNORECASE)
+MAX_ID = 2**63 - 1  # a bigint: no action has a larger id
 
 
 def parse_id(value: str | int) -> int:
     """42, '42' or 'ASYNC-00000042' -> 42."""
-    if isinstance(value, int):
-        return value
-    match = _ID.match(value.strip())
-    if match is None:
-        raise ActionNotFound(f"{value!r} is not an action id; write it as 42 or ASYNC-00000042")
-    return int(match[1])
+    number: int | None = value if isinstance(value, int) else None
+    if isinstance(value, str):
+        match = _ID.match(value.strip())
+        if match is None:
+            raise ActionNotFound(f"{_shown(value)} is not an action id; write it as 42 or "
+                                 "ASYNC-00000042")
+        number = int(match[1]) if len(match[1]) < 20 else None  # 20 digits: too many
+    if number is None or not 0 <= number <= MAX_ID:
+        raise ActionNotFound(f"{_shown(value)} is not an action id: ids run from 1 to {MAX_ID}")
+    return number
+
+
+def _shown(value: str | int) -> str:
+    if isinstance(value, int):  # str() of a huge int is refused, and of no use here
+        return str(value) if abs(value) < 10**30 else "that number"
+    return repr(value if len(value) <= 40 else f"{value[:30]}...")
 
 
 def get_action(db: Database, action_id: int | str) -> Action:
@@ -57,10 +67,7 @@ def get_action(db: Database, action_id: int | str) -> Action:
     if row is None:
         raise ActionNotFound(f"no action {action_id} (ASYNC-{action_id:08d}); "
                              "`asyncactions list` shows the ones that exist")
-    try:
-        return row_to_action(row)
-    except codec.MALFORMED:  # shown as stored, so an operator can see what is wrong
-        return row_to_action(row, payloads=False)
+    return read_action(row)
 
 
 _CANCELED = {"status": Status.CANCELED.value, "finished_at": NOW, "claimed_by": None,
@@ -109,7 +116,7 @@ def _transition(db: Database, action_id: int, stmt: Any, params: dict[str, Any],
     with connection(db) as conn:
         row = conn.execute(stmt, {"b_id": action_id, **params}).first()
     if row is not None:
-        return row_to_action(row)
+        return read_action(row)
     current = get_action(db, action_id)  # raises ActionNotFound
     raise AsyncActionsError(f"cannot {verb} {current.display_id}: it is {current.status}; "
                             f"{rule}")

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.expression import ColumnElement
 
-from .action import Action, Status, row_to_action
+from .action import Action, Status, read_action
 from .database import Database, connection
 from .errors import AsyncActionsError
 from .schema import (
@@ -88,7 +88,7 @@ def list_actions(db: Database, where: Filter = Filter(), *, limit: int = 50) -> 
     stmt = (select(*action_columns()).where(where.where())
             .order_by(t.c.id.desc()).limit(limit))
     with connection(db) as conn:
-        return [row_to_action(r) for r in conn.execute(stmt)]
+        return [read_action(r) for r in conn.execute(stmt)]
 
 
 def db_clock(db: Database) -> datetime:

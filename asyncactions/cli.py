@@ -20,7 +20,13 @@ from sqlalchemy import exc as sa_exc
 from . import admin, audit, codec
 from . import processors as registry
 from .action import Action
-from .config import Config, load_config
+from .config import (
+    MAX_CONCURRENCY,
+    Config,
+    check_payload,
+    check_text,
+    load_config,
+)
 from .database import describe, first_line, make_engine, require_schema
 from .durations import format_duration, parse_duration
 from .enqueue import init_action
@@ -68,12 +74,18 @@ class Group(click.Group):
                   "ASYNCACTIONS_DATABASE_URL and that the server is running")
         except sa_exc.ProgrammingError as exc:
             _fail(f"DatabaseError: {first_line(exc)}; has `asyncactions db upgrade` been run?")
+        except sa_exc.DBAPIError as exc:  # the database refused a value: nothing was changed
+            _fail(f"DatabaseError: {first_line(exc)}")
 
 
 def run() -> None:
     """Console entry point: click's own usage errors also end as one line."""
     try:
+        for number, arg in enumerate(sys.argv[1:], 1):  # before anything reaches the database
+            check_text(arg, f"command-line argument {number}")
         main(prog_name="asyncactions", standalone_mode=False)  # also under python -m
+    except ConfigError as exc:
+        _fail(str(exc))
     except click.exceptions.Abort:
         _fail("aborted", code=130)
     except click.ClickException as exc:
@@ -122,14 +134,18 @@ def main(ctx: click.Context, config_path: str | None, database_url: str | None) 
     ctx.obj = State(config_path, database_url)
 
 
+MAX_PROCESSES = 256  # worker processes under one supervisor
+
 # --- worker ---------------------------------------------------------------------------
 
 @main.command()
 @click.option("--import", "imports", multiple=True, metavar="MODULE",
               help="Module that registers processors (repeatable).")
 @click.option("--processors", metavar="A,B", help="Run only these processors.")
-@click.option("--concurrency", type=click.IntRange(min=1), help="Actions in flight at once.")
-@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--concurrency", type=click.IntRange(1, MAX_CONCURRENCY),
+              help=f"Actions in flight at once (1 to {MAX_CONCURRENCY}).")
+@click.option("--processes", type=click.IntRange(1, MAX_PROCESSES), default=1,
+              show_default=True,
               help="Worker processes under one supervisor that restarts any that dies.")
 @click.option("--burst", is_flag=True, help="Drain what is eligible now, then exit 0.")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), metavar="P",
@@ -248,7 +264,8 @@ def sql(state: State, dialect: str | None) -> None:
 @click.option("--data", default=None, metavar="JSON", help="The action's data, as JSON.")
 @click.option("--related-id", metavar="ID", help="Id of the related business record.")
 @click.option("--delay", callback=_duration, metavar="DURATION", help="Eligible after, e.g. 5m.")
-@click.option("--priority", type=int, default=0, show_default=True, help="Lower runs first.")
+@click.option("--priority", type=click.IntRange(-32768, 32767), default=0, show_default=True,
+              help="Lower runs first (-32768 to 32767).")
 @click.option("--unique-key", metavar="KEY", help="Skip if a live action holds this key.")
 @click.option("--import", "imports", multiple=True, metavar="MODULE",
               help="Module that registers processors (to check the name).")
@@ -263,10 +280,7 @@ def enqueue(state: State, processor: str, data: str | None, related_id: str | No
     --unique-key, if one does)."""
     if timeout is not None and not wait:
         raise click.BadParameter("only makes sense with --wait", param_hint="--timeout")
-    try:
-        payload = None if data is None else codec.loads(data)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON ({exc})", param_hint="--data") from None
+    payload = None if data is None else _payload(state, data)
     engine = state.checked_engine
     _check_processor_known(state, engine, processor, imports)
     action = init_action(engine, processor, payload, related_id=related_id, delay=delay,
@@ -280,6 +294,23 @@ def enqueue(state: State, processor: str, data: str | None, related_id: str | No
         except TimeoutError as exc:
             _fail(f"TimeoutError: {exc}", code=3)
         _print_final(final)
+
+
+def _payload(state: State, data: str) -> Any:
+    """--data as a value; refused here, in one line, if the database could not store it."""
+    try:
+        payload = codec.loads(data)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc})", param_hint="--data") from None
+    except ValueError as exc:  # a typed value ({"$decimal": ...}) that does not decode
+        raise click.BadParameter(str(exc), param_hint="--data") from None
+    except RecursionError:
+        raise click.BadParameter("nested too deeply", param_hint="--data") from None
+    try:
+        check_payload(payload, "data", state.config.max_data_bytes)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--data") from None
+    return payload
 
 
 def _print_final(action: Action) -> None:
@@ -310,6 +341,8 @@ def _check_processor_known(state: State, engine: Engine, name: str,
 
 # --- audit ------------------------------------------------------------------------------
 
+# Rows a listing prints at most: for more, page with --since or use SQL.
+MAX_LIMIT = 100_000
 FIELDS = Action._fields
 SUMMARY = ("id", "processor", "status", "attempts", "retries", "related_id", "created_at",
            "finished_at", "error")
@@ -327,7 +360,7 @@ def _record(action: Action, *, human: bool = False) -> dict[str, Any]:
 @click.option("--related-id", metavar="ID", help="Only actions of this business record.")
 @click.option("--since", callback=_duration, metavar="DURATION",
               help="Only actions created within, e.g. 24h.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=50, show_default=True)
 @_format_option
 @click.pass_obj
 def list_cmd(state: State, status: tuple[str, ...] | None, processor: str | None,
@@ -359,6 +392,9 @@ def show(state: State, action_id: str, fmt: str) -> None:
         return
     rows = [{"field": k, "value": v} for k, v in fields.items() if k != "errors"]
     emit(rows, ["field", "value"], fmt, title=str(action))
+    if isinstance(action.errors, str):  # a row that does not decode: shown as stored
+        click.echo(f"\nerror history, as stored (it does not decode): {action.errors}")
+        return
     for entry in action.errors:
         click.echo(f"\nattempt {entry.get('attempt')} at {entry.get('at')} on "
                    f"{entry.get('worker')}: {entry.get('error')}")
@@ -403,7 +439,7 @@ def _ratio(value: float | None) -> Ratio | None:
 @click.option("--status", callback=_statuses, metavar="S[,S...]",
               help="By filter: actions in these statuses (default failed).")
 @click.option("--processor", metavar="NAME", help="By filter: only this processor's actions.")
-@click.option("--retries", type=click.IntRange(min=0),
+@click.option("--retries", type=click.IntRange(0, registry.MAX_RETRIES),
               help="Set retries remaining (default: unchanged).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj

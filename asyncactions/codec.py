@@ -63,6 +63,8 @@ def dumps(value: Any, *, what: str = "data", max_bytes: int | None = None) -> st
         except RecursionError:
             problem = f"{what}: nested too deeply; at most {MAX_DEPTH} levels are allowed"
         raise UnserializableData(problem) from None
+    if "\\u0000" in text or "\\ud" in text:  # rare: only then are the strings walked
+        _check_strings(value, what)
     # Cheap tests on the text first: only payloads that may break a rule are walked.
     if '"$' in text or text.count("{") + text.count("[") > MAX_DEPTH:
         _check_tree(value, what)
@@ -112,6 +114,33 @@ def _check_tree(value: Any, what: str) -> None:
             stack.extend((v, f"{path}[{json.dumps(k)}]", depth + 1) for k, v in node.items())
         elif isinstance(node, list | tuple):
             stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node))
+
+
+def check_text(text: str, what: str) -> None:
+    """Text the database can store: no NUL (PostgreSQL refuses it), no lone surrogate
+    (it is not UTF-8)."""
+    if "\x00" in text:
+        raise UnserializableData(f"{what}: contains a NUL character, which the database "
+                                 "cannot store; remove it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnserializableData(f"{what}: {text!a} is not valid UTF-8 text") from None
+
+
+def _check_strings(value: Any, what: str) -> None:
+    stack: list[tuple[Any, str]] = [(value, what)]
+    while stack:  # iteratively: dumps() has bounded the depth, not the stack
+        node, path = stack.pop()
+        if isinstance(node, str):
+            check_text(node, path)
+        elif isinstance(node, dict):
+            for key, item in node.items():
+                if isinstance(key, str):
+                    check_text(key, f"{path} key {key!a}")
+                stack.append((item, f"{path}[{json.dumps(key)}]"))
+        elif isinstance(node, list | tuple):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node))
 
 
 def _explain(value: Any, path: str, seen: frozenset[int] = frozenset()) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Dialect, Engine, create_engine, event, inspect
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
 
@@ -50,15 +50,20 @@ def normalize_url(url: str) -> str:
     return url
 
 
+_HOW = "write it like postgresql://user:password@host:5432/dbname or sqlite:///path.db"
+
+
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     try:
         parsed = make_url(normalize_url(url))
-    except sa_exc.ArgumentError:
-        raise ConfigError(f"database URL {url!r} is not a URL; write it like "
-                          "postgresql://user@host/dbname or sqlite:///path.db") from None
+    except (sa_exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise ConfigError(f"database URL {describe(url)!r} is not a URL; {_HOW}") from None
     if parsed.get_backend_name() not in ("postgresql", "sqlite"):
-        raise ConfigError(f"database URL {parsed.render_as_string()!r}: unsupported backend "
+        raise ConfigError(f"database URL {describe(parsed)!r}: unsupported backend "
                           f"{parsed.get_backend_name()!r}; use postgresql or sqlite")
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise ConfigError(f"database URL {describe(parsed)!r}: port {parsed.port} is not "
+                          f"from 1 to 65535; {_HOW}")
     if parsed.get_backend_name() == "sqlite":
         engine = create_engine(parsed, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_on_connect)
@@ -84,9 +89,26 @@ def _sqlite_on_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def describe(engine_or_url: Engine | str) -> str:
-    url = engine_or_url.url if isinstance(engine_or_url, Engine) else make_url(engine_or_url)
-    return url.render_as_string(hide_password=True)
+def describe(engine_or_url: Engine | URL | str) -> str:
+    """The URL to show people: never with its password, even when it does not parse."""
+    if isinstance(engine_or_url, Engine):
+        engine_or_url = engine_or_url.url
+    if isinstance(engine_or_url, str):
+        try:
+            engine_or_url = make_url(engine_or_url)
+        except (sa_exc.ArgumentError, ValueError):
+            return _hide_password(engine_or_url)
+    return engine_or_url.render_as_string(hide_password=True)
+
+
+def _hide_password(url: str) -> str:
+    """user:PASSWORD@host in text that is not a URL: everything from the user's colon
+    to the last @ goes (too much rather than too little)."""
+    head, at, rest = url.rpartition("@")
+    scheme, slashes, userinfo = head.rpartition("://")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{slashes}{userinfo.split(':', 1)[0]}:***@{rest}"
 
 
 def is_disconnect(exc: sa_exc.DBAPIError) -> bool:
@@ -111,6 +133,12 @@ def translated_errors(engine: Engine) -> Iterator[None]:
         raise DatabaseError(f"cannot use the database {describe(engine)}: {first_line(exc)}; "
                             "check --database-url / ASYNCACTIONS_DATABASE_URL and that the "
                             "server is running") from None
+    except sa_exc.DatabaseError as exc:  # e.g. SQLite's "file is not a database"
+        if type(exc) is not sa_exc.DatabaseError:  # integrity, programming...: the caller's
+            raise
+        raise DatabaseError(f"cannot use the database {describe(engine)}: {first_line(exc)}; "
+                            "check that --database-url / ASYNCACTIONS_DATABASE_URL names an "
+                            "asyncactions database") from None
 
 
 def has_schema(engine: Engine) -> bool:

@@ -119,7 +119,9 @@ def failed_attempt(action: Action, exc: BaseException, *, worker: str | None,
     line = error_line(exc)
     entry = {"attempt": action.attempts, "at": datetime.now(UTC).isoformat(), "error": line,
              "traceback": _traceback(exc) if with_traceback else None, "worker": worker}
-    history = codec.dumps([*action.errors, entry][-ERROR_HISTORY:], what="errors")
+    # A history read back as stored text (it did not decode) is started afresh.
+    earlier = action.errors if isinstance(action.errors, list) else []
+    history = codec.dumps([*earlier, entry][-ERROR_HISTORY:], what="errors")
     retries = _retries(action, settings)
     if permanent or isinstance(exc, PermanentFailure) or retries <= 0:
         return Outcome(action, Kind.FAILED, retries, error=line, errors=history, exc=exc)

@@ -19,10 +19,12 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from .durations import parse_duration
+from .durations import format_duration, parse_duration
 from .errors import ConfigError
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+# The shortest `every`: each fire is a transaction on the schedule's row and an insert.
+MIN_EVERY = timedelta(seconds=1)
 CATCH_UP_WINDOW = timedelta(days=7)  # how far back a missed cron fire is looked for
 
 
@@ -82,20 +84,26 @@ def parse(name: str, table: dict[str, Any], where: str) -> Schedule:
     timezone = table.get("timezone", "UTC")
     try:
         ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
+    except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):
         raise ConfigError(f"{where} timezone: {timezone!r} is not a known timezone; use a "
                           "name like \"UTC\" or \"Europe/Paris\"") from None
     every = None
     if "every" in table:
         every = parse_duration(table["every"], what=f"{where} every")
-        if every <= timedelta(0):
-            raise ConfigError(f"{where} every: must be longer than 0s")
-    schedule = Schedule(name, processor, table.get("data"), table.get("cron"), every, timezone)
-    if schedule.cron is not None:
+        if every < MIN_EVERY:
+            raise ConfigError(f"{where} every: must be at least {format_duration(MIN_EVERY)}, "
+                              f"got {table['every']!r}")
+    cron = table.get("cron")
+    how = "write 5 fields: minute hour day month weekday, e.g. \"0 2 * * *\""
+    if cron is not None and not isinstance(cron, str):
+        raise ConfigError(f"{where} cron: must be a string, got {cron!r}; {how}")
+    schedule = Schedule(name, processor, table.get("data"), cron, every, timezone)
+    if cron is not None:
         try:
-            schedule.trigger()
+            trigger = schedule.trigger()
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{where} cron: {schedule.cron!r} is not a cron expression "
-                              f"({exc}); write 5 fields: minute hour day month weekday, e.g. "
-                              "\"0 2 * * *\"") from None
+            raise ConfigError(f"{where} cron: {cron!r} is not a cron expression ({exc}); "
+                              f"{how}") from None
+        if trigger.get_next_fire_time(None, datetime.now(UTC)) is None:
+            raise ConfigError(f"{where} cron: {cron!r} never fires (no such date); {how}")
     return schedule

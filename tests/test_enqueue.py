@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
@@ -23,7 +25,8 @@ from asyncactions import (
     init_actions,
     processor,
 )
-from asyncactions.enqueue import COPY_FROM, NOTIFY_CHANNEL
+from asyncactions.enqueue import COPY_FROM
+from asyncactions.notifier import NOTIFY_CHANNEL
 
 from .conftest import Db
 
@@ -374,3 +377,19 @@ def test_bulk_unique_insert_is_one_statement_and_wakes_only_when_it_inserts(pg: 
     init_actions(pg.engine, "bulk", [{"i": 1}], unique_key=["i:1"])  # inserts nothing
     assert list(listener.notifies(timeout=0.3)) == []
     listener.close()
+
+
+@pytest.mark.parametrize(("data", "options", "says"), [
+    ({"price": {"$decimal": "abc"}}, {}, 'data["price"]: {"$decimal": …} is reserved'),
+    ({"when": {"$date": "2026-01-01"}}, {}, "would be read back as a date"),
+    (functools.reduce(lambda inner, _: [inner], range(150), []), {},
+     "nested more than 100 levels deep"),
+    ({"name": "a\x00b"}, {}, "NUL character"),
+    ({}, {"delay": timedelta(days=4000)}, "delay: 4000 days, 0:00:00 is outside 0s..3650d"),
+    ({}, {"retries": 10**11}, "retries must be from 0 to 1000000"),
+])
+def test_values_that_would_be_misread_or_not_stored_are_refused_at_enqueue(
+        db: Db, data: object, options: dict, says: str) -> None:
+    with pytest.raises(AsyncActionsError, match=re.escape(says)):
+        init_action(db.engine, "p", data, **options)
+    assert count(db) == 0
