@@ -227,11 +227,12 @@ class Maintenance:
         self._scheduler = BackgroundScheduler(daemon=True)
         for service, leader_only in [*((s, False) for s in everywhere),
                                      *((s, True) for s in leading)]:
-            # The worker beat once as it started; the others run at once.
-            first = None if isinstance(service, Heartbeat) else datetime.now(UTC)
+            # The worker beat once as it started, so its heartbeat's first run is one
+            # interval away; the others run at once. (None would add the job paused.)
+            first = {} if isinstance(service, Heartbeat) else {"next_run_time": datetime.now(UTC)}
             self._scheduler.add_job(self._tick, "interval", args=[service, leader_only],
                                     seconds=service.interval, id=type(service).__name__,
-                                    max_instances=1, coalesce=True, next_run_time=first)
+                                    max_instances=1, coalesce=True, **first)
 
     def _tick(self, service: Service, leader_only: bool) -> None:
         if leader_only and not self._leadership.leading:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -326,3 +327,30 @@ def test_a_canceled_action_stays_canceled_when_its_attempt_finishes(db: Db) -> N
     thread.join(10)
     final = admin.get_action(db.engine, action.id)
     assert (final.status, final.result) == (Status.CANCELED, None)
+
+
+def test_an_attempt_longer_than_the_lease_keeps_it_while_the_worker_beats(db: Db) -> None:
+    """The heartbeat renews the leases of running attempts again and again: an attempt
+    that lasts several leases is neither rescued nor run twice."""
+    started: list[int] = []
+    beats_seen = threading.Event()
+
+    @processor("long", retries=0)
+    def long(action):
+        started.append(action.id)
+        lease_at_start = admin.get_action(db.engine, action.id).lease_expires_at
+        deadline = time.monotonic() + 30
+        renewals = set()
+        while len(renewals) < 3 and time.monotonic() < deadline:  # three renewals
+            renewals.add(admin.get_action(db.engine, action.id).lease_expires_at)
+            renewals.discard(lease_at_start)
+            time.sleep(0.05)
+        if len(renewals) >= 3:
+            beats_seen.set()
+
+    action = init_action(db.engine, "long")
+    settings = WorkerSettings(poll_interval=timedelta(milliseconds=50), lease=timedelta(seconds=1))
+    Worker(config=Config(database_url=db.url, worker=settings), concurrency=2).run(burst=True)
+    assert beats_seen.is_set()
+    done = admin.get_action(db.engine, action.id)
+    assert (done.status, done.attempts, started) == (Status.COMPLETED, 1, [action.id]), done.error
