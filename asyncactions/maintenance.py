@@ -22,6 +22,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
@@ -66,36 +67,40 @@ class Leadership:
         return time.monotonic() < self._until
 
 
+@dataclass
 class Heartbeat:
-    def __init__(self, engine: Engine, worker_id: str, lease: timedelta,
-                 held: Callable[[], Sequence[int]], register: Callable[[], None],
-                 leadership: Leadership, metrics: Metrics | None = None) -> None:
-        self._engine = engine
-        self._worker = worker_id
-        self._lease = lease
-        self._held = held
-        self._register = register
-        self._leadership = leadership
-        self._metrics = metrics
+    """Keeps this worker registered and the leases of what it holds alive, and learns
+    from the same statement whether it leads."""
+
+    engine: Engine
+    worker: str
+    lease: timedelta
+    held: Callable[[], Sequence[int]]
+    register: Callable[[], None]
+    leadership: Leadership
+    metrics: Metrics | None = None
+
+    @property
+    def interval(self) -> float:
         # Several beats per lease, so a missed beat or two never costs a lease.
-        self.interval = lease.total_seconds() / 6
+        return self.lease.total_seconds() / 6
 
     def run_once(self) -> bool:
         """Beat; returns whether this worker was still registered."""
-        with self._engine.begin() as conn:
-            alive, leader = queries.heartbeat(conn, self._worker, self._lease, self._held())
+        with self.engine.begin() as conn:
+            alive, leader = queries.heartbeat(conn, self.worker, self.lease, self.held())
         if not alive:
             log.warning("this worker was declared dead (no heartbeat for a lease); "
                         "registering again")
-            self._register()
-            with self._engine.begin() as conn:
-                _, leader = queries.heartbeat(conn, self._worker, self._lease, ())
-        if self._leadership.leading != (leader == self._worker):
+            self.register()
+            with self.engine.begin() as conn:
+                _, leader = queries.heartbeat(conn, self.worker, self.lease, ())
+        if self.leadership.leading != (leader == self.worker):
             log.info("this worker %s the cluster's maintenance",
-                     "now runs" if leader == self._worker else "no longer runs")
-        self._leadership.saw(leader)
-        if self._metrics is not None:
-            self._metrics.heartbeat()
+                     "now runs" if leader == self.worker else "no longer runs")
+        self.leadership.saw(leader)
+        if self.metrics is not None:
+            self.metrics.heartbeat()
         return alive
 
 

@@ -190,16 +190,6 @@ class as_payload(FunctionElement[Any]):
     inherit_cache = True
 
 
-@compiles(as_payload, "postgresql")
-def _as_payload_pg(element: as_payload, compiler: Any, **kw: Any) -> str:
-    return f"CAST({compiler.process(element.clauses, **kw)} AS JSONB)"
-
-
-@compiles(as_payload, "sqlite")
-def _as_payload_sqlite(element: as_payload, compiler: Any, **kw: Any) -> str:
-    return compiler.process(element.clauses, **kw)
-
-
 class payload_text(FunctionElement[str]):
     """A payload column read back as JSON text, decoded by our codec (not the engine's)."""
 
@@ -207,14 +197,20 @@ class payload_text(FunctionElement[str]):
     inherit_cache = True
 
 
-@compiles(payload_text, "postgresql")
-def _payload_text_pg(element: payload_text, compiler: Any, **kw: Any) -> str:
-    return f"CAST({compiler.process(element.clauses, **kw)} AS TEXT)"
+def _cast_on_postgresql(element: type[FunctionElement[Any]], sql_type: str) -> None:
+    """PostgreSQL casts the text to its payload type and back; SQLite stores text."""
+
+    @compiles(element, "postgresql")
+    def _postgresql(element: FunctionElement[Any], compiler: Any, **kw: Any) -> str:
+        return f"CAST({compiler.process(element.clauses, **kw)} AS {sql_type})"
+
+    @compiles(element, "sqlite")
+    def _sqlite(element: FunctionElement[Any], compiler: Any, **kw: Any) -> str:
+        return compiler.process(element.clauses, **kw)
 
 
-@compiles(payload_text, "sqlite")
-def _payload_text_sqlite(element: payload_text, compiler: Any, **kw: Any) -> str:
-    return compiler.process(element.clauses, **kw)
+_cast_on_postgresql(as_payload, "JSONB")
+_cast_on_postgresql(payload_text, "TEXT")
 
 
 class elapsed_seconds(FunctionElement[float]):
