@@ -150,9 +150,11 @@ def test_delayed_actions_are_not_claimed_before_they_are_eligible(db: Db) -> Non
     def tomorrow(action):
         ran.append(action.id)
 
-    init_action(db.engine, "tomorrow", {}, delay=timedelta(days=1))
+    later = init_action(db.engine, "tomorrow", {}, delay=timedelta(days=1))
+    now = init_action(db.engine, "tomorrow", {})  # the control: the worker does claim
     drain(db)
-    assert ran == []
+    assert ran == [now.id]
+    assert admin.get_action(db.engine, later.id).status == Status.PENDING
 
 
 def test_lower_priority_value_runs_first(db: Db) -> None:
