@@ -348,9 +348,17 @@ SUMMARY = ("id", "processor", "status", "attempts", "retries", "related_id", "cr
            "finished_at", "error")
 
 
+# Human output of retries NULL: set from the processor's settings when a worker first
+# claims it (machine formats keep the null).
+UNSET_RETRIES = "(processor's)"
+
+
 def _record(action: Action, *, human: bool = False) -> dict[str, Any]:
     fields = {f: getattr(action, f) for f in FIELDS}
-    return {**fields, "id": action.display_id} if human else fields
+    if not human:
+        return fields
+    retries = UNSET_RETRIES if action.retries is None else action.retries
+    return {**fields, "id": action.display_id, "retries": retries}
 
 
 @main.command("list")

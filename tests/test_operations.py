@@ -101,6 +101,16 @@ def test_list_filters_newest_first_in_every_format(db: Db, tmp_path: Path) -> No
     assert "ASYNC-00000003" not in human
 
 
+def test_retries_not_yet_set_read_as_the_processors_and_stay_null_in_json(
+        db: Db, tmp_path: Path) -> None:
+    action_id = put(db, "mail", retries=None)
+    assert records(run(db, tmp_path, "list", "--format", "json"))[0]["retries"] is None
+    assert records(run(db, tmp_path, "show", str(action_id), "--format", "json"))[0][
+        "retries"] is None
+    for command in (["list"], ["show", str(action_id)]):
+        assert "(processor's)" in ok(run(db, tmp_path, *command)), command
+
+
 def test_enqueue_with_a_unique_key_prints_the_live_holder(db: Db, tmp_path: Path) -> None:
     put(db, "sms", "completed", wait=1, run=1, unique_key="otp:42")  # finished: no block
     args = ("enqueue", "sms", "--data", '{"to": "+4470"}', "--related-id", "user:42",
