@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy import exc as sa_exc
 
 from . import queries
@@ -20,7 +20,7 @@ from .database import KeptConnection, first_line
 from .errors import AsyncActionsError
 from .executor import Attempt, Executor
 from .metrics import Metrics
-from .notifier import LISTEN, Wakeup
+from .notifier import LISTEN, Wakeup, session_is_kept
 from .outcomes import Outcome
 from .processors import Processor
 from .runner import Runner
@@ -82,7 +82,7 @@ class Claimer:
     """The claim loop: claim for the free threads, hand each attempt to the runner."""
 
     def __init__(self, engine: Engine, worker_id: str, processors: dict[str, Processor], *,
-                 concurrency: int, lease: timedelta, poll: float, listens: bool,
+                 concurrency: int, lease: timedelta, poll_interval: float, listens: bool,
                  runner: Runner, executor: Executor, in_flight: InFlight,
                  report: Callable[[Sequence[Outcome]], None], wake: Wakeup,
                  alive: Callable[[], None], metrics: Metrics | None = None) -> None:
@@ -91,7 +91,7 @@ class Claimer:
         self._processors = processors
         self._concurrency = concurrency
         self._lease = lease
-        self._poll = poll
+        self._poll_interval = poll_interval
         self._listens = listens
         self._runner = runner
         self._executor = executor
@@ -112,13 +112,41 @@ class Claimer:
                                                for p in processors.values())
         self._max_held = running + max(running, MAX_UNWRITTEN)
 
+    @property
+    def _poll(self) -> float:
+        """How long the loop sleeps when nothing wakes it. A listening worker is woken by
+        enqueues and by the leader when actions become eligible, so it polls only as a
+        safety net; others poll every poll_interval."""
+        if not self._listens:
+            return self._poll_interval
+        return max(self._poll_interval, min(self._lease.total_seconds() / 2, 30.0))
+
+    def _listen(self, conn: Connection) -> None:
+        """LISTEN on a new claim connection, and trust it with session settings only once
+        a notification reached it: through a transaction-mode pooler they would land on
+        other clients' server connections (their commits made asynchronous)."""
+        conn.exec_driver_sql(LISTEN)
+        if session_is_kept(conn.connection.driver_connection, self._notify):
+            for statement in CLAIM_SESSION:
+                conn.exec_driver_sql(statement)
+            return
+        log.warning("listen = true, but a notification sent to this worker did not come "
+                    "back: is the database behind a pooler in transaction mode (PgBouncer)? "
+                    "Polling every %gs instead; set [worker] listen = false to say so",
+                    self._poll_interval)
+        self._listens = False
+
+    def _notify(self, channel: str, payload: str) -> None:
+        with self._engine.begin() as other:
+            other.execute(select(func.pg_notify(channel, payload)))
+
     def _retries(self, name: str) -> tuple[str, int]:
         return name, self._processors[name].settings.retries
 
     def run(self, stop: threading.Event, burst: bool) -> None:
         backoff = 0.1
-        setup = (*CLAIM_SESSION, LISTEN) if self._listens else ()
-        conn = KeptConnection(self._engine, *setup, single_statements=True)
+        conn = KeptConnection(self._engine, single_statements=True,
+                              on_connect=self._listen if self._listens else None)
         try:
             while not stop.is_set():
                 self._alive()  # raises WorkerFailed when a part it needs has stopped

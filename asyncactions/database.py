@@ -69,8 +69,28 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
+    parsed, prepare = _prepare_threshold(parsed)
     return create_engine(parsed, pool_size=pool_size, max_overflow=pool_size,
-                         pool_pre_ping=True, connect_args={"connect_timeout": 10})
+                         pool_pre_ping=True,
+                         connect_args={"connect_timeout": 10, **prepare})
+
+
+def _prepare_threshold(url: URL) -> tuple[URL, dict[str, int | None]]:
+    """`?prepare_threshold=none` (psycopg's own name): through a pooler in transaction mode
+    (PgBouncer before 1.21) a statement prepared on one server connection is missing on
+    the next, so psycopg must not prepare any."""
+    if "prepare_threshold" not in url.query:
+        return url, {}
+    raw = url.query["prepare_threshold"]
+    value = raw[-1] if isinstance(raw, tuple) else raw
+    rest = url.difference_update_query(["prepare_threshold"])
+    if value.strip().lower() in ("none", ""):
+        return rest, {"prepare_threshold": None}
+    if value.strip().isdigit():
+        return rest, {"prepare_threshold": int(value)}
+    raise ConfigError(f"database URL {describe(url)!r}: prepare_threshold={value!r} must be "
+                      "none (never prepare: for PgBouncer in transaction mode) or a whole "
+                      "number of executions")
 
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -159,9 +179,11 @@ class KeptConnection:
     loop survives terminated backends and server restarts.
     """
 
-    def __init__(self, engine: Engine, *setup: str, single_statements: bool = False) -> None:
+    def __init__(self, engine: Engine, *setup: str, single_statements: bool = False,
+                 on_connect: Callable[[Connection], None] | None = None) -> None:
         self._engine = engine
         self._setup = setup  # statements run once per new connection
+        self._on_connect = on_connect  # then this, once per new connection
         # On PostgreSQL a unit of one statement needs no BEGIN and COMMIT round trips:
         # the statement is its own transaction. (SQLite has no round trips to save.)
         self._autocommit = single_statements and engine.dialect.name == "postgresql"
@@ -188,6 +210,8 @@ class KeptConnection:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             for statement in self._setup:
                 conn.exec_driver_sql(statement)
+            if self._on_connect is not None:
+                self._on_connect(conn)
             conn.commit()
         except BaseException:
             with suppress(sa_exc.SQLAlchemyError):

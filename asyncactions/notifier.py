@@ -20,7 +20,7 @@ import select
 import threading
 import time
 import weakref
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import psycopg
@@ -34,6 +34,24 @@ NOTIFY_CHANNEL = "asyncactions"
 OUTCOME_CHANNEL = "asyncactions_outcome"
 # Run once on each new claim connection.
 LISTEN = f"LISTEN {NOTIFY_CHANNEL}"
+
+
+def session_is_kept(listening: psycopg.Connection[Any], send: Callable[[str, str], None],
+                    timeout: float = 2.0) -> bool:
+    """Whether a connection that ran LISTEN is a session of its own: `send` notifies it
+    from another connection, and the notification must arrive. Through a pooler in
+    transaction mode (PgBouncer) the LISTEN stays on a server connection that is not ours
+    the next time, and the notification never comes; session settings would not stay
+    either. Other notifications read meanwhile are dropped: the claim loop claims at
+    once after connecting."""
+    probe = f"probe:{os.getpid()}:{os.urandom(6).hex()}"
+    send(NOTIFY_CHANNEL, probe)
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        for note in listening.notifies(timeout=left, stop_after=1):
+            if note.payload == probe:
+                return True
+    return False
 
 
 class Wakeup:

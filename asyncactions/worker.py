@@ -115,7 +115,8 @@ class Worker:
             listens = engine.dialect.name == "postgresql" and settings.listen
             claimer = Claimer(
                 engine, self.id, self.processors, concurrency=self.concurrency,
-                lease=settings.lease, poll=self._poll(listens), listens=listens,
+                lease=settings.lease, poll_interval=settings.poll_interval.total_seconds(),
+                listens=listens,
                 runner=runner, executor=executor, in_flight=self._in_flight,
                 report=completer.add, wake=self._wake, alive=self._check_alive,
                 metrics=self.metrics)
@@ -144,15 +145,6 @@ class Worker:
                 restore_signals()
         finally:
             engine.dispose()
-
-    def _poll(self, listens: bool) -> float:
-        """How long the claim loop sleeps when nothing wakes it. A listening worker is
-        woken by enqueues and by the leader when actions become eligible, so it polls
-        only as a safety net; others poll every poll_interval."""
-        poll = self.config.worker.poll_interval.total_seconds()
-        if not listens:
-            return poll
-        return max(poll, min(self.config.worker.lease.total_seconds() / 2, 30.0))
 
     def _services(self, engine: Engine, heartbeat: Heartbeat, rescuer: Rescuer,
                   listens: bool) -> tuple[list[Service], list[Service]]:

@@ -230,3 +230,10 @@ def cluster() -> Iterator[Cluster]:
     finally:
         cluster.pg_ctl("-m", "immediate", "stop")
         shutil.rmtree(base, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
