@@ -310,26 +310,28 @@ def last_fire(conn: Connection, name: str) -> datetime | None:
 
 
 def fire_due(engine: Engine, schedule: Schedule, now: datetime | None = None, *,
-             max_data_bytes: int | None = None) -> bool:
-    """Enqueue the schedule's latest due fire time unless another worker already did.
+             max_data_bytes: int | None = None) -> int:
+    """Enqueue the schedule's due fire times unless another worker already did; how many.
 
-    A fire time is enqueued only by the worker whose update moves the schedule's
-    last_fire_at forward to it, in the same transaction, and its unique key is the
-    fire time: never twice, whatever the number of workers or leaders. A schedule seen
-    for the first time starts from now: it does not fire for the past."""
+    Fire times are enqueued only by the worker whose update moves the schedule's
+    last_fire_at forward to the newest of them, in the same transaction, and each one's
+    unique key is its fire time: never twice, whatever the number of workers or leaders.
+    Fire times missed while no leader ran (a failover) are caught up, the newest
+    MAX_CATCH_UP at most. A schedule seen for the first time starts from now: it does
+    not fire for the past."""
     now = now or datetime.now(UTC)
     with engine.begin() as conn:
         last = last_fire(conn, schedule.name)
         if last is None:
             _claim_fire(conn, schedule.name, now)
-            return False
-        fire = schedule.latest_fire(last, now)
-        if fire is None or not _claim_fire(conn, schedule.name, fire):
-            return False
+            return 0
+        fires = schedule.due_fires(last, now)
+        if not fires or not _claim_fire(conn, schedule.name, fires[-1]):
+            return 0
         options = {} if max_data_bytes is None else {"max_data_bytes": max_data_bytes}
-        action = init_action(conn, schedule.processor, schedule.data,
-                             unique_key=f"schedule:{schedule.name}:{fire.isoformat()}",
-                             **options)
-    log.info("schedule %s: enqueued %s for %s", schedule.name, action.display_id,
-             fire.isoformat())
-    return True
+        actions = [init_action(conn, schedule.processor, schedule.data,
+                               unique_key=f"schedule:{schedule.name}:{fire.isoformat()}",
+                               **options) for fire in fires]
+    log.info("schedule %s: enqueued %s for %s", schedule.name,
+             ", ".join(a.display_id for a in actions), ", ".join(f.isoformat() for f in fires))
+    return len(actions)

@@ -10,6 +10,7 @@ recent missed fire time is enqueued: no flood.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,6 +27,7 @@ EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 # The shortest `every`: each fire is a transaction on the schedule's row and an insert.
 MIN_EVERY = timedelta(seconds=1)
 CATCH_UP_WINDOW = timedelta(days=7)  # how far back a missed cron fire is looked for
+MAX_CATCH_UP = 10  # missed fire times enqueued at most, the newest
 
 
 @dataclass(frozen=True)
@@ -53,18 +55,22 @@ class Schedule:
         assert fire is not None, "a cron expression always fires again"
         return fire.astimezone(UTC)
 
-    def latest_fire(self, after: datetime, now: datetime) -> datetime | None:
-        """The latest fire time in (after, now], if there is one."""
+    def due_fires(self, after: datetime, now: datetime,
+                  limit: int = MAX_CATCH_UP) -> list[datetime]:
+        """The fire times in (after, now], oldest first; only the newest `limit` of them:
+        a schedule missed for a short while (a leader failing over) misses no fire, and
+        one missed for long does not flood the queue."""
         if self.every is not None:
             step = self.every.total_seconds()
             latest = EPOCH + timedelta(seconds=((now - EPOCH).total_seconds() // step) * step)
-            return latest if latest > after else None
-        found = None
+            fires = [latest - timedelta(seconds=step * k) for k in range(limit)]
+            return [f for f in reversed(fires) if f > after]
+        found: deque[datetime] = deque(maxlen=limit)
         fire = self.next_fire_after(max(after, now - CATCH_UP_WINDOW))
         while fire <= now:
-            found = fire
+            found.append(fire)
             fire = self.next_fire_after(fire)
-        return found
+        return list(found)
 
 
 def parse(name: str, table: dict[str, Any], where: str) -> Schedule:

@@ -26,18 +26,22 @@ def test_every_fires_on_a_grid_all_workers_share() -> None:
     s = Schedule("tick", "p", every=timedelta(seconds=30))
     assert s.next_fire_after(at("2026-11-23T05:41:10+00:00")) == at("2026-11-23T05:41:30+00:00")
     assert s.next_fire_after(at("2026-11-23T05:41:30+00:00")) == at("2026-11-23T05:42:00+00:00")
-    assert s.latest_fire(at("2026-11-23T05:00:00+00:00"), at("2026-11-23T05:41:10+00:00")) \
-        == at("2026-11-23T05:41:00+00:00")
-    assert s.latest_fire(at("2026-11-23T05:41:00+00:00"), at("2026-11-23T05:41:10+00:00")) \
-        is None
+    assert s.due_fires(at("2026-11-23T05:39:50+00:00"), at("2026-11-23T05:41:10+00:00")) \
+        == [at("2026-11-23T05:40:00+00:00"), at("2026-11-23T05:40:30+00:00"),
+            at("2026-11-23T05:41:00+00:00")]
+    assert s.due_fires(at("2026-11-23T05:41:00+00:00"), at("2026-11-23T05:41:10+00:00")) == []
+    # Missed for long: the newest ten only.
+    long_ago = s.due_fires(at("2026-11-23T01:00:00+00:00"), at("2026-11-23T05:41:10+00:00"))
+    assert long_ago == [at("2026-11-23T05:36:30+00:00") + timedelta(seconds=30 * k)
+                        for k in range(10)]
 
 
 def test_cron_fires_in_its_timezone() -> None:
     s = Schedule("nightly", "p", cron="0 2 * * *", timezone="Europe/Paris")
     # 02:00 in Paris is 01:00 UTC in winter.
     assert s.next_fire_after(at("2026-11-23T05:00:00+00:00")) == at("2026-11-24T01:00:00+00:00")
-    assert s.latest_fire(at("2026-11-20T00:00:00+00:00"), at("2026-11-23T05:00:00+00:00")) \
-        == at("2026-11-23T01:00:00+00:00")
+    assert s.due_fires(at("2026-11-21T05:00:00+00:00"), at("2026-11-23T05:00:00+00:00")) \
+        == [at("2026-11-22T01:00:00+00:00"), at("2026-11-23T01:00:00+00:00")]
 
 
 def write_config(tmp_path: Path, body: str) -> Path:
@@ -82,7 +86,7 @@ def test_schedule_errors_name_the_key(tmp_path: Path, body: str, message: str) -
 def test_a_fire_time_is_enqueued_once_however_many_workers_try(db: Db) -> None:
     s = Schedule("report", "build_report", {"kind": "daily"}, every=timedelta(minutes=1))
     start = at("2026-11-23T05:40:30+00:00")
-    assert fire_due(db.engine, s, now=start) is False  # first sight: starts from now
+    assert fire_due(db.engine, s, now=start) == 0  # first sight: starts from now
     now = at("2026-11-23T05:41:05+00:00")
     results: list[bool] = []
     barrier = threading.Barrier(8)
@@ -96,17 +100,20 @@ def test_a_fire_time_is_enqueued_once_however_many_workers_try(db: Db) -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    assert results.count(True) == 1
+    assert sorted(results) == [0] * 7 + [1]
     assert db.rows("SELECT processor, unique_key FROM async_action") == [
         ("build_report", "schedule:report:2026-11-23T05:41:00+00:00")]
 
 
-def test_downtime_enqueues_the_missed_fire_once_not_a_flood(db: Db) -> None:
+def test_a_short_gap_misses_no_fire_and_a_long_one_does_not_flood(db: Db) -> None:
     s = Schedule("tick", "p", every=timedelta(minutes=1))
     fire_due(db.engine, s, now=at("2026-11-23T01:00:30+00:00"))
-    assert fire_due(db.engine, s, now=at("2026-11-23T05:41:05+00:00")) is True
-    assert fire_due(db.engine, s, now=at("2026-11-23T05:41:30+00:00")) is False
-    assert db.scalar("SELECT count(*) FROM async_action") == 1
+    assert fire_due(db.engine, s, now=at("2026-11-23T01:03:05+00:00")) == 3  # 01:01..01:03
+    assert fire_due(db.engine, s, now=at("2026-11-23T05:41:05+00:00")) == 10  # not 278
+    assert fire_due(db.engine, s, now=at("2026-11-23T05:41:30+00:00")) == 0
+    keys = [k for (k,) in db.rows("SELECT unique_key FROM async_action ORDER BY id")]
+    assert keys[:3] == [f"schedule:tick:2026-11-23T01:0{m}:00+00:00" for m in (1, 2, 3)]
+    assert keys[-1] == "schedule:tick:2026-11-23T05:41:00+00:00" and len(keys) == 13
 
 
 TICK = '''
