@@ -138,6 +138,22 @@ def is_disconnect(exc: sa_exc.DBAPIError) -> bool:
         exc, sa_exc.OperationalError | sa_exc.InterfaceError)
 
 
+# The server is there but cannot take us now: too many connections, starting up.
+BUSY_STATES = frozenset({"53300", "57P03"})
+
+
+def busy_state(exc: sa_exc.DBAPIError) -> str | None:
+    """The SQLSTATE of a server that answered 'not now', else None. (psycopg reports a
+    refused connection attempt without one, so the message is read too.)"""
+    state = getattr(exc.orig, "sqlstate", None)
+    if state in BUSY_STATES:
+        return state
+    text = str(exc.orig)
+    if "too many clients" in text or "connection slots are reserved" in text:
+        return "53300"
+    return "57P03" if "the database system is starting up" in text else None
+
+
 def first_line(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip().splitlines()
@@ -150,9 +166,11 @@ def translated_errors(engine: Engine) -> Iterator[None]:
     try:
         yield
     except sa_exc.OperationalError as exc:
-        raise DatabaseError(f"cannot use the database {describe(engine)}: {first_line(exc)}; "
-                            "check --database-url / ASYNCACTIONS_DATABASE_URL and that the "
-                            "server is running") from None
+        error = DatabaseError(f"cannot use the database {describe(engine)}: "
+                              f"{first_line(exc)}; check --database-url / "
+                              "ASYNCACTIONS_DATABASE_URL and that the server is running")
+        error.sqlstate = busy_state(exc)
+        raise error from None
     except sa_exc.DatabaseError as exc:  # e.g. SQLite's "file is not a database"
         if type(exc) is not sa_exc.DatabaseError:  # integrity, programming...: the caller's
             raise

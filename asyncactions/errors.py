@@ -24,6 +24,9 @@ class ActionNotFound(AsyncActionsError):
 class DatabaseError(AsyncActionsError):
     """The database is unreachable or its schema is missing."""
 
+    # The server's SQLSTATE when it gave one (53300: too many connections).
+    sqlstate: str | None = None
+
 
 class ImportFailed(AsyncActionsError):
     """A module named with --import (or `imports`) could not be imported."""

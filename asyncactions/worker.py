@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy import exc as sa_exc
 
 from . import hooks, migrate, queries
@@ -35,9 +35,9 @@ from .action import Action
 from .claiming import Claimer, InFlight, WorkerFailed
 from .completer import Completer
 from .config import Config, check_concurrency, load_config
-from .database import first_line, make_engine, require_schema
+from .database import busy_state, first_line, is_disconnect, make_engine, require_schema
 from .durations import format_duration
-from .errors import ConfigError
+from .errors import ConfigError, DatabaseError
 from .executor import Done, Executor
 from .maintenance import (
     BacklogSampler,
@@ -105,8 +105,10 @@ class Worker:
         # Connections are opened lazily: room for a session per transactional attempt.
         engine = make_engine(self.config.effective_database_url,
                              pool_size=4 + self.concurrency)
+        answered = threading.Event()  # the database has answered once
+        event.listen(engine, "connect", lambda *_: answered.set())
         try:
-            self._prepare_schema(engine)
+            self._starting(answered, lambda: self._prepare_schema(engine))
             executor = Executor(self.processors, self.id, engine,
                                 max_bytes=self.config.max_data_bytes, metrics=self.metrics)
             self._hooks = ThreadPoolExecutor(1, thread_name_prefix="asyncactions-hooks")
@@ -128,8 +130,8 @@ class Worker:
                                                                   listens))
             if self.metrics is not None and self._metrics_port:
                 self.metrics.serve(self._metrics_port)
-            self._register(engine)
-            heartbeat.run_once()  # learn whether this worker leads
+            self._starting(answered, lambda: self._register(engine))
+            self._starting(answered, heartbeat.run_once)  # learn whether this worker leads
             self._rescue_now(rescuer)
             restore_signals = self._install_signal_handlers()
             for part in (completer, runner, maintenance):
@@ -162,6 +164,27 @@ class Worker:
         if listens:
             leading.append(Waker(engine, self.config.worker.poll_interval))
         return everywhere, leading
+
+    def _starting(self, answered: threading.Event, step: Callable[[], object]) -> None:
+        """A start-up step, retried for up to a lease while a database that has answered
+        drops the connection (restarting, a terminated backend) or a server says "not now"
+        (too many connections): a worker started during a blip starts. A database that
+        never answered fails at once, in one line."""
+        deadline = time.monotonic() + self.config.worker.lease.total_seconds()
+        pause = 0.1
+        while True:
+            try:
+                step()
+                return
+            except (sa_exc.DBAPIError, DatabaseError) as exc:
+                dbapi = isinstance(exc, sa_exc.DBAPIError)
+                busy = busy_state(exc) if dbapi else exc.sqlstate
+                dropped = answered.is_set() and (not dbapi or is_disconnect(exc))
+                if not (busy or dropped) or time.monotonic() + pause > deadline:
+                    raise
+                log.warning("starting: %s; retrying", first_line(exc))
+                time.sleep(pause)  # backoff before reconnecting
+                pause = min(pause * 2, 2.0)
 
     def _prepare_schema(self, engine: Engine) -> None:
         if engine.dialect.name == "sqlite":

@@ -1,0 +1,1 @@
+"""The chaos suite: faults production brings, with an execution ledger (issue 15)."""

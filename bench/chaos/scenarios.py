@@ -1,0 +1,310 @@
+"""The chaos scenarios. Each runs on a PostgreSQL cluster of its own with real worker
+processes, and returns its figures with `ok` (see harness.verdict): every action final,
+none lost, none running, and runs beyond one per action within what was in flight at
+the faults. `short` is the form CI runs; the long form is the issue's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from asyncactions.claiming import PREFETCH
+
+from .harness import Run, cluster, log, verdict, wait_until
+
+Figures = dict[str, Any]
+
+
+def _held_by(run: Run, pid: int) -> int:
+    """Actions the (stopped) worker `pid` holds running: what its death can run twice."""
+    return run.query("SELECT count(*) FROM async_action WHERE status = 'running' "
+                     "AND claimed_by LIKE %s", [f"%:{pid}:%"])[0][0]
+
+
+def _freeze_and_kill(run: Run, proc: subprocess.Popen[bytes]) -> int:
+    """SIGSTOP (it can claim and record nothing more), count what it holds, SIGKILL."""
+    proc.send_signal(signal.SIGSTOP)
+    held = _held_by(run, proc.pid)
+    run.kill(proc)
+    return held
+
+
+def repeated_kills(short: bool) -> Figures:
+    """3 workers; every 2-5 s (short: 1-2 s) a random one is SIGKILLed and a new one
+    started, while the actions flow."""
+    n, duration, gaps = (2_000, 10.0, (1.0, 2.0)) if short else (20_000, 60.0, (2.0, 5.0))
+    rng = random.Random(20261206)
+    with cluster() as c:
+        run = Run(c.url(), lease="3s")
+        try:
+            run.enqueue("chaos", n)
+            for _ in range(3):
+                run.start_worker()
+            kills, in_flight, end = 0, 0, time.monotonic() + duration
+            while time.monotonic() < end:
+                time.sleep(rng.uniform(*gaps))  # the fault schedule itself
+                in_flight += _freeze_and_kill(run, rng.choice(run.live_workers()))
+                kills += 1
+                run.start_worker()
+            started = time.monotonic()
+            run.drained(n, timeout=300)
+            return verdict(run, n, in_flight, kills=kills,
+                           drain_after_last_kill_s=round(time.monotonic() - started, 1))
+        finally:
+            run.close()
+
+
+def database_restarts(short: bool) -> Figures:
+    """PostgreSQL restarted under load, `fast` then `immediate` mode, twice each."""
+    n = 3_000 if short else 20_000
+    with cluster() as c:
+        run = Run(c.url(), lease="3s", work=0.005)
+        try:
+            run.enqueue("chaos", n)
+            workers = [run.start_worker() for _ in range(2)]
+            outages = []
+            for mode in ("fast", "immediate") * 2:
+                wait_until(lambda: len(run.ledger_runs()) > 0, 60, "work to start")
+                time.sleep(1.0 if short else 3.0)  # under load: the fault schedule
+                before = time.monotonic()
+                c.pg_ctl("-m", mode, "restart")
+                outages.append(round(time.monotonic() - before, 2))
+            run.drained(n, timeout=300)
+            alive = run.survivors(workers)
+            # What can run twice: every attempt the workers held at each restart.
+            bound = 4 * len(workers) * run.concurrency * PREFETCH
+            figures = verdict(run, n, bound, restarts=4, restart_seconds=outages,
+                              workers_survived=alive)
+            figures["ok"] = figures["ok"] and alive
+            return figures
+        finally:
+            run.close()
+
+
+def backend_terminations(short: bool) -> Figures:
+    """Every worker backend terminated (pg_terminate_backend) in a loop."""
+    n, duration = (3_000, 8.0) if short else (20_000, 30.0)
+    with cluster() as c:
+        run = Run(c.url(), lease="3s", work=0.005)
+        try:
+            run.enqueue("chaos", n)
+            workers = [run.start_worker() for _ in range(2)]
+            rounds, end = 0, time.monotonic() + duration
+            while time.monotonic() < end:
+                c.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                      "backend_type = 'client backend' AND pid <> pg_backend_pid()")
+                rounds += 1
+                time.sleep(0.5)
+            run.drained(n, timeout=300)
+            alive = run.survivors(workers)
+            bound = rounds * len(workers) * run.concurrency * PREFETCH
+            figures = verdict(run, n, bound, termination_rounds=rounds, workers_survived=alive)
+            figures["ok"] = figures["ok"] and alive
+            return figures
+        finally:
+            run.close()
+
+
+def pool_exhaustion(short: bool) -> Figures:
+    """max_connections too low for every worker's pool: they wait and retry."""
+    n = 2_000 if short else 10_000
+    # Six connections, one of them reserved for superusers (the harness, to watch):
+    # five for three workers that each want at least three (claim, outcomes, heartbeat).
+    with cluster("max_connections = 6", "superuser_reserved_connections = 1") as c:
+        c.sql("CREATE ROLE app LOGIN")
+        run = Run(c.url(), lease="5s", concurrency=8,
+                  worker_url=c.url().replace("postgres@", "app@"))
+        c.sql("GRANT ALL ON ALL TABLES IN SCHEMA public TO app; "
+              "GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app")
+        try:
+            run.enqueue("chaos", n)
+            workers = [run.start_worker() for _ in range(3)]
+            run.drained(n, timeout=300)
+            logs = [(run.dir / f"worker{i}.log").read_text() for i in range(len(workers))]
+            refused = sum("too many clients" in text for text in logs)
+            alive = run.survivors(workers)
+            figures = verdict(run, n, 0, max_connections=6, workers=3,
+                              workers_that_saw_refusals=refused, workers_survived=alive)
+            figures["ok"] = figures["ok"] and alive and refused > 0  # it was exhausted
+            return figures
+        finally:
+            run.close()
+
+
+def retry_storm(short: bool) -> Figures:
+    """Actions failing again and again with a zero retry interval must not starve a
+    healthy processor: its pickup (enqueue to start) p99 stays under a second."""
+    storm, healthy, seconds = (2_000, 100, 5.0) if short else (10_000, 600, 30.0)
+    with cluster() as c:
+        run = Run(c.url(), lease="5s")
+        try:
+            run.enqueue("storm", storm)
+            run.start_worker()
+            wait_until(lambda: run.statuses().get("running", 0) > 0, 60, "the storm")
+            from asyncactions import init_action
+            from asyncactions.database import make_engine
+
+            engine = make_engine(run.url)
+            enqueued: dict[int, float] = {}
+            gap = seconds / healthy
+            for _ in range(healthy):
+                action = init_action(engine, "healthy", {})
+                enqueued[action.id] = time.time()
+                time.sleep(gap)  # a steady trickle: the load itself
+            engine.dispose()
+
+            def all_started() -> bool:
+                return len(run.ledger_runs(set(enqueued))) == len(enqueued)
+
+            wait_until(all_started, 120, "every healthy action to start")
+            starts: dict[int, float] = {}
+            for line in run.ledger.read_text().splitlines():
+                action_id, _attempt, _pid, at = line.split()
+                if int(action_id) in enqueued:
+                    starts.setdefault(int(action_id), float(at))
+            pickups = sorted(starts[i] - enqueued[i] for i in enqueued)
+            p99 = pickups[min(len(pickups) - 1, int(len(pickups) * 0.99))]
+            storm_attempts = run.statuses()
+            return {"storm_actions": storm, "healthy_actions": healthy,
+                    "healthy_pickup_p50_ms": round(pickups[len(pickups) // 2] * 1000, 1),
+                    "healthy_pickup_p99_ms": round(p99 * 1000, 1),
+                    "statuses": storm_attempts, "ok": p99 < 1.0}
+        finally:
+            run.close()
+
+
+def leader_failover(short: bool) -> Figures:
+    """The worker that fires schedules is killed; another leads within the lease, and
+    no fire time is enqueued twice or skipped."""
+    lease = 3
+    ticks = 8 if short else 30
+    with cluster() as c:
+        run = Run(c.url(), lease=f"{lease}s",
+                  extra_config='[schedules.tick]\nprocessor = "tick"\nevery = "1s"\n')
+        try:
+            for _ in range(3):
+                run.start_worker()
+                time.sleep(0.3)  # distinct start times: the leader is the eldest
+            count = lambda: len(_fire_times(run))  # noqa: E731
+            wait_until(lambda: count() >= 3, 60, "the schedule to fire")
+            leader = c.sql("SELECT pid FROM async_action_worker ORDER BY started_at, id "
+                           "LIMIT 1")[0][0]
+            victim = next(w for w in run.workers if w.pid == leader)
+            killed_at = datetime.now().astimezone()
+            _freeze_and_kill(run, victim)
+            wait_until(lambda: count() >= 3 + ticks, 120, "fires after the failover")
+            fires = _fire_times(run)
+            steps = {(b - a).total_seconds() for a, b in itertools.pairwise(fires)}
+            after = [f for f in fires if f > killed_at]
+            first_after = min(after) if after else None
+            return {"fire_times": len(fires), "duplicates": len(fires) - len(set(fires)),
+                    "gaps": sorted(s for s in steps if s != 1.0),
+                    "first_fire_enqueued_after_kill_s": None if first_after is None else
+                    round((_enqueued_at(run, first_after) - killed_at).total_seconds(), 2),
+                    "lease_s": lease,
+                    "ok": len(fires) == len(set(fires)) and steps == {1.0}}
+        finally:
+            run.close()
+
+
+def _fire_times(run: Run) -> list[datetime]:
+    keys = run.query("SELECT unique_key FROM async_action WHERE processor = 'tick' "
+                     "ORDER BY unique_key")
+    return [datetime.fromisoformat(k.split(":", 2)[2]) for (k,) in keys]
+
+
+def _enqueued_at(run: Run, fire: datetime) -> datetime:
+    return run.query("SELECT created_at FROM async_action WHERE unique_key = %s",
+                     [f"schedule:tick:{fire.isoformat()}"])[0][0]
+
+
+def long_transaction(short: bool) -> Figures:
+    """An `idle in transaction` session holding the xmin horizon while actions flow:
+    claims stay within 3x of normal, and afterwards autovacuum reclaims the dead rows
+    with the shipped per-table settings."""
+    import psycopg
+
+    from asyncactions.database import make_engine
+
+    n, hold = (5_000, 10.0) if short else (50_000, 120.0)
+    with cluster("autovacuum_naptime = 5s") as c:
+        run = Run(c.url(), lease="10s")
+        engine = make_engine(run.url)
+        try:
+            run.enqueue("chaos", n)
+            baseline = _claim_ms(engine, 21)  # the same backlog, nothing pinned
+            pinning = psycopg.connect(run.url.replace("+psycopg", ""))
+            pinning.execute("SELECT txid_current()")  # holds a snapshot: xmin stays
+            run.start_worker()
+            end, during = time.monotonic() + hold, []
+            while time.monotonic() < end:
+                during.append(_claim_ms(engine, 5))
+                time.sleep(0.5)  # sampling pace
+            pinning.rollback()
+            pinning.close()
+            run.drained(n, timeout=600)
+
+            def dead() -> int:
+                return run.query("SELECT n_dead_tup FROM pg_stat_user_tables "
+                                 "WHERE relname = 'async_action'")[0][0]
+            try:
+                wait_until(lambda: dead() < n // 10, 180, "autovacuum", interval=1.0)
+                reclaimed = True
+            except TimeoutError:
+                reclaimed = False
+            worst = max(during)
+            return {"actions": n, "held_s": hold, "claim_ms_normal": round(baseline, 3),
+                    "claim_ms_worst_while_held": round(worst, 3),
+                    "dead_rows_after": dead(), "reclaimed_by_autovacuum": reclaimed,
+                    "ok": reclaimed and worst <= 3 * baseline}
+        finally:
+            engine.dispose()
+            run.close()
+
+
+def _claim_ms(engine: Any, times: int) -> float:
+    """The median time of a claim statement for a processor nobody serves: it walks the
+    claim index past every pending row (and, while xmin is pinned, the dead ones)."""
+    from asyncactions import queries
+
+    samples = []
+    with engine.connect() as conn:
+        for _ in range(times):
+            with conn.begin():
+                start = time.perf_counter()
+                queries.claim(conn, "chaos-probe", [("nobody", 0)], 10, timedelta(seconds=1))
+                samples.append((time.perf_counter() - start) * 1000)
+    return sorted(samples)[len(samples) // 2]
+
+
+SCENARIOS: dict[str, Callable[[bool], Figures]] = {
+    "repeated_kills": repeated_kills,
+    "database_restarts": database_restarts,
+    "backend_terminations": backend_terminations,
+    "pool_exhaustion": pool_exhaustion,
+    "retry_storm": retry_storm,
+    "leader_failover": leader_failover,
+    "long_transaction": long_transaction,
+}
+# The form CI runs: the checks that hold on a busy machine. retry_storm and
+# long_transaction measure latencies, which only a quiet machine's long form can.
+SHORT = ("repeated_kills", "database_restarts", "backend_terminations", "pool_exhaustion",
+         "leader_failover")
+
+
+def run_scenario(name: str, short: bool) -> Figures:
+    log(f"chaos: {name} ({'short' if short else 'long'})")
+    started = time.monotonic()
+    figures = SCENARIOS[name](short)
+    figures = {"scenario": name, "form": "short" if short else "long", **figures,
+               "seconds": round(time.monotonic() - started, 1)}
+    log(f"chaos: {name}: {'ok' if figures['ok'] else 'FAILED'} {figures}")
+    return figures
+
