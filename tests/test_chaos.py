@@ -23,6 +23,8 @@ def test_under_faults_nothing_is_lost_stuck_or_run_beyond_what_was_in_flight(
         assert figures["workers_survived"], figures
     if scenario == "leader_failover":
         assert (figures["duplicates"], figures["gaps"]) == (0, []), figures
+    if scenario == "partition":
+        assert figures["late_outcomes_fenced"] and figures["runs_new_work_after"], figures
     if scenario == "pool_exhaustion":
         assert figures["workers_that_saw_refusals"] > 0, "the pool was never exhausted"
     assert figures["ok"], figures

@@ -56,6 +56,12 @@ PROCESSORS = textwrap.dedent("""
     @processor("tick", retries=20, retry_interval=timedelta(0))
     def tick(action):
         note(action)
+
+    @processor("slow", retries=5, retry_interval=timedelta(0))
+    def slow(action):
+        note(action)
+        time.sleep(action.data["seconds"])
+        return {"pid": os.getpid()}
 """)
 
 
@@ -119,6 +125,52 @@ class Cluster:
         return self.sql(statement)[0][0]
 
 
+@dataclass
+class Host:
+    """A test host of the suite's own: a network namespace joined to this machine by a
+    veth pair, its link cut and restored at will. Traffic goes only over that pair."""
+
+    name: str
+    address: str  # the namespace's side
+    gateway: str  # this machine's side: where the database listens for the host
+
+    @property
+    def prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.name]
+
+    def cut(self) -> None:
+        subprocess.run(["ip", "link", "set", f"{self.name}h", "down"], check=True)
+
+    def restore(self) -> None:
+        subprocess.run(["ip", "link", "set", f"{self.name}h", "up"], check=True)
+
+
+@contextmanager
+def host() -> Iterator[Host]:
+    tag = os.urandom(2).hex()
+    name, net = f"aa{tag}", f"10.{200 + int(tag[0], 16) % 50}.{int(tag[1:], 16) % 250}"
+    h = Host(name, f"{net}.2", f"{net}.1")
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    ip("netns", "add", name)
+    try:
+        ip("link", "add", f"{name}h", "type", "veth", "peer", "name", f"{name}n")
+        ip("link", "set", f"{name}n", "netns", name)
+        ip("addr", "add", f"{h.gateway}/24", "dev", f"{name}h")
+        ip("link", "set", f"{name}h", "up")
+        ip("netns", "exec", name, "ip", "addr", "add", f"{h.address}/24", "dev", f"{name}n")
+        ip("netns", "exec", name, "ip", "link", "set", f"{name}n", "up")
+        ip("netns", "exec", name, "ip", "link", "set", "lo", "up")
+        yield h
+    finally:
+        with suppress(subprocess.CalledProcessError):
+            ip("link", "del", f"{name}h")
+        with suppress(subprocess.CalledProcessError):
+            ip("netns", "del", name)
+
+
 @contextmanager
 def cluster(*settings: str, listen: str = "127.0.0.1") -> Iterator[Cluster]:
     base = Path(tempfile.mkdtemp(prefix="asyncactions-chaos-"))
@@ -136,6 +188,9 @@ def cluster(*settings: str, listen: str = "127.0.0.1") -> Iterator[Cluster]:
         conf.write("\n".join([f"port = {port}", f"listen_addresses = '{listen}'",
                               f"unix_socket_directories = '{base}'", "logging_collector = off",
                               "fsync = on", *settings]) + "\n")
+    if listen != "127.0.0.1":  # test hosts connect over their veth pairs
+        with (c.datadir / "pg_hba.conf").open("a") as hba:
+            hba.write("host all all 10.0.0.0/8 trust\n")
     c.pg_ctl("start")
     try:
         yield c
@@ -185,11 +240,12 @@ class Run:
         return done.stdout
 
     def start_worker(self, *args: str, prefix: list[str] | None = None,
-                     ) -> subprocess.Popen[bytes]:
+                     url: str | None = None) -> subprocess.Popen[bytes]:
         n = len(self.workers)
+        env = self.env if url is None else {**self.env, "ASYNCACTIONS_DATABASE_URL": url}
         with (self.dir / f"worker{n}.log").open("wb") as out:
             proc = subprocess.Popen([*(prefix or []), *self.command("worker", *args)],
-                                    cwd=self.dir, env=self.env, stdout=subprocess.DEVNULL,
+                                    cwd=self.dir, env=env, stdout=subprocess.DEVNULL,
                                     stderr=out)
         self.workers.append(proc)
         return proc

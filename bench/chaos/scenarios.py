@@ -12,12 +12,13 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import datetime, timedelta
 from typing import Any
 
 from asyncactions.claiming import PREFETCH
 
-from .harness import Run, cluster, log, verdict, wait_until
+from .harness import Run, cluster, host, log, verdict, wait_until
 
 Figures = dict[str, Any]
 
@@ -115,9 +116,9 @@ def backend_terminations(short: bool) -> Figures:
 def pool_exhaustion(short: bool) -> Figures:
     """max_connections too low for every worker's pool: they wait and retry."""
     n = 2_000 if short else 10_000
-    # Six connections, one of them reserved for superusers (the harness, to watch):
-    # five for three workers that each want at least three (claim, outcomes, heartbeat).
-    with cluster("max_connections = 6", "superuser_reserved_connections = 1") as c:
+    # Five connections, one of them reserved for superusers (the harness, to watch):
+    # four for three workers that each keep two open (claim, outcomes) and want more.
+    with cluster("max_connections = 5", "superuser_reserved_connections = 1") as c:
         c.sql("CREATE ROLE app LOGIN")
         run = Run(c.url(), lease="5s", concurrency=8,
                   worker_url=c.url().replace("postgres@", "app@"))
@@ -130,7 +131,7 @@ def pool_exhaustion(short: bool) -> Figures:
             logs = [(run.dir / f"worker{i}.log").read_text() for i in range(len(workers))]
             refused = sum("too many clients" in text for text in logs)
             alive = run.survivors(workers)
-            figures = verdict(run, n, 0, max_connections=6, workers=3,
+            figures = verdict(run, n, 0, max_connections=5, workers=3,
                               workers_that_saw_refusals=refused, workers_survived=alive)
             figures["ok"] = figures["ok"] and alive and refused > 0  # it was exhausted
             return figures
@@ -214,6 +215,69 @@ def leader_failover(short: bool) -> Figures:
             run.close()
 
 
+def partition(short: bool) -> Figures:
+    """A worker on a test host of its own (a network namespace) loses its link for three
+    leases while its attempts run: the other worker takes them over after the lease,
+    the cut-off worker's late outcomes change nothing (fenced), and it rejoins."""
+    lease, held = 3, 4
+    with host() as h, cluster(listen=f"127.0.0.1,{h.gateway}") as c:
+        run = Run(c.url(), lease=f"{lease}s", concurrency=held)
+        try:
+            def registered() -> int:
+                return run.query("SELECT count(*) FROM async_action_worker")[0][0]
+            # The worker on the test host starts first: it leads, and runs every action.
+            there = run.start_worker(prefix=h.prefix, url=c.url(h.gateway))
+            wait_until(lambda: registered() == 1, 60, "the worker on the test host")
+            from asyncactions import init_actions
+            from asyncactions.database import make_engine
+
+            engine = make_engine(run.url)
+            # Attempts that end inside the cut: their outcomes wait for the link.
+            cut_off = [a.id for a in init_actions(engine, "slow", [{"seconds": 2 * lease}] * held)]
+            engine.dispose()
+            pattern = f"%:{there.pid}:%"
+            wait_until(lambda: len(run.ledger_runs()) == held, 60, "its attempts to start")
+            here = run.start_worker()
+            wait_until(lambda: registered() == 2, 60, "the second worker")
+            h.cut()
+            cut_at = time.monotonic()
+
+            def taken_over() -> bool:
+                return all(not row for row in (run.query(
+                    "SELECT 1 FROM async_action WHERE id = %s AND claimed_by LIKE %s",
+                    [i, pattern]) for i in cut_off)) and \
+                    all(run.ledger_runs()[i] == 2 for i in cut_off)
+            wait_until(taken_over, 10 * lease, "the other worker to take over")
+            takeover_s = round(time.monotonic() - cut_at, 2)
+            time.sleep(max(0.0, 3 * lease - (time.monotonic() - cut_at)))  # the cut's length
+            h.restore()
+            wait_until(lambda: run.query(
+                "SELECT count(*) FROM async_action_worker WHERE pid = %s AND "
+                "heartbeat_at > now() - interval '2 seconds'", [there.pid])[0][0] == 1,
+                60, "the cut-off worker to rejoin")
+            rejoined_s = round(time.monotonic() - cut_at, 2)
+            run.drained(held, timeout=120)
+            finals = run.query("SELECT id, attempts, result, status FROM async_action "
+                               "WHERE id = ANY(%s)", [cut_off])
+            fenced = all(status == "completed" and attempts == 2 and
+                         result == {"pid": here.pid} for _i, attempts, result, status in finals)
+            # It rejoined: it runs new work again (more is enqueued until it takes some).
+            def ran_by_there() -> bool:
+                run.enqueue("chaos", 100)
+                return any(int(line.split()[2]) == there.pid for line in
+                           run.ledger.read_text().splitlines() if int(line.split()[0]) > held)
+            with suppress(TimeoutError):
+                wait_until(ran_by_there, 60, "the cut-off worker to run new work", interval=0.5)
+            after = {int(line.split()[2]) for line in run.ledger.read_text().splitlines()
+                     if int(line.split()[0]) > held}
+            return {"lease_s": lease, "cut_s": 3 * lease, "held_by_cut_off_worker": held,
+                    "taken_over_after_s": takeover_s, "rejoined_after_s": rejoined_s,
+                    "late_outcomes_fenced": fenced, "runs_new_work_after": there.pid in after,
+                    "ok": fenced and there.pid in after and run.survivors([here, there])}
+        finally:
+            run.close()
+
+
 def _fire_times(run: Run) -> list[datetime]:
     keys = run.query("SELECT unique_key FROM async_action WHERE processor = 'tick' "
                      "ORDER BY unique_key")
@@ -291,12 +355,13 @@ SCENARIOS: dict[str, Callable[[bool], Figures]] = {
     "pool_exhaustion": pool_exhaustion,
     "retry_storm": retry_storm,
     "leader_failover": leader_failover,
+    "partition": partition,
     "long_transaction": long_transaction,
 }
 # The form CI runs: the checks that hold on a busy machine. retry_storm and
 # long_transaction measure latencies, which only a quiet machine's long form can.
 SHORT = ("repeated_kills", "database_restarts", "backend_terminations", "pool_exhaustion",
-         "leader_failover")
+         "leader_failover", "partition")
 
 
 def run_scenario(name: str, short: bool) -> Figures:
