@@ -169,7 +169,7 @@ def translated_errors(engine: Engine) -> Iterator[None]:
         error = DatabaseError(f"cannot use the database {describe(engine)}: "
                               f"{first_line(exc)}; check --database-url / "
                               "ASYNCACTIONS_DATABASE_URL and that the server is running")
-        error.sqlstate = busy_state(exc)
+        error.connection, error.sqlstate = True, busy_state(exc)
         raise error from None
     except sa_exc.DatabaseError as exc:  # e.g. SQLite's "file is not a database"
         if type(exc) is not sa_exc.DatabaseError:  # integrity, programming...: the caller's

@@ -24,7 +24,9 @@ class ActionNotFound(AsyncActionsError):
 class DatabaseError(AsyncActionsError):
     """The database is unreachable or its schema is missing."""
 
-    # The server's SQLSTATE when it gave one (53300: too many connections).
+    # About the connection (worth retrying), not the schema; and the server's SQLSTATE
+    # when it said "not now" (53300: too many connections).
+    connection: bool = False
     sqlstate: str | None = None
 
 
