@@ -22,7 +22,7 @@ from .executor import Attempt, Executor
 from .metrics import Metrics
 from .notifier import LISTEN, Wakeup
 from .outcomes import Outcome
-from .processors import Processor
+from .processors import Processor, ProcessorSettings
 from .runner import Runner
 
 log = logging.getLogger("asyncactions.claiming")
@@ -101,13 +101,21 @@ class Claimer:
         self._alive = alive
         self._metrics = metrics
         names = sorted(processors)
-        # Plain processors share one claim; each batch processor claims a batch of its own.
-        plain = [n for n in names if processors[n].settings.batch_size == 1]
-        self._groups: list[tuple[list[tuple[str, int]], int | None]] = []
+        # Plain processors share one claim; each batch processor claims a batch of its
+        # own, and so does each with cluster-wide caps (its claim counts, under a lock).
+        plain = [n for n in names if processors[n].settings.batch_size == 1
+                 and not processors[n].settings.flow_controlled]
+        self._groups: list[tuple[list[tuple[str, int]], int | None, queries.Flow | None]] = []
         if plain:
-            self._groups.append(([self._retries(n) for n in plain], None))
-        self._groups += [([self._retries(n)], processors[n].settings.batch_size)
-                         for n in names if n not in plain]
+            self._groups.append(([self._retries(n) for n in plain], None, None))
+        for n in names:
+            if n not in plain:
+                settings = processors[n].settings
+                batch = settings.batch_size if settings.batch_size > 1 else None
+                self._groups.append(([self._retries(n)], batch, _flow(settings)))
+        # Capped claims take a lock and count: a transaction of two statements.
+        self._flow_conn: KeptConnection | None = None
+        self._opens_in: float | None = None  # when a rate window lets another start
         running = PREFETCH * concurrency * max(p.settings.batch_size
                                                for p in processors.values())
         self._max_held = running + max(running, MAX_UNWRITTEN)
@@ -119,6 +127,9 @@ class Claimer:
         backoff = 0.1
         setup = (*CLAIM_SESSION, LISTEN) if self._listens else ()
         conn = KeptConnection(self._engine, *setup, single_statements=True)
+        if any(flow for _, _, flow in self._groups):
+            self._flow_conn = KeptConnection(
+                self._engine, *(CLAIM_SESSION if self._listens else ()))
         try:
             while not stop.is_set():
                 self._alive()  # raises WorkerFailed when a part it needs has stopped
@@ -131,6 +142,12 @@ class Claimer:
                     drained = burst and not claimed and idle_before and \
                         not self._eligible(conn)
                     backoff = 0.1
+                except sa_exc.IntegrityError:
+                    # Two claimers took different actions of one ordering key at once
+                    # (see queries._runnable): the unique index refused the second.
+                    log.info("another worker claimed an action of the same ordering key "
+                             "at the same moment; claiming again")
+                    continue
                 except sa_exc.DBAPIError as exc:
                     log.warning("claiming failed (%s); retrying in %.1fs", first_line(exc),
                                 backoff)
@@ -141,10 +158,14 @@ class Claimer:
                     break
                 # With more waiting, claim again at once; but read the notifications
                 # even then, or they pile up in the driver for as long as the backlog.
-                self._wake.wait(0 if more else self._poll,
-                                conn.driver if self._listens else None)
+                # A rate limit that held actions back is asked again when its window
+                # lets the next one start, not a poll interval later.
+                wait = 0 if more else min(self._poll, self._opens_in or self._poll)
+                self._wake.wait(wait, conn.driver if self._listens else None)
         finally:
             conn.close()
+            if self._flow_conn is not None:
+                self._flow_conn.close()
 
     def _eligible(self, conn: KeptConnection) -> bool:
         with conn.begin() as connection:
@@ -156,22 +177,34 @@ class Claimer:
         more may be waiting (a claim came back full)."""
         busy = self._runner.busy()
         free = PREFETCH * self._concurrency - busy
+        self._opens_in = None
         if busy and free < self._concurrency:
             return 0, False  # a claim for a slot or two costs as much as one for many
         room = self._max_held - len(self._in_flight)
         claimed, more = 0, False
-        for processors, batch_size in self._groups:
+        for processors, batch_size, flow in self._groups:
             want = min(free if batch_size is None else batch_size, room)
+            if flow is not None and batch_size is None:
+                # A capped claim takes only what starts now: an action waiting here
+                # would hold a slot of the cluster's cap, or a start of its rate.
+                want = min(want, self._concurrency - self._runner.busy())
             if free <= 0 or want <= 0:
-                break
-            with conn.begin() as connection:
-                actions, malformed = queries.claim(connection, self._worker, processors,
-                                                   want, self._lease)
+                if flow is None:
+                    break
+                continue
+            if flow is None:
+                with conn.begin() as connection:
+                    actions, malformed = queries.claim(connection, self._worker, processors,
+                                                       want, self._lease)
+            else:
+                actions, malformed = self._claim_capped(processors, want, flow)
             self._in_flight.add([*actions, *(a for a, _ in malformed)])
             if malformed:
                 self._report([self._executor.undecodable(a, exc) for a, exc in malformed])
             if not actions:
                 continue
+            if flow is not None and flow.rate_count is not None and len(actions) < want:
+                self._note_window(processors[0][0], flow)
             claimed += len(actions)
             room -= len(actions)
             more = more or len(actions) == want
@@ -185,3 +218,34 @@ class Claimer:
                 self._runner.submit(Attempt(unit, name,
                                             timeout.total_seconds() if timeout else None))
         return claimed, more
+
+    def _claim_capped(self, processors: list[tuple[str, int]], want: int, flow: queries.Flow,
+                      ) -> tuple[list[Action], list[tuple[Action, Exception]]]:
+        assert self._flow_conn is not None
+        with self._flow_conn.begin() as connection:
+            queries.lock_processor(connection, processors[0][0])
+            actions, malformed = queries.claim(connection, self._worker, processors, want,
+                                               self._lease, flow)
+        if not actions and not malformed and flow.rate_count is not None:
+            self._note_window(processors[0][0], flow)
+        return actions, malformed
+
+    def _note_window(self, name: str, flow: queries.Flow) -> None:
+        """The rate limit held some back: wake when its window next lets one start."""
+        assert self._flow_conn is not None and flow.rate_count and flow.rate_seconds
+        with self._flow_conn.begin() as connection:
+            opens = queries.rate_window_opens(connection, name, flow.rate_count,
+                                              flow.rate_seconds)
+        if opens is None:
+            return  # not the rate: nothing was waiting
+        # A little after, so the start that ages out is surely outside the window.
+        opens = max(opens + 0.005, 0.005)
+        self._opens_in = opens if self._opens_in is None else min(self._opens_in, opens)
+
+
+def _flow(settings: ProcessorSettings) -> queries.Flow | None:
+    if not settings.flow_controlled:
+        return None
+    rate = settings.rate_limit
+    return queries.Flow(settings.concurrency, rate.count if rate else None,
+                        rate.seconds if rate else None)
