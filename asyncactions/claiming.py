@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 
@@ -35,6 +36,8 @@ PREFETCH = 2
 # completer and bounds what a crash can make run twice; the bound is what lets one
 # outcome write carry many actions.
 MAX_UNWRITTEN = 500
+# How often a busy worker still claims for its capped processors (seconds).
+CAPPED_RECLAIM = 0.05
 
 # Settings of the claim loop's own PostgreSQL session (it runs nothing but claims).
 CLAIM_SESSION = (
@@ -47,6 +50,8 @@ CLAIM_SESSION = (
     # pending row makes each claim cost milliseconds instead of a fraction of one.
     "SET enable_bitmapscan = off",
     "SET enable_seqscan = off",
+    # Claims are small: compiling one would cost far more than running it.
+    "SET jit = off",
 )
 
 
@@ -105,14 +110,20 @@ class Claimer:
         # own, and so does each with cluster-wide caps (its claim counts, under a lock).
         plain = [n for n in names if processors[n].settings.batch_size == 1
                  and not processors[n].settings.flow_controlled]
+        # Capped ones claim first: a slot of the cluster's cap is not to wait behind
+        # this worker's plain backlog.
         self._groups: list[tuple[list[tuple[str, int]], int | None, queries.Flow | None]] = []
-        if plain:
-            self._groups.append(([self._retries(n) for n in plain], None, None))
-        for n in names:
+        for n in sorted(names, key=lambda n: not processors[n].settings.flow_controlled):
             if n not in plain:
                 settings = processors[n].settings
                 batch = settings.batch_size if settings.batch_size > 1 else None
                 self._groups.append(([self._retries(n)], batch, _flow(settings)))
+        if plain:
+            first_batch = next((i for i, g in enumerate(self._groups) if g[2] is None),
+                               len(self._groups))
+            self._groups.insert(first_batch, ([self._retries(n) for n in plain], None, None))
+        self._capped = any(flow for _, _, flow in self._groups)
+        self._capped_at = 0.0  # when this worker last claimed for capped processors
         # Capped claims take a lock and count: a transaction of two statements.
         self._flow_conn: KeptConnection | None = None
         self._opens_in: float | None = None  # when a rate window lets another start
@@ -127,7 +138,7 @@ class Claimer:
         backoff = 0.1
         setup = (*CLAIM_SESSION, LISTEN) if self._listens else ()
         conn = KeptConnection(self._engine, *setup, single_statements=True)
-        if any(flow for _, _, flow in self._groups):
+        if self._capped:
             self._flow_conn = KeptConnection(
                 self._engine, *(CLAIM_SESSION if self._listens else ()))
         try:
@@ -178,25 +189,29 @@ class Claimer:
         busy = self._runner.busy()
         free = PREFETCH * self._concurrency - busy
         self._opens_in = None
-        if busy and free < self._concurrency:
-            return 0, False  # a claim for a slot or two costs as much as one for many
+        # A claim for a slot or two costs as much as one for many: plain claims wait
+        # for more room. Capped processors claim on (at most every CAPPED_RECLAIM
+        # seconds): a slot of the cluster's cap freed here must not wait for that.
+        few = bool(busy) and free < self._concurrency
+        now = time.monotonic()
+        if few and (not self._capped or now - self._capped_at < CAPPED_RECLAIM):
+            return 0, False
         room = self._max_held - len(self._in_flight)
         claimed, more = 0, False
         for processors, batch_size, flow in self._groups:
             want = min(free if batch_size is None else batch_size, room)
             if flow is not None and batch_size is None:
-                # A capped claim takes only what starts now: an action waiting here
-                # would hold a slot of the cluster's cap, or a start of its rate.
-                want = min(want, self._concurrency - self._runner.busy())
-            if free <= 0 or want <= 0:
-                if flow is None:
-                    break
+                # Even with every thread taken: the attempt goes first in the queue,
+                # and the cap's freed slot is not left to other workers' timing.
+                want = min(max(want, 1), room)
+            if want <= 0 or (flow is None and (free <= 0 or few)):
                 continue
             if flow is None:
                 with conn.begin() as connection:
                     actions, malformed = queries.claim(connection, self._worker, processors,
                                                        want, self._lease)
             else:
+                self._capped_at = now
                 actions, malformed = self._claim_capped(processors, want, flow)
             self._in_flight.add([*actions, *(a for a, _ in malformed)])
             if malformed:
@@ -215,8 +230,11 @@ class Claimer:
                 if self._metrics is not None:
                     self._metrics.claimed_actions(name, len(unit))
                 timeout = self._processors[name].settings.timeout
+                # A capped attempt goes first in the queue: it holds a slot of its cap
+                # (or a start of its rate) from its claim on.
                 self._runner.submit(Attempt(unit, name,
-                                            timeout.total_seconds() if timeout else None))
+                                            timeout.total_seconds() if timeout else None),
+                                    first=flow is not None)
         return claimed, more
 
     def _claim_capped(self, processors: list[tuple[str, int]], want: int, flow: queries.Flow,

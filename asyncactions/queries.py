@@ -49,6 +49,7 @@ from .schema import (
     async_action,
     async_action_processor,
     async_action_worker,
+    clock_now,
     db_now,
     elapsed_seconds,
     json_rows,
@@ -76,12 +77,13 @@ def _runnable(names: Sequence[str]) -> list[ColumnElement[bool]]:
     held = exists().where(o.c.ordering_key == t.c.ordering_key,
                           o.c.status.in_([_PENDING, _RUNNING]), o.c.id != t.c.id,
                           (o.c.status == _RUNNING) | (o.c.id < t.c.id))
-    paused = select(async_action_processor.c.name).where(
-        async_action_processor.c.paused_at.is_not(None))
+    p = async_action_processor
+    # A probe of its primary key: the claim session allows no sequential scan.
+    paused = exists().where(p.c.name == t.c.processor, p.c.paused_at.is_not(None))
     return [PENDING_ONLY,  # the claim index's own predicate (see schema.py)
             t.c.next_eligible_at <= NOW,
             t.c.processor.in_([literal(name, Text) for name in names]),
-            t.c.processor.not_in(paused),
+            ~paused,
             t.c.ordering_key.is_(None) | ~held]
 
 
@@ -124,7 +126,6 @@ def claim_statement(processors: tuple[tuple[str, int], ...],
     counts what the cluster runs and started, and claims no more than the caps allow;
     its caller serialises such claims per processor (lock_processor)."""
     names = [name for name, _ in processors]
-    now = NOW if flow is None else statement_now()
     limit = bindparam("free") if flow is None else _allowed(names[0], flow)
     picked = (
         select(t.c.id)
@@ -138,7 +139,7 @@ def claim_statement(processors: tuple[tuple[str, int], ...],
     return HotStatement(
         update(t)
         .where(t.c.id.in_(select(picked.c.id)))
-        .values(status=Status.RUNNING.value, attempts=t.c.attempts + 1, started_at=now,
+        .values(status=Status.RUNNING.value, attempts=t.c.attempts + 1, started_at=clock_now(),
                 progress=null(),
                 retries=func.coalesce(t.c.retries, case(
                     {name: literal(retries, Integer) for name, retries in processors},

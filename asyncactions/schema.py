@@ -204,7 +204,7 @@ def _db_now_sqlite(element: db_now, compiler: Any, **kw: Any) -> str:
 
 class statement_now(db_now):
     """As db_now, but the time the statement started, not its transaction: a claim that
-    waited for its processor's lock must see, and stamp, time after the wait."""
+    waited for its processor's lock counts its rate window from after the wait."""
 
     inherit_cache = True
 
@@ -217,6 +217,25 @@ def _statement_now_pg(element: statement_now, compiler: Any, **kw: Any) -> str:
 @compiles(statement_now, "sqlite")
 def _statement_now_sqlite(element: statement_now, compiler: Any, **kw: Any) -> str:
     return _db_now_sqlite(element, compiler, **kw)  # SQLite's 'now' is per statement
+
+
+class clock_now(db_now):
+    """The time as the row is written (clock_timestamp() on PostgreSQL), after the
+    statement's snapshot was taken: a claim's start is then later than the commit of
+    every outcome its snapshot saw, so the table's own timestamps show the order the
+    claims kept (one key's actions never overlap, a cap never exceeded)."""
+
+    inherit_cache = True
+
+
+@compiles(clock_now, "postgresql")
+def _clock_now_pg(element: clock_now, compiler: Any, **kw: Any) -> str:
+    return _db_now_pg(element, compiler, **kw).replace("now()", "clock_timestamp()")
+
+
+@compiles(clock_now, "sqlite")
+def _clock_now_sqlite(element: clock_now, compiler: Any, **kw: Any) -> str:
+    return _db_now_sqlite(element, compiler, **kw)  # one writer: statements run in order
 
 
 # The clock itself, with no offset to bind: a statement prepared with it plans like one
