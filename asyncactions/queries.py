@@ -43,6 +43,7 @@ from .notifier import NOTIFY_CHANNEL, OUTCOME_CHANNEL
 from .outcomes import Outcome
 from .schema import (
     NOW,
+    PAUSED,
     PENDING_ONLY,
     action_columns,
     as_payload,
@@ -78,12 +79,14 @@ def _runnable(names: Sequence[str]) -> list[ColumnElement[bool]]:
                           o.c.status.in_([_PENDING, _RUNNING]), o.c.id != t.c.id,
                           (o.c.status == _RUNNING) | (o.c.id < t.c.id))
     p = async_action_processor
-    # A probe of its primary key: the claim session allows no sequential scan.
-    paused = exists().where(p.c.name == t.c.processor, p.c.paused_at.is_not(None))
+    # Read once per claim (a hashed subplan), by the partial index on paused processors
+    # (the claim session allows no sequential scan). Not a join: an anti-join's row
+    # estimate made the planner sort every pending row instead of walking the claim index.
+    paused = select(p.c.name).where(PAUSED)
     return [PENDING_ONLY,  # the claim index's own predicate (see schema.py)
             t.c.next_eligible_at <= NOW,
             t.c.processor.in_([literal(name, Text) for name in names]),
-            ~paused,
+            t.c.processor.not_in(paused),
             t.c.ordering_key.is_(None) | ~held]
 
 

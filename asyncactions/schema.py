@@ -162,6 +162,10 @@ async_action_processor = Table(
     Column("paused_at", UtcDateTime),
     Column("paused_by", Text),
 )
+# The claim reads the paused processors: a tiny index of the paused ones.
+PAUSED = text("paused_at IS NOT NULL")
+Index("async_action_processor_paused_idx", async_action_processor.c.name,
+      postgresql_where=PAUSED, sqlite_where=PAUSED)
 
 async_action_schedule = Table(
     "async_action_schedule",

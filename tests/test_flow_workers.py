@@ -160,6 +160,12 @@ def test_caps_keys_pause_and_cancel_hold_across_three_worker_processes(
     assert not [s for s in pause_starts if paused_at + window < s < resumed_at]
     assert min(s for s in pause_starts if s >= resumed_at) < resumed_at + 5 * window
     assert admin.get_action(db.engine, coop.id).status == "canceled"
+    print(f"\n{db.name}: cap 2 reached {at_cap:.0%} of the time; {len(in_5s)} rated starts "
+          f"in the first 5 s; pause to last start "
+          f"{(max(s for s in pause_starts if s < resumed_at) - paused_at).total_seconds():.3f}"
+          f" s; resume to first start "
+          f"{(min(s for s in pause_starts if s >= resumed_at) - resumed_at).total_seconds():.3f}"
+          " s")
 
 
 def _count(db: Db, processor: str, status: str) -> int:

@@ -23,6 +23,7 @@ LIVE_ORDERED = sa.text("ordering_key IS NOT NULL AND status IN ('pending', 'runn
 RUNNING_ORDERED = sa.text("ordering_key IS NOT NULL AND status = 'running'")
 # Rate limits count the attempts a processor started within the window.
 STARTED = sa.text("started_at IS NOT NULL")
+PAUSED = sa.text("paused_at IS NOT NULL")
 
 
 def upgrade() -> None:
@@ -41,6 +42,9 @@ def upgrade() -> None:
         sa.Column("paused_at", TIMESTAMP),
         sa.Column("paused_by", sa.Text()),
     )
+    # The claim reads the paused ones (the claim session allows no sequential scan).
+    op.create_index("async_action_processor_paused_idx", "async_action_processor", ["name"],
+                    postgresql_where=PAUSED, sqlite_where=PAUSED)
 
 
 def downgrade() -> None:
