@@ -112,20 +112,18 @@ class Claimer:
         names = sorted(processors)
         # Plain processors share one claim; each batch processor claims a batch of its
         # own, and so does each with cluster-wide caps (its claim counts, under a lock).
-        plain = [n for n in names if processors[n].settings.batch_size == 1
-                 and not processors[n].settings.flow_controlled]
         # Capped ones claim first: a slot of the cluster's cap is not to wait behind
         # this worker's plain backlog.
-        self._groups: list[tuple[list[tuple[str, int]], int | None, queries.Flow | None]] = []
-        for n in sorted(names, key=lambda n: not processors[n].settings.flow_controlled):
-            if n not in plain:
-                settings = processors[n].settings
-                batch = settings.batch_size if settings.batch_size > 1 else None
-                self._groups.append(([self._retries(n)], batch, _flow(settings)))
+        capped = [n for n in names if processors[n].settings.flow_controlled]
+        plain = [n for n in names if n not in capped and processors[n].settings.batch_size == 1]
+        batched = [n for n in names if n not in capped and n not in plain]
+        self._groups: list[tuple[list[tuple[str, int]], int | None, queries.Flow | None]] = [
+            ([self._retries(n)], _batch_size(processors[n].settings),
+             _flow(processors[n].settings)) for n in capped]
         if plain:
-            first_batch = next((i for i, g in enumerate(self._groups) if g[2] is None),
-                               len(self._groups))
-            self._groups.insert(first_batch, ([self._retries(n) for n in plain], None, None))
+            self._groups.append(([self._retries(n) for n in plain], None, None))
+        self._groups += [([self._retries(n)], processors[n].settings.batch_size, None)
+                         for n in batched]
         self._capped = any(flow for _, _, flow in self._groups)
         self._capped_at = 0.0  # when this worker last claimed for capped processors
         # Capped claims take a lock and count: a transaction of two statements.
@@ -263,6 +261,10 @@ class Claimer:
         # A little after, so the start that ages out is surely outside the window.
         opens = max(opens + 0.005, 0.005)
         self._opens_in = opens if self._opens_in is None else min(self._opens_in, opens)
+
+
+def _batch_size(settings: ProcessorSettings) -> int | None:
+    return settings.batch_size if settings.batch_size > 1 else None
 
 
 def _flow(settings: ProcessorSettings) -> queries.Flow | None:
