@@ -3,7 +3,7 @@
 from typing import TYPE_CHECKING, Any
 
 from .action import Action, Status, format_id
-from .admin import cancel, get_action, retry, wait_for
+from .admin import cancel, get_action, pause, resume, retry, wait_for
 from .enqueue import enqueue_all, init_action, init_actions
 from .errors import (
     ActionNotFound,
@@ -15,6 +15,7 @@ from .errors import (
     UnserializableData,
 )
 from .hooks import report_exceptions
+from .live import current_attempt
 from .processors import Defer, PermanentFailure, processor
 
 if TYPE_CHECKING:
@@ -44,13 +45,16 @@ __all__ = [
     "UnserializableData",
     "Worker",
     "cancel",
+    "current_attempt",
     "enqueue_all",
     "format_id",
     "get_action",
     "init_action",
     "init_actions",
+    "pause",
     "processor",
     "report_exceptions",
+    "resume",
     "retry",
     "wait_for",
 ]

@@ -55,6 +55,9 @@ class Action(NamedTuple):
     finished_at: datetime | None
     claimed_by: str | None
     lease_expires_at: datetime | None
+    ordering_key: str | None = None  # actions sharing it run one at a time, in id order
+    # What the running (or last) attempt reported: {"fraction", "message", "at"}.
+    progress: dict[str, Any] | None = None
 
     @property
     def display_id(self) -> str:
@@ -69,7 +72,7 @@ def row_to_action(row: Sequence[Any], *, payloads: bool = True) -> Action:
     `payloads` is false: then data and result stay raw JSON text, for rows that do not
     decode)."""
     (id_, processor, status, data, related_id, priority, retries, attempts, error, errors,
-     result, unique_key, *times) = row[:18]
+     result, unique_key, *times, ordering_key, progress) = row[:20]
     if not payloads:
         try:
             errors = codec.loads(errors)
@@ -77,13 +80,13 @@ def row_to_action(row: Sequence[Any], *, payloads: bool = True) -> Action:
             errors = None
         return Action(id_, processor, Status(status), data, related_id, priority, retries,
                       attempts, error, errors if isinstance(errors, list) else [], result,
-                      unique_key, *times)
+                      unique_key, *times, ordering_key, _decoded(progress))
     errors = codec.loads(errors)
     if errors is not None and not isinstance(errors, list):
         raise ValueError(f"errors is {type(errors).__name__}, not a list")
     return Action(id_, processor, Status(status), codec.loads(data), related_id, priority,
                   retries, attempts, error, errors or [], codec.loads(result), unique_key,
-                  *times)
+                  *times, ordering_key, _decoded(progress))
 
 
 def read_action(row: Any) -> Action:
@@ -100,7 +103,7 @@ def read_action(row: Any) -> Action:
     raw = Action._make(row[:len(Action._fields)])
     errors = [] if raw.errors is None else _decoded(raw.errors)
     return raw._replace(status=Status(raw.status), data=_decoded(raw.data),
-                        result=_decoded(raw.result),
+                        result=_decoded(raw.result), progress=_decoded(raw.progress),
                         errors=errors if _is_history(errors) else raw.errors)
 
 

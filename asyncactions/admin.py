@@ -3,12 +3,14 @@ and retention (purge)."""
 
 from __future__ import annotations
 
+import getpass
 import re
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 import psycopg
 from sqlalchemy import (
@@ -25,14 +27,25 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.expression import ColumnElement
 
+from . import processors as registry
 from .action import Action, Status, read_action
 from .audit import FINAL, Filter, parse_statuses
 from .database import Database, connection
-from .errors import ActionNotFound, AsyncActionsError
-from .notifier import OUTCOME_CHANNEL
-from .schema import ACTIVE_STATUSES, NOW, UtcDateTime, action_columns, async_action, db_now
+from .errors import ActionNotFound, AsyncActionsError, UnknownProcessor
+from .notifier import NOTIFY_CHANNEL, OUTCOME_CHANNEL
+from .schema import (
+    ACTIVE_STATUSES,
+    NOW,
+    UtcDateTime,
+    action_columns,
+    async_action,
+    async_action_processor,
+    async_action_worker,
+    db_now,
+)
 
 t = async_action
 _other = t.alias("other")  # the same table again, for conditions on other rows
@@ -254,3 +267,81 @@ def _outcome_listener(engine: Engine) -> Iterator[Callable[[float], None] | None
                 pass
 
         yield wait
+
+
+# --- processors: pause and resume, cluster-wide ------------------------------------------
+
+class ProcessorState(NamedTuple):
+    """A processor's run-time state in async_action_processor."""
+
+    name: str
+    paused_at: datetime | None = None
+    paused_by: str | None = None
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None
+
+
+def check_processor_known(db: Database, name: str) -> None:
+    """Producers need not import processors, so a name is known if it is registered
+    here, run by a live worker, has a state, or is already in the table (asked last:
+    on a large table that is the costly look-up)."""
+    known = set(registry.registered())
+    with connection(db) as conn:
+        for (listed,) in conn.execute(select(async_action_worker.c.processors)):
+            known.update(listed.split(","))
+        known.update(conn.execute(select(async_action_processor.c.name)).scalars())
+        if name not in known:
+            known.update(conn.execute(select(t.c.processor).distinct()).scalars())
+    if name not in known:
+        raise UnknownProcessor(f"unknown processor {name!r}; known: "
+                               f"{', '.join(sorted(known)) or 'none'} (pass --import MODULE "
+                               "that registers it, or start a worker that runs it)")
+
+
+def processor_states(db: Database) -> dict[str, ProcessorState]:
+    p = async_action_processor
+    with connection(db) as conn:
+        return {r.name: ProcessorState(r.name, r.paused_at, r.paused_by)
+                for r in conn.execute(select(p.c.name, p.c.paused_at, p.c.paused_by))}
+
+
+def pause(db: Database, name: str, *, by: str | None = None) -> ProcessorState:
+    """Stop claiming `name`'s actions on every worker, from their next claim (within a
+    poll interval); running attempts finish, new actions are still enqueued."""
+    check_processor_known(db, name)
+    return _set_paused(db, name, NOW, by or _operator())
+
+
+def resume(db: Database, name: str) -> ProcessorState:
+    """Claim `name`'s actions again; listening workers are woken at once."""
+    check_processor_known(db, name)
+    return _set_paused(db, name, None, None)
+
+
+def _set_paused(db: Database, name: str, at: Any, by: str | None) -> ProcessorState:
+    p = async_action_processor
+    with connection(db) as conn:
+        insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        stmt = insert(p).values(name=name, paused_at=at, paused_by=by)
+        # Pausing again keeps the first pause's time and author.
+        paused_at = func.coalesce(p.c.paused_at, stmt.excluded.paused_at) if at is not None \
+            else None
+        row = conn.execute(stmt.on_conflict_do_update(
+            index_elements=[p.c.name],
+            set_={"paused_at": paused_at,
+                  "paused_by": func.coalesce(p.c.paused_by, stmt.excluded.paused_by)
+                  if at is not None else None})
+            .returning(p.c.name, p.c.paused_at, p.c.paused_by)).one()
+        if at is None and conn.dialect.name == "postgresql":
+            conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, name)))
+    return ProcessorState(*row)
+
+
+def _operator() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"

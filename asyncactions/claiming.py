@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 
@@ -22,7 +23,7 @@ from .executor import Attempt, Executor
 from .metrics import Metrics
 from .notifier import LISTEN, Wakeup, session_is_kept
 from .outcomes import Outcome
-from .processors import Processor
+from .processors import Processor, ProcessorSettings
 from .runner import Runner
 
 log = logging.getLogger("asyncactions.claiming")
@@ -35,6 +36,8 @@ PREFETCH = 2
 # completer and bounds what a crash can make run twice; the bound is what lets one
 # outcome write carry many actions.
 MAX_UNWRITTEN = 500
+# How often a busy worker still claims for its capped processors (seconds).
+CAPPED_RECLAIM = 0.05
 
 # Settings of the claim loop's own PostgreSQL session (it runs nothing but claims).
 CLAIM_SESSION = (
@@ -47,6 +50,12 @@ CLAIM_SESSION = (
     # pending row makes each claim cost milliseconds instead of a fraction of one.
     "SET enable_bitmapscan = off",
     "SET enable_seqscan = off",
+    # Nor sort the pending rows found by another index: a processor rare in the table
+    # (or keyed actions, whose check the planner cannot estimate) looks like a handful
+    # of rows to sort, and the claim then reads and checks every pending row.
+    "SET enable_sort = off",
+    # Claims are small: compiling one would cost far more than running it.
+    "SET jit = off",
 )
 
 
@@ -101,13 +110,26 @@ class Claimer:
         self._alive = alive
         self._metrics = metrics
         names = sorted(processors)
-        # Plain processors share one claim; each batch processor claims a batch of its own.
-        plain = [n for n in names if processors[n].settings.batch_size == 1]
-        self._groups: list[tuple[list[tuple[str, int]], int | None]] = []
+        # Plain processors share one claim; each batch processor claims a batch of its
+        # own, and so does each with cluster-wide caps (its claim counts, under a lock).
+        # Capped ones claim first: a slot of the cluster's cap is not to wait behind
+        # this worker's plain backlog.
+        capped = [n for n in names if processors[n].settings.flow_controlled]
+        plain = [n for n in names if n not in capped and processors[n].settings.batch_size == 1]
+        batched = [n for n in names if n not in capped and n not in plain]
+        self._groups: list[tuple[list[tuple[str, int]], int | None, queries.Flow | None]] = [
+            ([self._retries(n)], _batch_size(processors[n].settings),
+             _flow(processors[n].settings)) for n in capped]
         if plain:
-            self._groups.append(([self._retries(n) for n in plain], None))
-        self._groups += [([self._retries(n)], processors[n].settings.batch_size)
-                         for n in names if n not in plain]
+            self._groups.append(([self._retries(n) for n in plain], None, None))
+        self._groups += [([self._retries(n)], processors[n].settings.batch_size, None)
+                         for n in batched]
+        self._capped = any(flow for _, _, flow in self._groups)
+        self._capped_at = 0.0  # when this worker last claimed for capped processors
+        # Capped claims take a lock and count: a transaction of two statements.
+        self._flow_conn: KeptConnection | None = None
+        self._session_checked = False  # the claim connection proved a session its own
+        self._opens_in: float | None = None  # when a rate window lets another start
         running = PREFETCH * concurrency * max(p.settings.batch_size
                                                for p in processors.values())
         self._max_held = running + max(running, MAX_UNWRITTEN)
@@ -127,14 +149,19 @@ class Claimer:
         other clients' server connections (their commits made asynchronous)."""
         conn.exec_driver_sql(LISTEN)
         if session_is_kept(conn.connection.driver_connection, self._notify):
-            for statement in CLAIM_SESSION:
-                conn.exec_driver_sql(statement)
+            self._session_checked = True
+            self._session_settings(conn)
             return
         log.warning("listen = true, but a notification sent to this worker did not come "
                     "back: is the database behind a pooler in transaction mode (PgBouncer)? "
                     "Polling every %gs instead; set [worker] listen = false to say so",
                     self._poll_interval)
         self._listens = False
+
+    def _session_settings(self, conn: Connection) -> None:
+        if self._listens and self._session_checked:  # not behind a pooler
+            for statement in CLAIM_SESSION:
+                conn.exec_driver_sql(statement)
 
     def _notify(self, channel: str, payload: str) -> None:
         with self._engine.begin() as other:
@@ -147,6 +174,9 @@ class Claimer:
         backoff = 0.1
         conn = KeptConnection(self._engine, single_statements=True,
                               on_connect=self._listen if self._listens else None)
+        if self._capped:
+            # Session settings only where the claim connection proved a session its own.
+            self._flow_conn = KeptConnection(self._engine, on_connect=self._session_settings)
         try:
             while not stop.is_set():
                 self._alive()  # raises WorkerFailed when a part it needs has stopped
@@ -159,6 +189,12 @@ class Claimer:
                     drained = burst and not claimed and idle_before and \
                         not self._eligible(conn)
                     backoff = 0.1
+                except sa_exc.IntegrityError:
+                    # Two claimers took different actions of one ordering key at once
+                    # (see queries._runnable): the unique index refused the second.
+                    log.info("another worker claimed an action of the same ordering key "
+                             "at the same moment; claiming again")
+                    continue
                 except sa_exc.DBAPIError as exc:
                     log.warning("claiming failed (%s); retrying in %.1fs", first_line(exc),
                                 backoff)
@@ -169,10 +205,14 @@ class Claimer:
                     break
                 # With more waiting, claim again at once; but read the notifications
                 # even then, or they pile up in the driver for as long as the backlog.
-                self._wake.wait(0 if more else self._poll,
-                                conn.driver if self._listens else None)
+                # A rate limit that held actions back is asked again when its window
+                # lets the next one start, not a poll interval later.
+                wait = 0 if more else min(self._poll, self._opens_in or self._poll)
+                self._wake.wait(wait, conn.driver if self._listens else None)
         finally:
             conn.close()
+            if self._flow_conn is not None:
+                self._flow_conn.close()
 
     def _eligible(self, conn: KeptConnection) -> bool:
         with conn.begin() as connection:
@@ -184,22 +224,38 @@ class Claimer:
         more may be waiting (a claim came back full)."""
         busy = self._runner.busy()
         free = PREFETCH * self._concurrency - busy
-        if busy and free < self._concurrency:
-            return 0, False  # a claim for a slot or two costs as much as one for many
+        self._opens_in = None
+        # A claim for a slot or two costs as much as one for many: plain claims wait
+        # for more room. Capped processors claim on (at most every CAPPED_RECLAIM
+        # seconds): a slot of the cluster's cap freed here must not wait for that.
+        few = bool(busy) and free < self._concurrency
+        now = time.monotonic()
+        if few and (not self._capped or now - self._capped_at < CAPPED_RECLAIM):
+            return 0, False
         room = self._max_held - len(self._in_flight)
         claimed, more = 0, False
-        for processors, batch_size in self._groups:
+        for processors, batch_size, flow in self._groups:
             want = min(free if batch_size is None else batch_size, room)
-            if free <= 0 or want <= 0:
-                break
-            with conn.begin() as connection:
-                actions, malformed = queries.claim(connection, self._worker, processors,
-                                                   want, self._lease)
+            if flow is not None and batch_size is None:
+                # Even with every thread taken: the attempt goes first in the queue,
+                # and the cap's freed slot is not left to other workers' timing.
+                want = min(max(want, 1), room)
+            if want <= 0 or (flow is None and (free <= 0 or few)):
+                continue
+            if flow is None:
+                with conn.begin() as connection:
+                    actions, malformed = queries.claim(connection, self._worker, processors,
+                                                       want, self._lease)
+            else:
+                self._capped_at = now
+                actions, malformed = self._claim_capped(processors, want, flow)
             self._in_flight.add([*actions, *(a for a, _ in malformed)])
             if malformed:
                 self._report([self._executor.undecodable(a, exc) for a, exc in malformed])
             if not actions:
                 continue
+            if flow is not None and flow.rate_count is not None and len(actions) < want:
+                self._note_window(processors[0][0], flow)
             claimed += len(actions)
             room -= len(actions)
             more = more or len(actions) == want
@@ -210,6 +266,44 @@ class Claimer:
                 if self._metrics is not None:
                     self._metrics.claimed_actions(name, len(unit))
                 timeout = self._processors[name].settings.timeout
+                # A capped attempt goes first in the queue: it holds a slot of its cap
+                # (or a start of its rate) from its claim on.
                 self._runner.submit(Attempt(unit, name,
-                                            timeout.total_seconds() if timeout else None))
+                                            timeout.total_seconds() if timeout else None),
+                                    first=flow is not None)
         return claimed, more
+
+    def _claim_capped(self, processors: list[tuple[str, int]], want: int, flow: queries.Flow,
+                      ) -> tuple[list[Action], list[tuple[Action, Exception]]]:
+        assert self._flow_conn is not None
+        with self._flow_conn.begin() as connection:
+            queries.lock_processor(connection, processors[0][0])
+            actions, malformed = queries.claim(connection, self._worker, processors, want,
+                                               self._lease, flow)
+        if not actions and not malformed and flow.rate_count is not None:
+            self._note_window(processors[0][0], flow)
+        return actions, malformed
+
+    def _note_window(self, name: str, flow: queries.Flow) -> None:
+        """The rate limit held some back: wake when its window next lets one start."""
+        assert self._flow_conn is not None and flow.rate_count and flow.rate_seconds
+        with self._flow_conn.begin() as connection:
+            opens = queries.rate_window_opens(connection, name, flow.rate_count,
+                                              flow.rate_seconds)
+        if opens is None:
+            return  # not the rate: nothing was waiting
+        # A little after, so the start that ages out is surely outside the window.
+        opens = max(opens + 0.005, 0.005)
+        self._opens_in = opens if self._opens_in is None else min(self._opens_in, opens)
+
+
+def _batch_size(settings: ProcessorSettings) -> int | None:
+    return settings.batch_size if settings.batch_size > 1 else None
+
+
+def _flow(settings: ProcessorSettings) -> queries.Flow | None:
+    if not settings.flow_controlled:
+        return None
+    rate = settings.rate_limit
+    return queries.Flow(settings.concurrency, rate.count if rate else None,
+                        rate.seconds if rate else None)

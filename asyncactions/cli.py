@@ -11,10 +11,11 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import click
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 
 from . import admin, audit, codec
@@ -30,9 +31,8 @@ from .config import (
 from .database import describe, first_line, make_engine, require_schema
 from .durations import format_duration, parse_duration
 from .enqueue import init_action
-from .errors import AsyncActionsError, ConfigError, UnknownProcessor
+from .errors import AsyncActionsError, ConfigError
 from .output import FORMATS, Ratio, emit
-from .schema import async_action, async_action_worker
 
 
 @dataclass
@@ -327,16 +327,7 @@ def _check_processor_known(state: State, engine: Engine, name: str,
     """Producers need not import processors, so a name is known if it is registered here,
     run by a live worker, or already in the table."""
     registry.import_modules([*state.config.imports, *imports])
-    known = set(registry.registered())
-    with engine.connect() as conn:
-        for (listed,) in conn.execute(select(async_action_worker.c.processors)):
-            known.update(listed.split(","))
-        if name not in known:
-            known.update(conn.execute(select(async_action.c.processor).distinct()).scalars())
-    if name not in known:
-        raise UnknownProcessor(f"unknown processor {name!r}; known: "
-                               f"{', '.join(sorted(known)) or 'none'} (pass --import MODULE "
-                               "that registers it, or start a worker that runs it)")
+    admin.check_processor_known(engine, name)
 
 
 # --- audit ------------------------------------------------------------------------------
@@ -559,19 +550,73 @@ def processors_cmd(state: State, imports: tuple[str, ...], fmt: str) -> None:
     """Registered processors with their effective settings (decorator, then config)."""
     registry.import_modules([*state.config.imports, *imports])
     registry.select(state.config.processors, state.config.source)  # validates [processors.*] names
+    paused = _paused(state)
     rows = []
     for name, proc in sorted(registry.registered().items()):
         s = proc.configured(state.config.processors.get(name)).settings
-        rows.append({"name": name, "retries": s.retries,
+        pause = paused.get(name)
+        rows.append({"name": name, "state": _state(pause), "retries": s.retries,
                      "retry_interval": format_duration(s.retry_interval),
                      "backoff": s.backoff,
                      "max_retry_interval": format_duration(s.max_retry_interval),
                      "timeout": format_duration(s.timeout) if s.timeout else None,
                      "batch_size": s.batch_size, "enabled": s.enabled,
-                     "transactional": s.transactional,
+                     "transactional": s.transactional, "concurrency": s.concurrency,
+                     "rate_limit": str(s.rate_limit) if s.rate_limit else None,
+                     "paused_at": pause.paused_at if pause else None,
+                     "paused_by": pause.paused_by if pause else None,
                      "overridden": ",".join(sorted(state.config.processors.get(name, {})))})
-    emit(rows, ["name", "retries", "retry_interval", "backoff", "max_retry_interval",
-                "timeout", "batch_size", "enabled", "transactional", "overridden"], fmt)
+    # Paused here, though not registered in this program: shown too.
+    rows += [{"name": name, "state": _state(p), "paused_at": p.paused_at,
+              "paused_by": p.paused_by} for name, p in sorted(paused.items())
+             if p.paused and name not in registry.registered()]
+    emit(rows, ["name", "state", "retries", "retry_interval", "backoff", "max_retry_interval",
+                "timeout", "batch_size", "enabled", "transactional", "concurrency",
+                "rate_limit", "paused_at", "paused_by", "overridden"], fmt)
+
+
+def _paused(state: State) -> dict[str, admin.ProcessorState]:
+    """The cluster-wide state, when there is a database with the schema to ask."""
+    url = state.engine.url
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
+        return {}  # no database yet: asking would create the file
+    try:
+        return admin.processor_states(state.engine)
+    except (sa_exc.DBAPIError, AsyncActionsError):  # no schema (yet), no server
+        return {}
+
+
+def _state(pause: admin.ProcessorState | None) -> str:
+    return "paused" if pause is not None and pause.paused else "running"
+
+
+@main.command()
+@click.argument("names", nargs=-1, required=True, metavar="PROCESSOR...")
+@click.pass_obj
+def pause(state: State, names: tuple[str, ...]) -> None:
+    """Stop claiming these processors' actions on every worker (within a poll
+    interval); running attempts finish, and new actions are still enqueued."""
+    _pause_or_resume(state, names, admin.pause, "paused")
+
+
+@main.command()
+@click.argument("names", nargs=-1, required=True, metavar="PROCESSOR...")
+@click.pass_obj
+def resume(state: State, names: tuple[str, ...]) -> None:
+    """Claim these processors' actions again."""
+    _pause_or_resume(state, names, admin.resume, "resumed")
+
+
+def _pause_or_resume(state: State, names: tuple[str, ...],
+                     change: Callable[[Connection, str], admin.ProcessorState],
+                     past: str) -> None:
+    """All names or none: one unknown name changes nothing."""
+    engine = state.checked_engine
+    registry.import_modules(state.config.imports)
+    with engine.begin() as conn:
+        done = [change(conn, name) for name in dict.fromkeys(names)]
+    for done_state in done:
+        click.echo(f"{done_state.name} {past}")
 
 
 @main.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import gc
 import itertools
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -17,9 +18,11 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Float,
+    Integer,
     Row,
     Text,
     bindparam,
+    cast,
     func,
     insert,
     literal,
@@ -73,6 +76,7 @@ def _insert_values(explicit_time: bool, data: Any) -> dict[str, Any]:
         "priority": bindparam("priority"),
         "retries": bindparam("retries"),
         "unique_key": bindparam("unique_key", type_=Text),
+        "ordering_key": bindparam("ordering_key", type_=Text),
         "next_eligible_at": (bindparam("eligible_at", type_=async_action.c.next_eligible_at.type)
                              if explicit_time else db_now(bindparam("delay", type_=Float))),
         "created_at": NOW,
@@ -94,16 +98,19 @@ def init_action(db: Database, processor: str, data: Any = None, *,
                 related_id: str | None = None, delay: timedelta | None = None,
                 eligible_at: datetime | None = None, retries: int | None = None,
                 priority: int = 0, unique_key: str | None = None,
+                ordering_key: str | None = None,
                 max_data_bytes: int = codec.MAX_DATA_BYTES) -> Action:
     """Record one action in the caller's transaction and return it with its id.
 
     With a `unique_key` held by a pending or running action, nothing is inserted and
-    that action is returned instead.
+    that action is returned instead. Actions sharing an `ordering_key` run one at a
+    time, in id order.
     """
     options = _options(processor, delay, eligible_at, retries, priority)
+    _check_key(ordering_key, "ordering_key")
     text = None if data is None else codec.dumps(data, max_bytes=max_data_bytes)
     params = {"processor": processor, "data": text, "related_id": related_id,
-              "unique_key": unique_key, **options}
+              "unique_key": unique_key, "ordering_key": ordering_key, **options}
     # One statement, unless a unique_key is taken: then each look-up and retry is a
     # statement of its own anyway (see _insert_one).
     with connection(db, one_statement=True) as conn:
@@ -117,7 +124,8 @@ UniqueKeys = Callable[[Any], str | None] | Sequence[str | None]
 def init_actions(db: Database, processor: str, data: Sequence[Any], *,
                  related_id: str | None = None, delay: timedelta | None = None,
                  eligible_at: datetime | None = None, retries: int | None = None,
-                 priority: int = 0, unique_key: UniqueKeys | None = None,
+                  priority: int = 0, unique_key: UniqueKeys | None = None,
+                 ordering_key: OrderingKeys | None = None,
                  max_data_bytes: int = codec.MAX_DATA_BYTES) -> list[Action]:
     """Record many actions of one processor in one statement (one round trip); returns
     one Action per item of `data`, in order.
@@ -126,6 +134,8 @@ def init_actions(db: Database, processor: str, data: Sequence[Any], *,
     long as `data` (None for no key). Where a pending or running action, or an earlier
     item of the same call, already holds the key, nothing is inserted and that action
     takes the item's place in the result.
+
+    `ordering_key` likewise: a function of the data, a list, or one str for them all.
     """
     options = _options(processor, delay, eligible_at, retries, priority)
     with _gc_paused():
@@ -133,26 +143,34 @@ def init_actions(db: Database, processor: str, data: Sequence[Any], *,
                                                     max_bytes=max_data_bytes)
                  for i, d in enumerate(data)]
     keys = _unique_keys(unique_key, data)
+    okeys = _ordering_keys(ordering_key, data)
     if not texts:
         return []
-    params = {"processor": processor, "related_id": related_id, "unique_key": None, **options}
+    params = {"processor": processor, "related_id": related_id, "unique_key": None,
+              "ordering_key": None, **options}
     explicit_time = eligible_at is not None
+    ordered = okeys is not None
     with connection(db) as conn:
         if conn.dialect.name != "postgresql":
             # SQLite has no round trips to save: the single-row statement, many times.
             stmt = _insert_stmt(conn.dialect.name, explicit_time, keys is not None)
-            return [_insert_one(conn, stmt, d, {**params, "data": t, "unique_key": k})
-                    for d, t, k in zip(data, texts, keys or [None] * len(texts), strict=True)]
+            return [_insert_one(conn, stmt, d, {**params, "data": t, "unique_key": k,
+                                                "ordering_key": o})
+                    for d, t, k, o in zip(data, texts, keys or [None] * len(texts),
+                                          okeys or [None] * len(texts), strict=True)]
         if keys is None:
             if len(texts) >= COPY_FROM and conn.dialect.driver == "psycopg":
-                return _copy_in(conn, data, texts, params)
-            rows = conn.execute(_bulk_insert_pg(conn.dialect.name, explicit_time),
-                                {**params, "datas": _json_array(texts)}).all()
+                return _copy_in(conn, data, texts, params, okeys)
+            rows = conn.execute(_bulk_insert_pg(conn.dialect.name, explicit_time, ordered),
+                                {**params, "datas": _json_array(texts),
+                                 **({"okeys": json.dumps(okeys)} if ordered else {})}).all()
             rows.sort(key=lambda r: r[0])
-            return [_new_action(row, d, params) for row, d in zip(rows, data, strict=True)]
-        rows = conn.execute(_bulk_insert_unique_pg(conn.dialect.name, explicit_time),
-                            {**params, "datas": texts, "keys": keys}).all()
-        return _resolve_unique(conn, explicit_time, rows, data, texts, keys, params)
+            return [_new_action(row, d, params, o) for row, d, o in
+                    zip(rows, data, okeys or [None] * len(rows), strict=True)]
+        rows = conn.execute(_bulk_insert_unique_pg(conn.dialect.name, explicit_time, ordered),
+                            {**params, "datas": texts, "keys": keys,
+                             "okeys": okeys or [None] * len(texts)}).all()
+        return _resolve_unique(conn, explicit_time, rows, data, texts, keys, params, okeys)
 
 
 def _unique_keys(unique_key: UniqueKeys | None, data: Sequence[Any]) -> list[str | None] | None:
@@ -172,16 +190,44 @@ def _unique_keys(unique_key: UniqueKeys | None, data: Sequence[Any]) -> list[str
     return keys
 
 
+OrderingKeys = Callable[[Any], str | None] | Sequence[str | None] | str
+
+
+def _check_key(key: Any, what: str) -> None:
+    if key is not None and not isinstance(key, str):
+        raise AsyncActionsError(f"{what} must be a str or None, not {type(key).__name__}")
+
+
+def _ordering_keys(ordering_key: OrderingKeys | None,
+                   data: Sequence[Any]) -> list[str | None] | None:
+    """One ordering key per item: a function of its data, a list, or one str for all."""
+    if ordering_key is None:
+        return None
+    if isinstance(ordering_key, str):
+        return [ordering_key] * len(data)
+    if isinstance(ordering_key, bytes):
+        raise AsyncActionsError("ordering_key must be a str, a list of str or a function "
+                                "data -> str, not bytes")
+    keys = ([ordering_key(d) for d in data] if callable(ordering_key) else list(ordering_key))
+    if len(keys) != len(data):
+        raise AsyncActionsError(f"ordering_key has {len(keys)} keys for {len(data)} actions; "
+                                "give one per action (None for no key)")
+    for i, key in enumerate(keys):
+        _check_key(key, f"ordering_key of data[{i}]")
+    return keys if any(k is not None for k in keys) else None
+
+
 def _resolve_unique(conn: Connection, explicit_time: bool, rows: Sequence[Row[Any]],
                     data: Sequence[Any], texts: list[str | None], keys: list[str | None],
-                    params: dict[str, Any]) -> list[Action]:
+                    params: dict[str, Any],
+                    okeys: list[str | None] | None = None) -> list[Action]:
     """One Action per item from the bulk statement's rows: the new action, the one an
     earlier item with the same key got, or the live action that held the key."""
     actions: list[Action] = []
     by_key: dict[str, Action] = {}
-    for (new_id, created_at, eligible_at, *live), d, text, key in zip(
-            rows, data, texts, keys, strict=True):
-        item = {**params, "unique_key": key}
+    for (new_id, created_at, eligible_at, *live), d, text, key, okey in zip(
+            rows, data, texts, keys, okeys or [None] * len(rows), strict=True):
+        item = {**params, "unique_key": key, "ordering_key": okey}
         if new_id is not None:
             action = _new_action((new_id, created_at, eligible_at), d, item)
         elif key in by_key:  # an earlier item with this key decided it
@@ -224,7 +270,7 @@ def _insert_stmt(dialect: str, explicit_time: bool, unique: bool) -> HotStatemen
 
 
 @functools.cache
-def _bulk_insert_pg(dialect: str, explicit_time: bool) -> Any:
+def _bulk_insert_pg(dialect: str, explicit_time: bool, ordered: bool = False) -> Any:
     # The data travel as one JSON array (joining encoded items costs nothing; a text[]
     # parameter would be escaped item by item); WITH ORDINALITY keeps the caller's
     # order in the ids, and a JSON null item is stored as no data.
@@ -232,6 +278,9 @@ def _bulk_insert_pg(dialect: str, explicit_time: bool) -> Any:
              .table_valued("value", with_ordinality="ord").render_derived(name="elems"))
     values = _insert_values(explicit_time,
                             func.nullif(elems.c.value, literal_column("'null'::jsonb")))
+    if ordered:  # the item's ordering key, from a JSON array alongside the data
+        values["ordering_key"] = as_payload(bindparam("okeys", type_=Text)).op("->>")(
+            cast(elems.c.ord - 1, Integer))
     select_rows = select(*values.values()).select_from(elems).order_by(elems.c.ord)
     return (insert(async_action).from_select(list(values), select_rows)
             .returning(*_returning(dialect)))
@@ -245,7 +294,7 @@ BACKSLASH = "\\"
 
 
 def _copy_in(conn: Connection, data: Sequence[Any], texts: list[str | None],
-             params: dict[str, Any]) -> list[Action]:
+             params: dict[str, Any], okeys: list[str | None] | None = None) -> list[Action]:
     """A large bulk insert by COPY. COPY returns nothing, so one statement first draws
     the ids (in the caller's order), reads the transaction's time and sends the
     notification."""
@@ -267,11 +316,15 @@ def _copy_in(conn: Connection, data: Sequence[Any], texts: list[str | None],
     lines = "".join([f"{i}\t{t if t is not None and BACKSLASH not in t else _copy_field(t)}"
                      f"\t{tail}\n" for i, t in zip(ids, texts, strict=True)])
     columns = ", ".join(["id", "data", *shared])
+    if okeys is not None:  # rarely: the line with the item's key, escaped, at its end
+        lines = "".join([f"{i}\t{_copy_field(t)}\t{tail}\t{_copy_field(o)}\n"
+                         for i, t, o in zip(ids, texts, okeys, strict=True)])
+        columns += ", ordering_key"
     with kept_cursor(conn).copy(f"COPY {async_action.name} ({columns}) FROM STDIN") as copy:
         copy.write(lines)
     with _gc_paused():
-        return [_new_action((i, now, eligible_at), d, params)
-                for i, d in zip(ids, data, strict=True)]
+        return [_new_action((i, now, eligible_at), d, params, o)
+                for i, d, o in zip(ids, data, okeys or [None] * len(ids), strict=True)]
 
 
 @contextmanager
@@ -309,7 +362,7 @@ def _reserve_ids_pg() -> Any:
 
 
 @functools.cache
-def _bulk_insert_unique_pg(dialect: str, explicit_time: bool) -> Any:
+def _bulk_insert_unique_pg(dialect: str, explicit_time: bool, ordered: bool = False) -> Any:
     """One row per item, in order: the new action's (id, created_at, next_eligible_at),
     or NULLs and the live action that holds the item's key.
 
@@ -318,14 +371,18 @@ def _bulk_insert_unique_pg(dialect: str, explicit_time: bool) -> Any:
     snapshot, which holds the actions committed before it, not the ones it inserts.
     """
     elems = (func.unnest(bindparam("datas", type_=postgresql.ARRAY(Text)),
-                         bindparam("keys", type_=postgresql.ARRAY(Text)))
-             .table_valued("value", "key", with_ordinality="ord").render_derived(name="elems"))
+                         bindparam("keys", type_=postgresql.ARRAY(Text)),
+                         bindparam("okeys", type_=postgresql.ARRAY(Text)))
+             .table_valued("value", "key", "okey", with_ordinality="ord")
+             .render_derived(name="elems"))
     numbered = (select(func.nextval(ID_SEQUENCE).label("id"), elems.c.value, elems.c.key,
-                       elems.c.ord)
+                       elems.c.okey, elems.c.ord)
                 .cte("numbered").prefix_with("MATERIALIZED"))
     values = {"id": numbered.c.id,
               **_insert_values(explicit_time, as_payload(numbered.c.value)),
               "unique_key": numbered.c.key}
+    if ordered:
+        values["ordering_key"] = numbered.c.okey
     inserted = (
         postgresql.insert(async_action)
         # Insert in key order: concurrent bulk enqueues then wait for each other's keys
@@ -348,13 +405,15 @@ def _bulk_insert_unique_pg(dialect: str, explicit_time: bool) -> Any:
     )
 
 
-def _new_action(row: Sequence[Any], data: Any, params: dict[str, Any]) -> Action:
+def _new_action(row: Sequence[Any], data: Any, params: dict[str, Any],
+                ordering_key: str | None = None) -> Action:
     """The action just inserted, from (id, created_at, next_eligible_at) and the values
-    sent. Action._make: a bulk enqueue builds tens of thousands of these."""
+    sent (a bulk insert gives each item's ordering key apart). Action._make: a bulk
+    enqueue builds tens of thousands of these."""
     return Action._make((row[0], params["processor"], Status.PENDING, data,
                          params["related_id"], params["priority"], params["retries"], 0, None,
                          [], None, params["unique_key"], row[2], row[1], None, None, None,
-                         None))
+                         None, ordering_key or params["ordering_key"], None))
 
 
 def _live_action_with_key(conn: Connection, unique_key: str | None) -> Action | None:

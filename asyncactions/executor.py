@@ -21,6 +21,7 @@ from . import queries
 from .action import Action
 from .database import first_line
 from .durations import format_duration
+from .live import LiveAttempt, LiveAttempts
 from .metrics import Metrics
 from .outcomes import Kind, Outcome, completed, deferred, error_line, failed_attempt
 from .processors import DEFAULTS, Defer, PermanentFailure, Processor
@@ -36,6 +37,7 @@ class Attempt:
     processor: str
     timeout: float | None  # seconds
     finished: bool = field(default=False)  # its outcome was reported (or it timed out)
+    live: LiveAttempt | None = field(default=None)  # while it runs: current_attempt()
 
 
 @dataclass(frozen=True)
@@ -53,21 +55,26 @@ class Interrupted(Exception):
 
 class Executor:
     def __init__(self, processors: dict[str, Processor], worker_id: str, engine: Engine, *,
-                 max_bytes: int, metrics: Metrics | None = None) -> None:
+                 max_bytes: int, metrics: Metrics | None = None,
+                 live: LiveAttempts | None = None) -> None:
         self._processors = processors
         self._worker = worker_id
         self._engine = engine
         self._max_bytes = max_bytes
         self._metrics = metrics
+        self.live = live or LiveAttempts()
 
     def run(self, attempt: Attempt) -> Done:
         started = time.perf_counter()
         proc = self._processors[attempt.processor]
+        # The hook an asyncio runner needs to cancel a task: attempt.live.on_cancel().
+        attempt.live = LiveAttempt(attempt.actions, self._engine)
         try:
-            if proc.settings.transactional:
-                done = self._in_transaction(proc, attempt)
-            else:
-                done = Done(self._call(proc, attempt.actions)[0])
+            with self.live.running(attempt.live):
+                if proc.settings.transactional:
+                    done = self._in_transaction(proc, attempt)
+                else:
+                    done = Done(self._call(proc, attempt.actions)[0])
         except BaseException as exc:  # our own bookkeeping failed: still an outcome each
             log.exception("recording the outcome of %s failed", _ids(attempt))
             done = Done(self.failed(attempt, exc))

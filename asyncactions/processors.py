@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from .durations import check_duration, parse_duration
 from .errors import ConfigError, ImportFailed, UnknownProcessor
@@ -26,6 +27,32 @@ class Defer(Exception):
         super().__init__(reason or f"deferred for {self.delay}")
 
 
+class RateLimit(NamedTuple):
+    """At most `count` attempts start in any window of `seconds` (SPEC §3)."""
+
+    count: int
+    seconds: float
+    text: str  # as written: "5/s"
+
+    def __str__(self) -> str:
+        return self.text
+
+
+PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_RATE = re.compile(r"^\s*(\d{1,9})\s*/\s*([smh])\s*$")
+
+
+def parse_rate_limit(value: Any, what: str) -> RateLimit | None:
+    """"5/s", "100/m", "1000/h" (or None) as a RateLimit; anything else one clear line."""
+    if value is None or isinstance(value, RateLimit):
+        return value
+    match = _RATE.match(value) if isinstance(value, str) else None
+    if match is None or int(match[1]) < 1:
+        raise ConfigError(f"{what}: must be COUNT/PERIOD with a COUNT of 1 or more and a "
+                          f"PERIOD of s, m or h (e.g. \"5/s\", \"100/m\"), got {value!r}")
+    return RateLimit(int(match[1]), PERIODS[match[2]], f"{int(match[1])}/{match[2]}")
+
+
 @dataclass(frozen=True)
 class ProcessorSettings:
     retries: int = 3
@@ -37,6 +64,13 @@ class ProcessorSettings:
     transactional: bool = False
     on_failure: Callable[[Any], None] | None = None
     max_retry_interval: timedelta = timedelta(hours=1)  # the cap of exponential backoff
+    concurrency: int | None = None  # attempts running at once, across the cluster
+    rate_limit: RateLimit | None = None  # attempts started per window, across the cluster
+
+    @property
+    def flow_controlled(self) -> bool:
+        """Whether its claims must count what the cluster runs (a lock and a count each)."""
+        return self.concurrency is not None or self.rate_limit is not None
 
 
 @dataclass(frozen=True)
@@ -64,12 +98,19 @@ def processor(name: str, *, retries: int = DEFAULTS.retries,
               transactional: bool = DEFAULTS.transactional,
               on_failure: Callable[[Any], None] | None = DEFAULTS.on_failure,
               max_retry_interval: timedelta = DEFAULTS.max_retry_interval,
+              concurrency: int | None = None, rate_limit: str | None = None,
               ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register the decorated function as the processor called `name`."""
+    """Register the decorated function as the processor called `name`.
+
+    `concurrency=N` caps its attempts running at once across all workers;
+    `rate_limit="5/s"` (or /m, /h) caps the attempts started in any such window."""
     settings = ProcessorSettings(retries=retries, retry_interval=retry_interval,
                                  backoff=backoff, timeout=timeout, batch_size=batch_size,
                                  enabled=enabled, transactional=transactional,
-                                 on_failure=on_failure, max_retry_interval=max_retry_interval)
+                                 on_failure=on_failure, max_retry_interval=max_retry_interval,
+                                 concurrency=concurrency,
+                                 rate_limit=parse_rate_limit(rate_limit,
+                                                             f"@processor({name!r}) rate_limit"))
     for key, check in PROCESSOR_SETTINGS.items():
         check(getattr(settings, key), f"@processor({name!r}) {key}")
 
@@ -174,6 +215,10 @@ def _callable_or_none(value: Any, what: str) -> Any:
     return value
 
 
+def _optional_cap(value: Any, what: str) -> int | None:
+    return None if value is None else positive_int(value, what, 1, 1_000_000)
+
+
 PROCESSOR_SETTINGS: dict[str, Callable[[Any, str], Any]] = {
     "retries": lambda v, w: positive_int(v, w, 0, MAX_RETRIES),
     "retry_interval": _duration,
@@ -182,4 +227,6 @@ PROCESSOR_SETTINGS: dict[str, Callable[[Any, str], Any]] = {
     "timeout": _optional_duration,
     "batch_size": lambda v, w: positive_int(v, w, 1, MAX_BATCH_SIZE),
     "enabled": _bool,
+    "concurrency": _optional_cap,
+    "rate_limit": parse_rate_limit,
 }

@@ -12,7 +12,7 @@ import functools
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     BigInteger,
@@ -25,13 +25,16 @@ from sqlalchemy import (
     case,
     column,
     delete,
+    exists,
     func,
     literal,
+    literal_column,
     null,
     select,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.expression import ColumnElement
 
 from . import codec
 from .action import Action, Status, read_action, row_to_action
@@ -40,35 +43,98 @@ from .notifier import NOTIFY_CHANNEL, OUTCOME_CHANNEL
 from .outcomes import Outcome
 from .schema import (
     NOW,
+    PAUSED,
     PENDING_ONLY,
     action_columns,
     as_payload,
     async_action,
+    async_action_processor,
     async_action_worker,
+    clock_now,
     db_now,
+    elapsed_seconds,
     json_rows,
+    largest,
+    smallest,
+    statement_now,
 )
 
 t = async_action
+
+_earlier = t.alias("earlier")
+_PENDING, _RUNNING = literal_column("'pending'"), literal_column("'running'")
+
+
+def _runnable(names: Sequence[str]) -> list[ColumnElement[bool]]:
+    """What makes a pending action claimable now, besides caps: eligible, its processor
+    not paused, and no other action of its ordering key running or, earlier, pending.
+
+    The key check is one probe of the ordering index (statuses as literals, so the
+    prepared plan can use it); a key-less action skips it. Two claimers that each see
+    a different action of one key as first (a lower id committed late, or an earlier
+    one retried by hand, between their snapshots) are stopped by the unique index on
+    running keys: the second one's claim fails and is simply tried again."""
+    o = _earlier
+    held = exists().where(o.c.ordering_key == t.c.ordering_key,
+                          o.c.status.in_([_PENDING, _RUNNING]), o.c.id != t.c.id,
+                          (o.c.status == _RUNNING) | (o.c.id < t.c.id))
+    p = async_action_processor
+    # Read once per claim (a hashed subplan), by the partial index on paused processors
+    # (the claim session allows no sequential scan). Not a join: an anti-join's row
+    # estimate made the planner sort every pending row instead of walking the claim index.
+    paused = select(p.c.name).where(PAUSED)
+    return [PENDING_ONLY,  # the claim index's own predicate (see schema.py)
+            t.c.next_eligible_at <= NOW,
+            t.c.processor.in_([literal(name, Text) for name in names]),
+            t.c.processor.not_in(paused),
+            t.c.ordering_key.is_(None) | ~held]
+
+
+class Flow(NamedTuple):
+    """A processor's cluster-wide caps, as its claim enforces them."""
+
+    concurrency: int | None
+    rate_count: int | None
+    rate_seconds: float | None
+
+
+def _allowed(name: str, flow: Flow) -> ColumnElement[int]:
+    """How many the cluster may start now: the free capacity asked for, less what the
+    caps hold back (never below 0: to SQLite a negative LIMIT means none)."""
+    room: list[ColumnElement[int]] = []
+    mine = t.c.processor == literal(name, Text)
+    if flow.concurrency is not None:
+        running = select(func.count()).where(mine, t.c.status == _RUNNING)
+        room.append(literal(flow.concurrency, Integer) - running.scalar_subquery())
+    if flow.rate_count is not None:
+        since = statement_now(literal(-(flow.rate_seconds or 0.0), Float))
+        started = select(func.count()).where(mine, t.c.started_at > since)
+        room.append(literal(flow.rate_count, Integer) - started.scalar_subquery())
+    return largest(smallest(bindparam("free", type_=Integer), *room), literal(0, Integer))
+
 
 # Claim exactly the free capacity in one statement. The MATERIALIZED CTE is an
 # optimisation fence: the planner cannot run the LIMITed, SKIP LOCKED select more than
 # once or lock more rows than asked. (SQLite ignores FOR UPDATE; its single writer
 # makes the statement atomic anyway.)
 @functools.cache
-def claim_statement(processors: tuple[tuple[str, int], ...]) -> HotStatement:
+def claim_statement(processors: tuple[tuple[str, int], ...],
+                    flow: Flow | None = None) -> HotStatement:
     """The claim for these (processor, retries) pairs. The worker's processors are
     fixed: one statement for them, with a bound value each (an expanding IN would be
     re-rendered on every claim). An action enqueued without retries gets its
-    processor's here, from the settings of the worker that first claims it."""
+    processor's here, from the settings of the worker that first claims it.
+
+    With `flow` (one processor with a concurrency cap or a rate limit) the statement
+    counts what the cluster runs and started, and claims no more than the caps allow;
+    its caller serialises such claims per processor (lock_processor)."""
     names = [name for name, _ in processors]
+    limit = bindparam("free") if flow is None else _allowed(names[0], flow)
     picked = (
         select(t.c.id)
-        .where(PENDING_ONLY,  # the claim index's own predicate (see schema.py)
-               t.c.next_eligible_at <= NOW,
-               t.c.processor.in_([literal(name, Text) for name in names]))
+        .where(*_runnable(names))
         .order_by(t.c.priority, t.c.next_eligible_at, t.c.id)
-        .limit(bindparam("free"))
+        .limit(limit)
         .with_for_update(skip_locked=True)
         .cte("picked")
         .prefix_with("MATERIALIZED")
@@ -76,7 +142,8 @@ def claim_statement(processors: tuple[tuple[str, int], ...]) -> HotStatement:
     return HotStatement(
         update(t)
         .where(t.c.id.in_(select(picked.c.id)))
-        .values(status=Status.RUNNING.value, attempts=t.c.attempts + 1, started_at=NOW,
+        .values(status=Status.RUNNING.value, attempts=t.c.attempts + 1, started_at=clock_now(),
+                progress=null(),
                 retries=func.coalesce(t.c.retries, case(
                     {name: literal(retries, Integer) for name, retries in processors},
                     value=t.c.processor)),
@@ -86,12 +153,26 @@ def claim_statement(processors: tuple[tuple[str, int], ...]) -> HotStatement:
     )
 
 
+def lock_processor(conn: Connection, name: str) -> None:
+    """Serialise the claims of one capped processor across the cluster until the
+    transaction ends (PostgreSQL; SQLite has one writer). Processors without caps
+    never take it, so they never wait on each other."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(LOCK_PROCESSOR, {"key": f"asyncactions.processor:{name}"})
+
+
+LOCK_PROCESSOR = select(func.pg_advisory_xact_lock(
+    func.hashtextextended(bindparam("key", type_=Text), 0)))
+
+
 def claim(conn: Connection, worker: str, processors: Sequence[tuple[str, int]], free: int,
-          lease: timedelta) -> tuple[list[Action], list[tuple[Action, Exception]]]:
+          lease: timedelta, flow: Flow | None = None,
+          ) -> tuple[list[Action], list[tuple[Action, Exception]]]:
     """Claim up to `free` eligible actions of these (processor, default retries). Returns
     them in claim order, and apart the ones whose stored data does not decode (with
-    why), to be failed on their own."""
-    rows = claim_statement(tuple(processors)).rows(
+    why), to be failed on their own. With `flow`, call lock_processor first, in the
+    same transaction."""
+    rows = claim_statement(tuple(processors), flow).rows(
         conn, {"free": free, "worker": worker, "lease": lease.total_seconds()})
     actions, malformed = [], []
     for row in rows:
@@ -108,8 +189,18 @@ def any_eligible(conn: Connection, processors: Sequence[str]) -> bool:
     """Whether any action of these processors is eligible now, locked or not: a claim
     that skipped locked rows (a heartbeat was extending a lease) may have missed it."""
     return conn.execute(select(
-        select(t.c.id).where(PENDING_ONLY, t.c.next_eligible_at <= NOW,
-                             t.c.processor.in_(processors)).exists())).scalar_one()
+        select(t.c.id).where(*_runnable(processors)).exists())).scalar_one()
+
+
+def rate_window_opens(conn: Connection, name: str, count: int,
+                      seconds: float) -> float | None:
+    """Seconds until a start of `name` ages out of its full rate window, letting another
+    start (the count-th latest start, plus the window); None if the window is not full."""
+    at = conn.execute(
+        select(elapsed_seconds(NOW, t.c.started_at))
+        .where(t.c.processor == name, t.c.started_at > db_now(literal(-seconds, Float)))
+        .order_by(t.c.started_at.desc()).offset(count - 1).limit(1)).scalar()
+    return None if at is None else max(at + seconds, 0.0)
 
 
 # Record a batch of outcomes in one set-based statement, fenced on the attempt that was

@@ -45,9 +45,13 @@ class Runner:
             self._spawn()
         self._watchdog.start()
 
-    def submit(self, attempt: Attempt) -> None:
+    def submit(self, attempt: Attempt, first: bool = False) -> None:
+        """Queue an attempt for the next free thread (`first`: ahead of the others)."""
         with self._lock:
-            self._waiting.append(attempt)
+            if first:
+                self._waiting.appendleft(attempt)
+            else:
+                self._waiting.append(attempt)
             self._work_ready.notify()
 
     def busy(self) -> int:

@@ -95,6 +95,8 @@ async_action = Table(
     Column("finished_at", UtcDateTime),
     Column("claimed_by", Text),
     Column("lease_expires_at", UtcDateTime),
+    Column("ordering_key", Text),
+    Column("progress", Payload),
     CheckConstraint(f"status IN {STATUSES!r}", name="async_action_status_check"),
 )
 
@@ -128,6 +130,19 @@ Index("async_action_status_finished_idx", async_action.c.status, async_action.c.
       postgresql_where=text("finished_at IS NOT NULL"),
       sqlite_where=text("finished_at IS NOT NULL"))
 
+# Ordering keys (SPEC §3): the claim's probe for an earlier live action of the key, and
+# the guard that lets no two actions of one key run at once (see queries.claim_statement).
+LIVE_ORDERED = text("ordering_key IS NOT NULL AND status IN ('pending', 'running')")
+RUNNING_ORDERED = text("ordering_key IS NOT NULL AND status = 'running'")
+Index("async_action_ordering_idx", async_action.c.ordering_key, async_action.c.id,
+      postgresql_where=LIVE_ORDERED, sqlite_where=LIVE_ORDERED)
+Index("async_action_ordering_running_idx", async_action.c.ordering_key, unique=True,
+      postgresql_where=RUNNING_ORDERED, sqlite_where=RUNNING_ORDERED)
+# Rate limits count the attempts a processor started within their window.
+Index("async_action_started_idx", async_action.c.processor, async_action.c.started_at,
+      postgresql_where=text("started_at IS NOT NULL"),
+      sqlite_where=text("started_at IS NOT NULL"))
+
 async_action_worker = Table(
     "async_action_worker",
     metadata,
@@ -138,6 +153,19 @@ async_action_worker = Table(
     Column("started_at", UtcDateTime, nullable=False),
     Column("heartbeat_at", UtcDateTime, nullable=False),
 )
+
+# Cluster-wide processor state operators change at run time (pause / resume).
+async_action_processor = Table(
+    "async_action_processor",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("paused_at", UtcDateTime),
+    Column("paused_by", Text),
+)
+# The claim reads the paused processors: a tiny index of the paused ones.
+PAUSED = text("paused_at IS NOT NULL")
+Index("async_action_processor_paused_idx", async_action_processor.c.name,
+      postgresql_where=PAUSED, sqlite_where=PAUSED)
 
 async_action_schedule = Table(
     "async_action_schedule",
@@ -178,9 +206,79 @@ def _db_now_sqlite(element: db_now, compiler: Any, **kw: Any) -> str:
             " || ' seconds') || '000')")
 
 
+class statement_now(db_now):
+    """As db_now, but the time the statement started, not its transaction: a claim that
+    waited for its processor's lock counts its rate window from after the wait."""
+
+    inherit_cache = True
+
+
+@compiles(statement_now, "postgresql")
+def _statement_now_pg(element: statement_now, compiler: Any, **kw: Any) -> str:
+    return _db_now_pg(element, compiler, **kw).replace("now()", "statement_timestamp()")
+
+
+@compiles(statement_now, "sqlite")
+def _statement_now_sqlite(element: statement_now, compiler: Any, **kw: Any) -> str:
+    return _db_now_sqlite(element, compiler, **kw)  # SQLite's 'now' is per statement
+
+
+class clock_now(db_now):
+    """The time as the row is written (clock_timestamp() on PostgreSQL), after the
+    statement's snapshot was taken: a claim's start is then later than the commit of
+    every outcome its snapshot saw, so the table's own timestamps show the order the
+    claims kept (one key's actions never overlap, a cap never exceeded)."""
+
+    inherit_cache = True
+
+
+@compiles(clock_now, "postgresql")
+def _clock_now_pg(element: clock_now, compiler: Any, **kw: Any) -> str:
+    return _db_now_pg(element, compiler, **kw).replace("now()", "clock_timestamp()")
+
+
+@compiles(clock_now, "sqlite")
+def _clock_now_sqlite(element: clock_now, compiler: Any, **kw: Any) -> str:
+    return _db_now_sqlite(element, compiler, **kw)  # one writer: statements run in order
+
+
 # The clock itself, with no offset to bind: a statement prepared with it plans like one
 # that says now().
 NOW = db_now()
+
+
+class smallest(FunctionElement[int]):
+    """The least of its arguments (LEAST on PostgreSQL, the scalar min() on SQLite)."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+class largest(FunctionElement[int]):
+    """The greatest of its arguments (GREATEST on PostgreSQL, max() on SQLite)."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+@compiles(smallest, "postgresql")
+def _smallest_pg(element: smallest, compiler: Any, **kw: Any) -> str:
+    return f"LEAST({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(smallest, "sqlite")
+def _smallest_sqlite(element: smallest, compiler: Any, **kw: Any) -> str:
+    return f"min({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(largest, "postgresql")
+def _largest_pg(element: largest, compiler: Any, **kw: Any) -> str:
+    return f"GREATEST({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(largest, "sqlite")
+def _largest_sqlite(element: largest, compiler: Any, **kw: Any) -> str:
+    return f"max({compiler.process(element.clauses, **kw)})"
 
 
 class as_payload(FunctionElement[Any]):
@@ -232,12 +330,15 @@ def _elapsed_seconds_sqlite(element: elapsed_seconds, compiler: Any, **kw: Any) 
     return f"((julianday({end}) - julianday({start})) * 86400.0)"
 
 
+PAYLOAD_COLUMNS = ("data", "errors", "result", "progress")
+
+
 def action_columns(table: FromClause = async_action) -> list[ColumnElement[Any]]:
     """Every column of async_action (or an alias of it), payloads as text, in Action's
     field order."""
     cols: list[ColumnElement[Any]] = []
     for col in table.c:
-        if col.name in ("data", "errors", "result"):
+        if col.name in PAYLOAD_COLUMNS:
             cols.append(payload_text(col).label(col.name))
         else:
             cols.append(col)

@@ -39,6 +39,7 @@ from .database import busy_state, first_line, is_disconnect, make_engine, requir
 from .durations import format_duration
 from .errors import ConfigError, DatabaseError
 from .executor import Done, Executor
+from .live import CancelWatch, LiveAttempts
 from .maintenance import (
     BacklogSampler,
     Heartbeat,
@@ -88,6 +89,7 @@ class Worker:
         self._stop = threading.Event()
         self._wake = Wakeup(self.processors)
         self._in_flight = InFlight()
+        self._live = LiveAttempts()  # attempts running now, for current_attempt()
         self._signals = 0
 
     # --- lifecycle --------------------------------------------------------------------
@@ -110,7 +112,8 @@ class Worker:
         try:
             self._starting(answered, lambda: self._prepare_schema(engine))
             executor = Executor(self.processors, self.id, engine,
-                                max_bytes=self.config.max_data_bytes, metrics=self.metrics)
+                                max_bytes=self.config.max_data_bytes, metrics=self.metrics,
+                                live=self._live)
             self._hooks = ThreadPoolExecutor(1, thread_name_prefix="asyncactions-hooks")
             self._completer = completer = Completer(engine, self._written)
             runner = Runner(self.concurrency, executor, self._finished)
@@ -151,7 +154,7 @@ class Worker:
     def _services(self, engine: Engine, heartbeat: Heartbeat, rescuer: Rescuer,
                   listens: bool) -> tuple[list[Service], list[Service]]:
         """(on every worker, on the leader only)."""
-        everywhere: list[Service] = [heartbeat]
+        everywhere: list[Service] = [heartbeat, CancelWatch(engine, self._live)]
         if self.metrics is not None:
             everywhere.append(BacklogSampler(engine, self.metrics, self.processors))
         leading: list[Service] = [rescuer]
