@@ -14,6 +14,7 @@ from .errors import (
     UnknownProcessor,
     UnserializableData,
 )
+from .events import publish
 from .hooks import report_exceptions
 from .live import current_attempt
 from .processors import Defer, PermanentFailure, processor
@@ -53,6 +54,7 @@ __all__ = [
     "init_actions",
     "pause",
     "processor",
+    "publish",
     "report_exceptions",
     "resume",
     "retry",

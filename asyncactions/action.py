@@ -58,6 +58,8 @@ class Action(NamedTuple):
     ordering_key: str | None = None  # actions sharing it run one at a time, in id order
     # What the running (or last) attempt reported: {"fraction", "message", "at"}.
     progress: dict[str, Any] | None = None
+    trace_context: str | None = None  # W3C traceparent of the span that enqueued it
+    event: str | None = None  # the event whose rule created it
 
     @property
     def display_id(self) -> str:
@@ -72,7 +74,7 @@ def row_to_action(row: Sequence[Any], *, payloads: bool = True) -> Action:
     `payloads` is false: then data and result stay raw JSON text, for rows that do not
     decode)."""
     (id_, processor, status, data, related_id, priority, retries, attempts, error, errors,
-     result, unique_key, *times, ordering_key, progress) = row[:20]
+     result, unique_key, *times, ordering_key, progress, trace_context, event) = row[:22]
     if not payloads:
         try:
             errors = codec.loads(errors)
@@ -80,13 +82,14 @@ def row_to_action(row: Sequence[Any], *, payloads: bool = True) -> Action:
             errors = None
         return Action(id_, processor, Status(status), data, related_id, priority, retries,
                       attempts, error, errors if isinstance(errors, list) else [], result,
-                      unique_key, *times, ordering_key, _decoded(progress))
+                      unique_key, *times, ordering_key, _decoded(progress), trace_context,
+                      event)
     errors = codec.loads(errors)
     if errors is not None and not isinstance(errors, list):
         raise ValueError(f"errors is {type(errors).__name__}, not a list")
     return Action(id_, processor, Status(status), codec.loads(data), related_id, priority,
                   retries, attempts, error, errors or [], codec.loads(result), unique_key,
-                  *times, ordering_key, _decoded(progress))
+                  *times, ordering_key, _decoded(progress), trace_context, event)
 
 
 def read_action(row: Any) -> Action:

@@ -27,7 +27,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.expression import ColumnElement
 
 from . import processors as registry
@@ -45,6 +44,7 @@ from .schema import (
     async_action_processor,
     async_action_worker,
     db_now,
+    upsert,
 )
 
 t = async_action
@@ -311,7 +311,7 @@ def pause(db: Database, name: str, *, by: str | None = None) -> ProcessorState:
     """Stop claiming `name`'s actions on every worker, from their next claim (within a
     poll interval); running attempts finish, new actions are still enqueued."""
     check_processor_known(db, name)
-    return _set_paused(db, name, NOW, by or _operator())
+    return _set_paused(db, name, NOW, by or operator())
 
 
 def resume(db: Database, name: str) -> ProcessorState:
@@ -323,8 +323,7 @@ def resume(db: Database, name: str) -> ProcessorState:
 def _set_paused(db: Database, name: str, at: Any, by: str | None) -> ProcessorState:
     p = async_action_processor
     with connection(db) as conn:
-        insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-        stmt = insert(p).values(name=name, paused_at=at, paused_by=by)
+        stmt = upsert(conn.dialect.name, p).values(name=name, paused_at=at, paused_by=by)
         # Pausing again keeps the first pause's time and author.
         paused_at = func.coalesce(p.c.paused_at, stmt.excluded.paused_at) if at is not None \
             else None
@@ -339,7 +338,8 @@ def _set_paused(db: Database, name: str, at: Any, by: str | None) -> ProcessorSt
     return ProcessorState(*row)
 
 
-def _operator() -> str:
+def operator() -> str:
+    """Who is at the keyboard, for the record (paused_by, created_by)."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):

@@ -67,6 +67,7 @@ class Filter:
     processor: str | None = None
     related_id: str | None = None
     since: timedelta | None = None  # created within this long before now
+    event: str | None = None  # created by this event's rules
 
     def where(self, table: FromClause = t) -> ColumnElement[bool]:
         c = table.c
@@ -77,6 +78,8 @@ class Filter:
             conditions.append(c.processor == self.processor)
         if self.related_id is not None:
             conditions.append(c.related_id == self.related_id)
+        if self.event is not None:
+            conditions.append(c.event == self.event)
         if self.since is not None:
             ago = db_now(literal(-self.since.total_seconds(), Float))
             conditions.append(c.created_at >= ago)

@@ -18,7 +18,7 @@ import click
 from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 
-from . import admin, audit, codec
+from . import admin, audit, codec, events
 from . import processors as registry
 from .action import Action
 from .config import (
@@ -330,6 +330,69 @@ def _check_processor_known(state: State, engine: Engine, name: str,
     admin.check_processor_known(engine, name)
 
 
+# --- events and rules -------------------------------------------------------------------
+
+@main.command()
+@click.argument("event")
+@click.option("--data", default=None, metavar="JSON", help="The event's data, as JSON.")
+@click.option("--related-id", metavar="ID", help="Id of the related business record.")
+@click.option("--delay", callback=_duration, metavar="DURATION", help="Eligible after, e.g. 5m.")
+@_format_option
+@click.pass_obj
+def publish(state: State, event: str, data: str | None, related_id: str | None, delay: Any,
+            fmt: str) -> None:
+    """Publish EVENT: one action per processor a rule binds to it, all in one
+    transaction; prints them (none when no rule matches, said on stderr)."""
+    payload = None if data is None else _payload(state, data)
+    actions = events.publish(state.checked_engine, event, payload, related_id=related_id,
+                             delay=delay, max_data_bytes=state.config.max_data_bytes)
+    if not actions:
+        click.echo(f"no rule binds {event!r} to a processor: nothing was enqueued "
+                   "(`asyncactions rules` lists them)", err=True)
+    emit([{"id": a.display_id if fmt == "table" else a.id, "processor": a.processor,
+           "event": a.event} for a in actions], ["id", "processor", "event"], fmt)
+
+
+@main.group()
+def rule() -> None:
+    """Add or remove a rule binding an event to a processor."""
+
+
+@rule.command("add")
+@click.argument("event")
+@click.argument("processor_name", metavar="PROCESSOR")
+@click.option("--import", "imports", multiple=True, metavar="MODULE",
+              help="Module that registers processors (to check the name).")
+@click.pass_obj
+def rule_add(state: State, event: str, processor_name: str, imports: tuple[str, ...]) -> None:
+    """Bind PROCESSOR to EVENT: each publish of EVENT enqueues an action for it."""
+    engine = state.checked_engine
+    _check_processor_known(state, engine, processor_name, imports)
+    added = events.add_rule(engine, event, processor_name, created_by=admin.operator())
+    click.echo(f"{event} -> {processor_name}: {'added' if added else 'already there'}")
+
+
+@rule.command("remove")
+@click.argument("event")
+@click.argument("processor_name", metavar="PROCESSOR")
+@click.pass_obj
+def rule_remove(state: State, event: str, processor_name: str) -> None:
+    """Unbind PROCESSOR from EVENT."""
+    if not events.remove_rule(state.checked_engine, event, processor_name):
+        _fail(f"no rule binds {event!r} to {processor_name!r}; `asyncactions rules` lists "
+              "them")
+    click.echo(f"{event} -> {processor_name}: removed")
+
+
+@main.command()
+@_format_option
+@click.pass_obj
+def rules(state: State, fmt: str) -> None:
+    """The rules binding events to processors."""
+    emit([r._asdict() for r in events.list_rules(state.checked_engine)],
+         ["event", "processor", "created_at", "created_by"], fmt)
+
+
 # --- audit ------------------------------------------------------------------------------
 
 # Rows a listing prints at most: for more, page with --since or use SQL.
@@ -359,17 +422,19 @@ def _record(action: Action, *, human: bool = False) -> dict[str, Any]:
 @click.option("--related-id", metavar="ID", help="Only actions of this business record.")
 @click.option("--since", callback=_duration, metavar="DURATION",
               help="Only actions created within, e.g. 24h.")
+@click.option("--event", metavar="EVENT", help="Only actions this event's rules created.")
 @click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=50, show_default=True)
 @_format_option
 @click.pass_obj
 def list_cmd(state: State, status: tuple[str, ...] | None, processor: str | None,
-             related_id: str | None, since: Any, limit: int, fmt: str) -> None:
+             related_id: str | None, since: Any, event: str | None, limit: int,
+             fmt: str) -> None:
     """List actions, newest first. JSON and CSV carry every field."""
     engine = state.checked_engine
     if processor is not None:
         _check_processor_known(state, engine, processor)
     actions = audit.list_actions(engine, audit.Filter(status or (), processor, related_id,
-                                                      since), limit=limit)
+                                                      since, event), limit=limit)
     if fmt == "table":
         emit([_record(a, human=True) for a in actions], SUMMARY, fmt)
     else:

@@ -29,7 +29,7 @@ from sqlalchemy import (
     literal_column,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 
 from . import codec
 from .action import Action, Status, row_to_action
@@ -47,6 +47,7 @@ from .schema import (
     as_payload,
     async_action,
     db_now,
+    upsert,
 )
 
 
@@ -77,6 +78,8 @@ def _insert_values(explicit_time: bool, data: Any) -> dict[str, Any]:
         "retries": bindparam("retries"),
         "unique_key": bindparam("unique_key", type_=Text),
         "ordering_key": bindparam("ordering_key", type_=Text),
+        "trace_context": bindparam("trace_context", type_=Text),
+        "event": bindparam("event", type_=Text),
         "next_eligible_at": (bindparam("eligible_at", type_=async_action.c.next_eligible_at.type)
                              if explicit_time else db_now(bindparam("delay", type_=Float))),
         "created_at": NOW,
@@ -99,7 +102,8 @@ def init_action(db: Database, processor: str, data: Any = None, *,
                 eligible_at: datetime | None = None, retries: int | None = None,
                 priority: int = 0, unique_key: str | None = None,
                 ordering_key: str | None = None,
-                max_data_bytes: int = codec.MAX_DATA_BYTES) -> Action:
+                max_data_bytes: int = codec.MAX_DATA_BYTES, _event: str | None = None,
+                ) -> Action:
     """Record one action in the caller's transaction and return it with its id.
 
     With a `unique_key` held by a pending or running action, nothing is inserted and
@@ -110,7 +114,8 @@ def init_action(db: Database, processor: str, data: Any = None, *,
     _check_key(ordering_key, "ordering_key")
     text = None if data is None else codec.dumps(data, max_bytes=max_data_bytes)
     params = {"processor": processor, "data": text, "related_id": related_id,
-              "unique_key": unique_key, "ordering_key": ordering_key, **options}
+              "unique_key": unique_key, "ordering_key": ordering_key,
+              "trace_context": None, "event": _event, **options}
     # One statement, unless a unique_key is taken: then each look-up and retry is a
     # statement of its own anyway (see _insert_one).
     with connection(db, one_statement=True) as conn:
@@ -147,7 +152,7 @@ def init_actions(db: Database, processor: str, data: Sequence[Any], *,
     if not texts:
         return []
     params = {"processor": processor, "related_id": related_id, "unique_key": None,
-              "ordering_key": None, **options}
+              "ordering_key": None, "trace_context": None, "event": None, **options}
     explicit_time = eligible_at is not None
     ordered = okeys is not None
     with connection(db) as conn:
@@ -260,8 +265,7 @@ def _insert_one(conn: Connection, stmt: HotStatement, data: Any, params: dict[st
 # The statements are built once per shape: building one costs more than running it.
 @functools.cache
 def _insert_stmt(dialect: str, explicit_time: bool, unique: bool) -> HotStatement:
-    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = dialect_insert(async_action).values(
+    stmt = upsert(dialect, async_action).values(
         _insert_values(explicit_time, as_payload(bindparam("data", type_=Text))))
     if unique:
         stmt = stmt.on_conflict_do_nothing(index_elements=["unique_key"],
@@ -413,7 +417,8 @@ def _new_action(row: Sequence[Any], data: Any, params: dict[str, Any],
     return Action._make((row[0], params["processor"], Status.PENDING, data,
                          params["related_id"], params["priority"], params["retries"], 0, None,
                          [], None, params["unique_key"], row[2], row[1], None, None, None,
-                         None, ordering_key or params["ordering_key"], None))
+                         None, ordering_key or params["ordering_key"], None,
+                         params["trace_context"], params["event"]))
 
 
 def _live_action_with_key(conn: Connection, unique_key: str | None) -> Action | None:

@@ -29,7 +29,6 @@ from typing import Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Connection, Engine, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from . import admin, queries
 from .completer import Written
@@ -39,7 +38,7 @@ from .metrics import Metrics
 from .outcomes import failed_attempt
 from .processors import DEFAULTS, Processor
 from .schedules import Schedule
-from .schema import async_action_schedule
+from .schema import async_action_schedule, upsert
 
 log = logging.getLogger("asyncactions.maintenance")
 
@@ -296,8 +295,7 @@ def dead_local_workers(workers: list[tuple[str, str, int]], hostname: str) -> li
 def _claim_fire(conn: Connection, name: str, fire: datetime) -> bool:
     """Move the schedule's last_fire_at forward to `fire`; true for the one worker that did."""
     s = async_action_schedule
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    stmt = insert(s).values(name=name, last_fire_at=fire)
+    stmt = upsert(conn.dialect.name, s).values(name=name, last_fire_at=fire)
     stmt = stmt.on_conflict_do_update(
         index_elements=[s.c.name], set_={"last_fire_at": fire},
         where=s.c.last_fire_at < stmt.excluded.last_fire_at).returning(s.c.name)

@@ -66,6 +66,7 @@ class ProcessorSettings:
     max_retry_interval: timedelta = timedelta(hours=1)  # the cap of exponential backoff
     concurrency: int | None = None  # attempts running at once, across the cluster
     rate_limit: RateLimit | None = None  # attempts started per window, across the cluster
+    on: tuple[str, ...] = ()  # events whose rules a worker serving it adds when it starts
 
     @property
     def flow_controlled(self) -> bool:
@@ -99,18 +100,21 @@ def processor(name: str, *, retries: int = DEFAULTS.retries,
               on_failure: Callable[[Any], None] | None = DEFAULTS.on_failure,
               max_retry_interval: timedelta = DEFAULTS.max_retry_interval,
               concurrency: int | None = None, rate_limit: str | None = None,
+              on: Iterable[str] = (),
               ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register the decorated function as the processor called `name`.
 
     `concurrency=N` caps its attempts running at once across all workers;
-    `rate_limit="5/s"` (or /m, /h) caps the attempts started in any such window."""
+    `rate_limit="5/s"` (or /m, /h) caps the attempts started in any such window;
+    `on=["order.placed"]` binds it to events (rules a worker serving it adds)."""
     settings = ProcessorSettings(retries=retries, retry_interval=retry_interval,
                                  backoff=backoff, timeout=timeout, batch_size=batch_size,
                                  enabled=enabled, transactional=transactional,
                                  on_failure=on_failure, max_retry_interval=max_retry_interval,
                                  concurrency=concurrency,
                                  rate_limit=parse_rate_limit(rate_limit,
-                                                             f"@processor({name!r}) rate_limit"))
+                                                             f"@processor({name!r}) rate_limit"),
+                                 on=_events(on, f"@processor({name!r}) on"))
     for key, check in PROCESSOR_SETTINGS.items():
         check(getattr(settings, key), f"@processor({name!r}) {key}")
 
@@ -217,6 +221,14 @@ def _callable_or_none(value: Any, what: str) -> Any:
 
 def _optional_cap(value: Any, what: str) -> int | None:
     return None if value is None else positive_int(value, what, 1, 1_000_000)
+
+
+def _events(value: Any, what: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable) or \
+            not all(isinstance(e, str) and e.strip() for e in value):
+        raise ConfigError(f"{what}: must be a list of event names, e.g. on=[\"order.placed\"], "
+                          f"got {value!r}")
+    return tuple(value)
 
 
 PROCESSOR_SETTINGS: dict[str, Callable[[Any, str], Any]] = {

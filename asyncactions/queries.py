@@ -33,7 +33,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.expression import ColumnElement
 
 from . import codec
@@ -57,6 +56,7 @@ from .schema import (
     largest,
     smallest,
     statement_now,
+    upsert,
 )
 
 t = async_action
@@ -271,8 +271,7 @@ def register_worker(conn: Connection, worker: str, hostname: str, pid: int,
                     processors: Sequence[str]) -> None:
     values = {"id": worker, "hostname": hostname, "pid": pid,
               "processors": ",".join(processors), "started_at": NOW, "heartbeat_at": NOW}
-    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    stmt = dialect_insert(async_action_worker).values(values)
+    stmt = upsert(conn.dialect.name, async_action_worker).values(values)
     conn.execute(stmt.on_conflict_do_update(index_elements=["id"],
                                             set_={"heartbeat_at": NOW}))
 

@@ -29,6 +29,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ColumnClause, ColumnElement, FromClause, FunctionElement
@@ -97,6 +98,8 @@ async_action = Table(
     Column("lease_expires_at", UtcDateTime),
     Column("ordering_key", Text),
     Column("progress", Payload),
+    Column("trace_context", Text),  # W3C traceparent of the enqueuing span (tracing on)
+    Column("event", Text),  # the event whose rule created it
     CheckConstraint(f"status IN {STATUSES!r}", name="async_action_status_check"),
 )
 
@@ -143,6 +146,9 @@ Index("async_action_started_idx", async_action.c.processor, async_action.c.start
       postgresql_where=text("started_at IS NOT NULL"),
       sqlite_where=text("started_at IS NOT NULL"))
 
+Index("async_action_event_idx", async_action.c.event, async_action.c.id,
+      postgresql_where=text("event IS NOT NULL"), sqlite_where=text("event IS NOT NULL"))
+
 async_action_worker = Table(
     "async_action_worker",
     metadata,
@@ -161,6 +167,16 @@ async_action_processor = Table(
     Column("name", Text, primary_key=True),
     Column("paused_at", UtcDateTime),
     Column("paused_by", Text),
+)
+
+# Rules bind events to processors: publish(event) creates one action per rule.
+async_action_rule = Table(
+    "async_action_rule",
+    metadata,
+    Column("event", Text, primary_key=True),
+    Column("processor", Text, primary_key=True),
+    Column("created_at", UtcDateTime, nullable=False, server_default=func.now()),
+    Column("created_by", Text),
 )
 # The claim reads the paused processors: a tiny index of the paused ones.
 PAUSED = text("paused_at IS NOT NULL")
@@ -331,6 +347,11 @@ def _elapsed_seconds_sqlite(element: elapsed_seconds, compiler: Any, **kw: Any) 
 
 
 PAYLOAD_COLUMNS = ("data", "errors", "result", "progress")
+
+
+def upsert(dialect: str, table: Table) -> Any:
+    """The dialect's INSERT, which has ON CONFLICT (both backends spell it alike)."""
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
 def action_columns(table: FromClause = async_action) -> list[ColumnElement[Any]]:

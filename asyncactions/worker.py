@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import Engine, event
 from sqlalchemy import exc as sa_exc
 
-from . import hooks, migrate, queries
+from . import events, hooks, migrate, queries
 from . import processors as registry
 from .action import Action
 from .claiming import Claimer, InFlight, WorkerFailed
@@ -134,6 +134,7 @@ class Worker:
             if self.metrics is not None and self._metrics_port:
                 self.metrics.serve(self._metrics_port)
             self._starting(answered, lambda: self._register(engine))
+            self._starting(answered, lambda: self._add_rules(engine))
             self._starting(answered, heartbeat.run_once)  # learn whether this worker leads
             self._rescue_now(rescuer)
             restore_signals = self._install_signal_handlers()
@@ -195,6 +196,13 @@ class Worker:
             migrate.upgrade(engine)  # the embedded default works with zero setup
         else:
             require_schema(engine)
+
+    def _add_rules(self, engine: Engine) -> None:
+        """The rules of the processors this worker serves (@processor(on=[...])), so
+        producers that publish those events reach them."""
+        rules = [(event, p.name) for p in self.processors.values() for event in p.settings.on]
+        if rules and events.add_rules(engine, rules, created_by=self.id):
+            log.info("rules added: %s", ", ".join(f"{e} -> {p}" for e, p in rules))
 
     def _register(self, engine: Engine) -> None:
         with engine.begin() as conn:
