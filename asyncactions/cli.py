@@ -246,15 +246,20 @@ def current(state: State) -> None:
 @db.command()
 @click.option("--dialect", type=click.Choice(["postgresql", "sqlite"]),
               help="Default: the configured database's, else postgresql.")
+@click.option("--from", "since", metavar="REV",
+              help="Only what is new since this revision (`db current` on the database).")
 @click.pass_obj
-def sql(state: State, dialect: str | None) -> None:
+def sql(state: State, dialect: str | None, since: str | None) -> None:
     """Print the DDL of every migration, for a DBA to review or apply."""
     from . import migrate
 
     if dialect is None:
         url = state.config.database_url
         dialect = "sqlite" if url and url.startswith("sqlite") else "postgresql"
-    click.echo(migrate.offline_sql(dialect), nl=False)
+    ddl = migrate.offline_sql(dialect, since)
+    if not ddl:
+        click.echo(f"nothing new since {since} (the newest revision)", err=True)
+    click.echo(ddl, nl=False)
 
 
 # --- enqueue ----------------------------------------------------------------------------
