@@ -46,15 +46,14 @@ def upgrade(op: Operations | ModuleType, revision: str = "head") -> None:
     calls this, in its transaction, recorded in asyncactions_alembic_version. Prefer a
     fixed revision (as "0004") to "head": the migration then does the same thing forever."""
     migrate.check_revision(revision)
-    migrate.migrate(_connection(op), lambda script, heads: script._upgrade_revs(revision, heads))
+    migrate.upgrade_on(_connection(op), revision)
 
 
 def downgrade(op: Operations | ModuleType, revision: str) -> None:
     """Take asyncactions' schema down to `revision` ("base": remove it) inside the
     application migration that calls this."""
     migrate.check_revision(revision)
-    migrate.migrate(_connection(op),
-                    lambda script, heads: script._downgrade_revs(revision, heads))
+    migrate.downgrade_on(_connection(op), revision)
 
 
 def _connection(op: Operations | ModuleType) -> Any:

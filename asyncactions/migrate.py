@@ -19,7 +19,7 @@ from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, MetaData, Table
 
 from .database import translated_errors
 from .errors import AsyncActionsError
@@ -48,12 +48,23 @@ def script_directory() -> ScriptDirectory:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     with translated_errors(engine), engine.begin() as conn:
-        migrate(conn, lambda script, heads: script._upgrade_revs(revision, heads))
+        upgrade_on(conn, revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
     with translated_errors(engine), engine.begin() as conn:
-        migrate(conn, lambda script, heads: script._downgrade_revs(revision, heads))
+        downgrade_on(conn, revision)
+
+
+def upgrade_on(conn: Connection, revision: str = "head") -> None:
+    migrate(conn, lambda script, heads: script._upgrade_revs(revision, heads))
+
+
+def downgrade_on(conn: Connection, revision: str) -> None:
+    """Down to `revision`; at "base" the version table goes too, so nothing is left."""
+    migrate(conn, lambda script, heads: script._downgrade_revs(revision, heads))
+    if revision == "base":
+        Table(VERSION_TABLE, MetaData()).drop(conn, checkfirst=True)
 
 
 def migrate(conn: Connection, steps: Steps) -> None:

@@ -111,7 +111,7 @@ def test_upgrade_and_downgrade_from_an_application_migration(empty: sa.Engine) -
     assert migrate.current(empty) == "0002"
     run_as_application_migration(empty, lambda op: asyncactions.alembic.downgrade(op, "base"))
     assert migrate.current(empty) is None
-    assert not {"async_action", "customer"} & set(sa.inspect(empty).get_table_names())
+    assert sa.inspect(empty).get_table_names() == []  # not even the version table
 
 
 def test_the_queue_schema_rolls_back_with_the_application_migration(empty: sa.Engine) -> None:
@@ -130,7 +130,7 @@ def test_an_unknown_revision_is_refused_before_anything_runs(empty: sa.Engine) -
 
 def test_db_sql_from_prints_only_what_is_new(empty: sa.Engine) -> None:
     with empty.begin() as conn:
-        migrate.migrate(conn, lambda script, heads: script._upgrade_revs("0003", heads))
+        migrate.upgrade_on(conn, "0003")
     sql = cli("db", "sql", "--dialect", empty.dialect.name, "--from", "0003").stdout
     assert "Running upgrade 0003 -> 0004" in sql
     assert "0002 -> 0003" not in sql and "CREATE TABLE async_action " not in sql
