@@ -581,6 +581,45 @@ def workers(state: State, fmt: str) -> None:
                 "heartbeat_age", "running"], fmt)
 
 
+@main.command()
+@click.option("--max-age", callback=_duration, metavar="DURATION",
+              help="Heartbeats older than this are stale (default: half the configured "
+              "lease, 30s: three missed heartbeats).")
+@click.option("--hostname", metavar="HOST",
+              help="Check the workers registered by HOST (default: this host, that is "
+              "this container or pod).")
+@click.option("--any-host", is_flag=True,
+              help="Healthy if any worker anywhere heartbeats (is the queue served at all?).")
+@click.pass_obj
+def health(state: State, max_age: Any, hostname: str | None, any_host: bool) -> None:
+    """Exit 0 if this host's workers heartbeat, 1 if none is registered or one is stale:
+    a liveness probe for a worker container."""
+    import socket
+
+    if hostname is not None and any_host:
+        raise click.UsageError("give --hostname or --any-host, not both")
+    limit = max_age if max_age is not None else state.config.worker.lease / 2
+    host = None if any_host else hostname or socket.gethostname()
+    found = [w for w in audit.workers(state.checked_engine) if host in (None, w.hostname)]
+    where = "anywhere" if host is None else f"on {host}"
+    if not found:
+        _fail(f"unhealthy: no worker registered {where}", code=1)
+    stale = [w for w in found if w.heartbeat_age > limit]
+    # One hung process makes its container unhealthy; a cluster is served while one is not.
+    if stale and (host is not None or len(stale) == len(found)):
+        oldest = max(stale, key=lambda w: w.heartbeat_age)
+        _fail(f"unhealthy: {_plural(len(stale), 'worker')} {where} with no heartbeat for over "
+              f"{format_duration(limit)} ({oldest.id}: last {_ago(oldest.heartbeat_age)})",
+              code=1)
+    newest = min(found, key=lambda w: w.heartbeat_age)
+    click.echo(f"healthy: {_plural(len(found) - len(stale), 'worker')} {where}, last heartbeat "
+               f"{_ago(newest.heartbeat_age)}")
+
+
+def _ago(age: Any) -> str:
+    return f"{age.total_seconds():.1f}s ago"
+
+
 @main.command("schedules")
 @_format_option
 @click.pass_obj
