@@ -154,3 +154,10 @@ def test_db_sql_from_an_unknown_revision_is_one_line() -> None:
     done = cli("db", "sql", "--from", "nope")
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "unknown asyncactions revision 'nope'" in done.stderr
+
+
+def test_offline_application_migrations_point_to_db_sql_from() -> None:
+    offline = MigrationContext.configure(dialect_name="postgresql", opts={"as_sql": True})
+    with Operations.context(offline), pytest.raises(asyncactions.AsyncActionsError,
+                                                    match=r"db sql --from REV"):
+        asyncactions.alembic.upgrade(alembic.op, "head")
