@@ -161,3 +161,52 @@ def test_offline_application_migrations_point_to_db_sql_from() -> None:
     with Operations.context(offline), pytest.raises(asyncactions.AsyncActionsError,
                                                     match=r"db sql --from REV"):
         asyncactions.alembic.upgrade(alembic.op, "head")
+
+
+APP_ENV_PY = """
+from alembic import context
+
+import asyncactions.alembic
+
+context.configure(connection=context.config.attributes["connection"],
+                  include_name=asyncactions.alembic.include_name)
+with context.begin_transaction():
+    context.run_migrations()
+"""
+
+APP_MIGRATION = """
+import sqlalchemy as sa
+from alembic import op
+
+from asyncactions import migrate
+
+revision = "a1"
+down_revision = None
+
+
+def upgrade():
+    migrate.upgrade(op.get_bind().engine)  # the queue's own step, from inside this one
+    op.create_table("customer", sa.Column("id", sa.Integer, primary_key=True))
+"""
+
+
+def test_migrate_upgrade_from_inside_an_application_migration_leaves_alembic_working(
+        empty: sa.Engine, tmp_path: Path) -> None:
+    """It used to end the application's run with KeyError: 'script' once both schemas
+    were committed."""
+    from alembic import command
+    from alembic.config import Config
+
+    (tmp_path / "app" / "versions").mkdir(parents=True)
+    (tmp_path / "app" / "env.py").write_text(APP_ENV_PY)
+    (tmp_path / "app" / "versions" / "a1.py").write_text(APP_MIGRATION)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(tmp_path / "app"))
+    with empty.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+        conn.commit()
+    assert migrate.current(empty) == migrate.head()
+    assert sa.inspect(empty).has_table("customer")
+    with empty.connect() as conn:
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "a1"
