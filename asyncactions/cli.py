@@ -582,7 +582,7 @@ def processors_cmd(state: State, imports: tuple[str, ...], fmt: str) -> None:
     """Processors registered by the modules of --import and the config file's `imports`,
     with their effective settings (decorator, then config), and whether a live worker
     serves each."""
-    modules = [*state.config.imports, *imports]
+    modules = list(dict.fromkeys([*state.config.imports, *imports]))
     registry.import_modules(modules)
     registry.select(state.config.processors, state.config.source)  # validates [processors.*] names
     click.echo(f"processors registered by: {', '.join(modules)}" if modules else
@@ -615,10 +615,15 @@ NOT_SERVED = "no worker serves this"
 
 
 def _serving(state: State) -> audit.Serving | None:
-    """Which processors live workers serve; None when there is no queue to ask."""
+    """Which processors live workers serve; None when there is no queue to ask (listing
+    processors needs no database)."""
     from .database import has_schema
+    from .errors import DatabaseError
 
-    if not has_schema(state.engine):
+    try:
+        if not has_schema(state.engine):
+            return None
+    except DatabaseError:
         return None
     return audit.serving(state.engine, state.config.worker.lease)
 

@@ -19,7 +19,7 @@ from asyncactions.config import WorkerSettings
 from asyncactions.durations import parse_duration
 from asyncactions.schema import async_action_worker
 
-from .conftest import Db, cli, start_worker, wait_until
+from .conftest import Db, cli, start_worker, wait_until, worker_log
 
 HERE = socket.gethostname()
 
@@ -66,18 +66,27 @@ def test_one_stale_process_makes_its_host_unhealthy_but_not_the_cluster(db: Db) 
 
 
 def test_the_probe_fails_when_a_real_worker_hangs(db: Db, tmp_path: Path) -> None:
-    (tmp_path / "asyncactions.toml").write_text('[worker]\nlease = "3s"\n')
+    (tmp_path / "asyncactions.toml").write_text('[worker]\nlease = "6s"\n')
     (tmp_path / "jobs.py").write_text("from asyncactions import processor\n\n"
                                       "@processor('p')\ndef p(action):\n    pass\n")
     worker = start_worker(tmp_path, db.url, "--import", "jobs")
-    probe = ("--database-url", db.url, "health", "--max-age", "2s")
-    wait_until(lambda: cli(*probe, cwd=tmp_path).returncode == 0, what="a healthy worker")
-    os.kill(worker.pid, signal.SIGSTOP)  # hung: alive, but no heartbeat
+    last: list[subprocess.CompletedProcess[str]] = []
+
+    def probe(expected: int) -> bool:
+        assert worker.poll() is None, worker_log(worker)
+        last[:] = [cli("--database-url", db.url, "health", "--max-age", "3s", cwd=tmp_path)]
+        return last[0].returncode == expected
+
     try:
-        wait_until(lambda: cli(*probe, cwd=tmp_path).returncode == 1, timeout=30,
-                   what="the probe to see the hung worker")
-    finally:
-        os.kill(worker.pid, signal.SIGCONT)
+        wait_until(lambda: probe(0), what="a healthy worker")
+        os.kill(worker.pid, signal.SIGSTOP)  # hung: alive, but no heartbeat
+        try:
+            wait_until(lambda: probe(1), timeout=30, what="the probe to see the hung worker")
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last probe: {last[0].stdout}{last[0].stderr}; "
+                             f"worker log: {worker_log(worker)}") from None
 
 
 def test_bad_health_options_are_one_line() -> None:
