@@ -28,6 +28,7 @@ from .action import Action, Status, read_action
 from .database import Database, connection
 from .errors import AsyncActionsError
 from .schema import (
+    LIVE_KEY,
     NOW,
     STATUSES,
     action_columns,
@@ -84,6 +85,13 @@ class Filter:
             ago = db_now(literal(-self.since.total_seconds(), Float))
             conditions.append(c.created_at >= ago)
         return and_(true(), *conditions)
+
+
+def live_holder(db: Database, unique_key: str) -> int | None:
+    """The id of the pending or running action holding `unique_key`, if one does."""
+    with connection(db) as conn:
+        return conn.execute(select(t.c.id).where(LIVE_KEY, t.c.unique_key == unique_key)
+                            ).scalar()
 
 
 def list_actions(db: Database, where: Filter = Filter(), *, limit: int = 50) -> list[Action]:
@@ -246,3 +254,31 @@ def workers(db: Database) -> list[WorkerInfo]:
                            r.heartbeat_at, timedelta(seconds=max(r.heartbeat_age, 0.0)),
                            r.running)
                 for r in conn.execute(WORKERS)]
+
+
+# --- processors no worker serves --------------------------------------------------------
+
+_LIVE_WORKER_PROCESSORS = select(w.c.processors).where(
+    elapsed_seconds(w.c.heartbeat_at, NOW) <= bindparam("lease", type_=Float))
+_PENDING_BY_PROCESSOR = (select(t.c.processor, func.count())
+                         .where(t.c.status == Status.PENDING.value).group_by(t.c.processor))
+
+
+@dataclass(frozen=True)
+class Serving:
+    """Which processors live workers run, and the pending actions of those none runs: a
+    typo in a processor name (or a worker that is down) is seen, not waited on."""
+
+    served: frozenset[str]
+    unserved: dict[str, int]  # processor -> pending actions
+
+
+def serving(db: Database, lease: timedelta) -> Serving:
+    """A worker is live while its last heartbeat is younger than `lease`."""
+    with connection(db) as conn:
+        served = {name for (names,) in conn.execute(_LIVE_WORKER_PROCESSORS,
+                                                    {"lease": lease.total_seconds()})
+                  for name in names.split(",")}
+        pending = dict(conn.execute(_PENDING_BY_PROCESSOR).tuples().all())
+    return Serving(frozenset(served), {p: n for p, n in sorted(pending.items())
+                                       if p not in served})

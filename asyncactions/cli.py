@@ -28,7 +28,7 @@ from .config import (
     check_text,
     load_config,
 )
-from .database import describe, first_line, make_engine, require_schema
+from .database import describe, first_line, make_engine, require_file, require_schema
 from .durations import format_duration, parse_duration
 from .enqueue import init_action
 from .errors import AsyncActionsError, ConfigError
@@ -124,6 +124,7 @@ def _format_option(fn: Any) -> Any:
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="asyncactions", message="%(prog)s %(version)s")
 @click.option("--config", "config_path", metavar="PATH",
               help="TOML config (default ./asyncactions.toml, then config/asyncactions.toml).")
 @click.option("--database-url", metavar="URL",
@@ -221,6 +222,7 @@ def downgrade(state: State, revision: str) -> None:
     """Downgrade the schema to REVISION ("base" removes it)."""
     from . import migrate
 
+    require_file(state.engine)
     try:
         migrate.downgrade(state.engine, revision)
     except Exception as exc:  # alembic reports unknown revisions with its own exceptions
@@ -238,6 +240,7 @@ def current(state: State) -> None:
     """Show the schema's revision and the newest one."""
     from . import migrate
 
+    require_file(state.engine)
     rev = migrate.current(state.engine)
     head = migrate.head()
     click.echo(f"{rev or 'base (no schema)'}" + ("" if rev == head else f" (newest: {head})"))
@@ -246,15 +249,20 @@ def current(state: State) -> None:
 @db.command()
 @click.option("--dialect", type=click.Choice(["postgresql", "sqlite"]),
               help="Default: the configured database's, else postgresql.")
+@click.option("--from", "since", metavar="REV",
+              help="Only what is new since this revision (`db current` on the database).")
 @click.pass_obj
-def sql(state: State, dialect: str | None) -> None:
+def sql(state: State, dialect: str | None, since: str | None) -> None:
     """Print the DDL of every migration, for a DBA to review or apply."""
     from . import migrate
 
     if dialect is None:
         url = state.config.database_url
         dialect = "sqlite" if url and url.startswith("sqlite") else "postgresql"
-    click.echo(migrate.offline_sql(dialect), nl=False)
+    ddl = migrate.offline_sql(dialect, since)
+    if not ddl:
+        click.echo(f"nothing new since {since} (the newest revision)", err=True)
+    click.echo(ddl, nl=False)
 
 
 # --- enqueue ----------------------------------------------------------------------------
@@ -266,7 +274,8 @@ def sql(state: State, dialect: str | None) -> None:
 @click.option("--delay", callback=_duration, metavar="DURATION", help="Eligible after, e.g. 5m.")
 @click.option("--priority", type=click.IntRange(-32768, 32767), default=0, show_default=True,
               help="Lower runs first (-32768 to 32767).")
-@click.option("--unique-key", metavar="KEY", help="Skip if a live action holds this key.")
+@click.option("--unique-key", metavar="KEY",
+              help="Enqueue nothing if a pending or running action holds this key.")
 @click.option("--import", "imports", multiple=True, metavar="MODULE",
               help="Module that registers processors (to check the name).")
 @click.option("--wait", is_flag=True, help="Block until the action is final; print its result.")
@@ -283,10 +292,14 @@ def enqueue(state: State, processor: str, data: str | None, related_id: str | No
     payload = None if data is None else _payload(state, data)
     engine = state.checked_engine
     _check_processor_known(state, engine, processor, imports)
+    holder = audit.live_holder(engine, unique_key) if unique_key is not None else None
     action = init_action(engine, processor, payload, related_id=related_id, delay=delay,
                          priority=priority, unique_key=unique_key,
                          max_data_bytes=state.config.max_data_bytes)
     click.echo(action.display_id)
+    if action.id == holder:
+        click.echo(f"{action.display_id} already holds unique key {unique_key!r} "
+                   f"({action.status}): nothing enqueued", err=True)
     if wait:
         try:
             final = admin.wait_for(engine, action.id,
@@ -423,7 +436,8 @@ def _record(action: Action, *, human: bool = False) -> dict[str, Any]:
 @click.option("--since", callback=_duration, metavar="DURATION",
               help="Only actions created within, e.g. 24h.")
 @click.option("--event", metavar="EVENT", help="Only actions this event's rules created.")
-@click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=50, show_default=True,
+              help=f"At most this many actions (1 to {MAX_LIMIT}).")
 @_format_option
 @click.pass_obj
 def list_cmd(state: State, status: tuple[str, ...] | None, processor: str | None,
@@ -483,10 +497,17 @@ def stats(state: State, since: Any, fmt: str) -> None:
              "mean_run_time": s.mean_run_time, "p95_run_time": s.p95_run_time,
              "top_errors": [{"error": e, "count": n} for e, n in s.top_errors]}
             for s in audit.stats(state.checked_engine, since)]
+    serving = audit.serving(state.engine, state.config.worker.lease)
     if fmt != "table":
-        emit(rows, [*STATS_COLUMNS, "top_errors"], fmt)
+        for row in rows:
+            row["served"] = row["processor"] in serving.served
+        emit(rows, [*STATS_COLUMNS, "top_errors", "served"], fmt)
         return
     emit(rows, STATS_COLUMNS, fmt, title=f"actions created in the last {format_duration(since)}")
+    if serving.unserved:
+        emit([{"processor": name, "pending": n, "note": NOT_SERVED}
+              for name, n in serving.unserved.items()], ["processor", "pending", "note"], fmt,
+             title="pending actions that no live worker serves")
     errors = [{"processor": r["processor"], **e} for r in rows for e in r["top_errors"]]
     if errors:
         emit(errors, ["processor", "count", "error"], fmt, title="top errors")
@@ -581,7 +602,7 @@ def _plural(n: int, noun: str) -> str:
 @click.option("--older-than", callback=_duration, required=True, metavar="DURATION",
               help="Finished longer ago than this, e.g. 30d.")
 @click.option("--status", callback=_statuses, default="completed,canceled,failed",
-              show_default=True, metavar="S[,S...]")
+              show_default=True, metavar="S[,S...]", help="Only actions in these statuses.")
 @click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
 @click.pass_obj
 def purge(state: State, older_than: Any, status: tuple[str, ...], dry_run: bool) -> None:
@@ -608,13 +629,22 @@ def purge(state: State, older_than: Any, status: tuple[str, ...], dry_run: bool)
 # --- processors and workers --------------------------------------------------------------
 
 @main.command("processors")
-@click.option("--import", "imports", multiple=True, metavar="MODULE")
+@click.option("--import", "imports", multiple=True, metavar="MODULE",
+              help="Module that registers processors (repeatable; adds to the config "
+              "file's `imports`).")
 @_format_option
 @click.pass_obj
 def processors_cmd(state: State, imports: tuple[str, ...], fmt: str) -> None:
-    """Registered processors with their effective settings (decorator, then config)."""
-    registry.import_modules([*state.config.imports, *imports])
+    """Processors registered by the modules of --import and the config file's `imports`,
+    with their effective settings (decorator, then config), and whether a live worker
+    serves each."""
+    modules = list(dict.fromkeys([*state.config.imports, *imports]))
+    registry.import_modules(modules)
     registry.select(state.config.processors, state.config.source)  # validates [processors.*] names
+    click.echo(f"processors registered by: {', '.join(modules)}" if modules else
+               "no modules imported: processors are registered by the modules named with "
+               "--import MODULE or `imports` in the config file", err=True)
+    serving = _serving(state)
     paused = _paused(state)
     rows = []
     for name, proc in sorted(registry.registered().items()):
@@ -635,9 +665,17 @@ def processors_cmd(state: State, imports: tuple[str, ...], fmt: str) -> None:
     rows += [{"name": name, "state": _state(p), "paused_at": p.paused_at,
               "paused_by": p.paused_by} for name, p in sorted(paused.items())
              if p.paused and name not in registry.registered()]
-    emit(rows, ["name", "state", "retries", "retry_interval", "backoff", "max_retry_interval",
-                "timeout", "batch_size", "enabled", "transactional", "concurrency",
-                "rate_limit", "paused_at", "paused_by", "overridden"], fmt)
+    columns = ["name", "state", "retries", "retry_interval", "backoff", "max_retry_interval",
+               "timeout", "batch_size", "enabled", "transactional", "concurrency",
+               "rate_limit", "paused_at", "paused_by", "overridden"]
+    if serving is not None:  # with a queue to ask: who serves each, and what waits unserved
+        listed = {row["name"] for row in rows}
+        for row in rows:
+            row["served"] = _served(serving, row["name"])
+        rows += [{"name": name, "served": _served(serving, name)}
+                 for name in serving.unserved if name not in listed]
+        columns.append("served")
+    emit(rows, columns, fmt)
 
 
 def _paused(state: State) -> dict[str, admin.ProcessorState]:
@@ -684,6 +722,30 @@ def _pause_or_resume(state: State, names: tuple[str, ...],
         click.echo(f"{done_state.name} {past}")
 
 
+NOT_SERVED = "no worker serves this"
+
+
+def _serving(state: State) -> audit.Serving | None:
+    """Which processors live workers serve; None when there is no queue to ask (listing
+    processors needs no database)."""
+    from .database import has_schema
+    from .errors import DatabaseError
+
+    try:
+        if not has_schema(state.engine):
+            return None
+    except DatabaseError:
+        return None
+    return audit.serving(state.engine, state.config.worker.lease)
+
+
+def _served(serving: audit.Serving, name: str) -> str:
+    if name in serving.served:
+        return "yes"
+    pending = serving.unserved.get(name)
+    return f"{NOT_SERVED} ({_plural(pending, 'pending action')})" if pending else NOT_SERVED
+
+
 @main.command()
 @_format_option
 @click.pass_obj
@@ -692,6 +754,45 @@ def workers(state: State, fmt: str) -> None:
     rows = [vars(w) for w in audit.workers(state.checked_engine)]
     emit(rows, ["id", "hostname", "pid", "processors", "started_at", "heartbeat_at",
                 "heartbeat_age", "running"], fmt)
+
+
+@main.command()
+@click.option("--max-age", callback=_duration, metavar="DURATION",
+              help="Heartbeats older than this are stale (default: half the configured "
+              "lease, 30s: three missed heartbeats).")
+@click.option("--hostname", metavar="HOST",
+              help="Check the workers registered by HOST (default: this host, that is "
+              "this container or pod).")
+@click.option("--any-host", is_flag=True,
+              help="Healthy if any worker anywhere heartbeats (is the queue served at all?).")
+@click.pass_obj
+def health(state: State, max_age: Any, hostname: str | None, any_host: bool) -> None:
+    """Exit 0 if this host's workers heartbeat, 1 if none is registered or one is stale:
+    a liveness probe for a worker container."""
+    import socket
+
+    if hostname is not None and any_host:
+        raise click.UsageError("give --hostname or --any-host, not both")
+    limit = max_age if max_age is not None else state.config.worker.lease / 2
+    host = None if any_host else hostname or socket.gethostname()
+    found = [w for w in audit.workers(state.checked_engine) if host in (None, w.hostname)]
+    where = "anywhere" if host is None else f"on {host}"
+    if not found:
+        _fail(f"unhealthy: no worker registered {where}", code=1)
+    stale = [w for w in found if w.heartbeat_age > limit]
+    # One hung process makes its container unhealthy; a cluster is served while one is not.
+    if stale and (host is not None or len(stale) == len(found)):
+        oldest = max(stale, key=lambda w: w.heartbeat_age)
+        _fail(f"unhealthy: {_plural(len(stale), 'worker')} {where} with no heartbeat for over "
+              f"{format_duration(limit)} ({oldest.id}: last {_ago(oldest.heartbeat_age)})",
+              code=1)
+    newest = min(found, key=lambda w: w.heartbeat_age)
+    click.echo(f"healthy: {_plural(len(found) - len(stale), 'worker')} {where}, last heartbeat "
+               f"{_ago(newest.heartbeat_age)}")
+
+
+def _ago(age: Any) -> str:
+    return f"{age.total_seconds():.1f}s ago"
 
 
 @main.command("schedules")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Dialect, Engine, create_engine, event, inspect
@@ -179,12 +180,35 @@ def translated_errors(engine: Engine) -> Iterator[None]:
                             "asyncactions database") from None
 
 
+def missing_sqlite_file(engine: Engine) -> str | None:
+    """The path of an SQLite database file that does not exist (connecting would create
+    it), else None."""
+    url = engine.url
+    path = url.database
+    if url.get_backend_name() != "sqlite" or not path or path == ":memory:" \
+            or path.startswith("file:") or url.query.get("uri"):
+        return None
+    return None if Path(path).exists() else path
+
+
+def require_file(engine: Engine) -> None:
+    """Commands that only read must not leave an empty database file behind a typo."""
+    path = missing_sqlite_file(engine)
+    if path is not None:
+        raise DatabaseError(f"no database file at {path}: run `asyncactions db upgrade` first "
+                            "(it creates one), or check --database-url / "
+                            "ASYNCACTIONS_DATABASE_URL")
+
+
 def has_schema(engine: Engine) -> bool:
+    if missing_sqlite_file(engine) is not None:
+        return False
     with translated_errors(engine), engine.connect() as conn:
         return inspect(conn).has_table("async_action")
 
 
 def require_schema(engine: Engine) -> None:
+    require_file(engine)
     if not has_schema(engine):
         raise DatabaseError(f"the database {describe(engine)} has no async_action table; run "
                             "`asyncactions db upgrade` first")

@@ -89,6 +89,44 @@ def pg_database() -> Iterator[str]:
     admin.dispose()
 
 
+@dataclass
+class Installed:
+    """The built wheel, installed into a fresh virtualenv of its own."""
+
+    wheel: Path
+    venv: Path
+
+    def bin(self, name: str) -> Path:
+        return self.venv / "bin" / name
+
+    def run(self, *args: str | Path, cwd: Path, env: dict[str, str] | None = None,
+            ok: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a command with only the virtualenv's programs on PATH (no source tree)."""
+        result = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True,
+                                text=True, timeout=600,
+                                env={"PATH": f"{self.venv / 'bin'}:/usr/bin:/bin",
+                                     "HOME": str(Path.home()), **(env or {})})
+        if ok:
+            assert result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
+        return result
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """One wheel build and one virtualenv per test session, shared by the tests that
+    check what users install."""
+    base = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    "--no-build-isolation", "-w", str(base / "dist"), str(ROOT)],
+                   check=True, capture_output=True, timeout=600)
+    (wheel,) = (base / "dist").glob("asyncactions-*.whl")
+    env_dir = base / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True, timeout=600)
+    subprocess.run([str(env_dir / "bin" / "pip"), "install", "--quiet", str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    return Installed(wheel, env_dir)
+
+
 @pytest.fixture(params=["postgresql", "sqlite"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
     if request.param == "postgresql":

@@ -26,7 +26,7 @@ def env_for(db: Db) -> dict[str, str]:
 
 def test_db_upgrade_current_downgrade(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    assert "base" in cli("--database-url", url, "db", "current").stdout
+    assert "no database file" in cli("--database-url", url, "db", "current").stderr
     up = cli("--database-url", url, "db", "upgrade")
     head = migrate.head()
     assert up.returncode == 0 and f"is at revision {head}" in up.stdout

@@ -2,37 +2,20 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
-import venv
 import zipfile
 from pathlib import Path
 
 from asyncactions import migrate
 
-from .conftest import ROOT
+from .conftest import Installed
 
 
-def run(*args: str | Path, cwd: Path) -> str:
-    result = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True,
-                            timeout=600, env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
-    assert result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
-def test_wheel_installs_into_a_fresh_virtualenv_and_runs(tmp_path: Path) -> None:
-    dist = tmp_path / "dist"
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", dist,
-        ROOT, cwd=tmp_path)
-    (wheel,) = dist.glob("asyncactions-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
+def test_wheel_installs_into_a_fresh_virtualenv_and_runs(installed: Installed,
+                                                        tmp_path: Path) -> None:
+    names = zipfile.ZipFile(installed.wheel).namelist()
     assert "asyncactions/migrations/versions/0001_initial.py" in names
     assert "asyncactions/migrations/env.py" in names
-
-    env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True)
-    run(env_dir / "bin" / "pip", "install", "--quiet", wheel, cwd=tmp_path)
 
     app = tmp_path / "app"
     app.mkdir()
@@ -43,12 +26,13 @@ def test_wheel_installs_into_a_fresh_virtualenv_and_runs(tmp_path: Path) -> None
         def greet(action):
             return f"hello {action.data['name']}"
     """))
-    asyncactions = env_dir / "bin" / "asyncactions"
-    assert f"is at revision {migrate.head()}" in run(asyncactions, "db", "upgrade", cwd=app)
-    run(env_dir / "bin" / "python", "-c",
-        "from asyncactions import init_action; from sqlalchemy import create_engine; "
-        "init_action(create_engine('sqlite:///asyncactions.db'), 'greet', {'name': 'wheel'})",
-        cwd=app)
-    run(asyncactions, "worker", "--import", "jobs", "--burst", cwd=app)
-    shown = run(asyncactions, "show", "1", "--format", "json", cwd=app)
+    asyncactions = installed.bin("asyncactions")
+    assert f"is at revision {migrate.head()}" in installed.run(asyncactions, "db", "upgrade",
+                                                               cwd=app).stdout
+    installed.run(installed.bin("python"), "-c",
+                  "from asyncactions import init_action; from sqlalchemy import create_engine; "
+                  "init_action(create_engine('sqlite:///asyncactions.db'), 'greet', "
+                  "{'name': 'wheel'})", cwd=app)
+    installed.run(asyncactions, "worker", "--import", "jobs", "--burst", cwd=app)
+    shown = installed.run(asyncactions, "show", "1", "--format", "json", cwd=app).stdout
     assert '"status": "completed"' in shown and '"result": "hello wheel"' in shown
