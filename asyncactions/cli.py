@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import click
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 
-from . import admin, audit, codec
+from . import admin, audit, codec, reports
 from . import processors as registry
 from .action import Action
 from .config import (
@@ -30,9 +30,8 @@ from .config import (
 from .database import describe, first_line, make_engine, require_schema
 from .durations import format_duration, parse_duration
 from .enqueue import init_action
-from .errors import AsyncActionsError, ConfigError, UnknownProcessor
-from .output import FORMATS, Ratio, emit
-from .schema import async_action, async_action_worker
+from .errors import AsyncActionsError, ConfigError
+from .output import FORMATS, emit
 
 
 @dataclass
@@ -324,33 +323,18 @@ def _print_final(action: Action) -> None:
 
 def _check_processor_known(state: State, engine: Engine, name: str,
                            imports: tuple[str, ...] = ()) -> None:
-    """Producers need not import processors, so a name is known if it is registered here,
-    run by a live worker, or already in the table."""
-    registry.import_modules([*state.config.imports, *imports])
-    known = set(registry.registered())
-    with engine.connect() as conn:
-        for (listed,) in conn.execute(select(async_action_worker.c.processors)):
-            known.update(listed.split(","))
-        if name not in known:
-            known.update(conn.execute(select(async_action.c.processor).distinct()).scalars())
-    if name not in known:
-        raise UnknownProcessor(f"unknown processor {name!r}; known: "
-                               f"{', '.join(sorted(known)) or 'none'} (pass --import MODULE "
-                               "that registers it, or start a worker that runs it)")
+    reports.check_processor_known(state.config, engine, name, imports,
+                                  hint=" (pass --import MODULE that registers it, or start a "
+                                  "worker that runs it)")
 
 
 # --- audit ------------------------------------------------------------------------------
 
 # Rows a listing prints at most: for more, page with --since or use SQL.
 MAX_LIMIT = 100_000
-FIELDS = Action._fields
+FIELDS = reports.FIELDS
 SUMMARY = ("id", "processor", "status", "attempts", "retries", "related_id", "created_at",
            "finished_at", "error")
-
-
-def _record(action: Action, *, human: bool = False) -> dict[str, Any]:
-    fields = {f: getattr(action, f) for f in FIELDS}
-    return {**fields, "id": action.display_id} if human else fields
 
 
 @main.command("list")
@@ -372,9 +356,9 @@ def list_cmd(state: State, status: tuple[str, ...] | None, processor: str | None
     actions = audit.list_actions(engine, audit.Filter(status or (), processor, related_id,
                                                       since), limit=limit)
     if fmt == "table":
-        emit([_record(a, human=True) for a in actions], SUMMARY, fmt)
+        emit([reports.record(a, human=True) for a in actions], SUMMARY, fmt)
     else:
-        emit([_record(a) for a in actions], FIELDS, fmt)
+        emit([reports.record(a) for a in actions], FIELDS, fmt)
 
 
 @main.command()
@@ -385,8 +369,7 @@ def show(state: State, action_id: str, fmt: str) -> None:
     """Show one action: every field, its timings and its error history with tracebacks."""
     engine = state.checked_engine
     action = admin.get_action(engine, action_id)
-    fields = {**_record(action, human=fmt == "table"),
-              **audit.timings(action, audit.db_clock(engine))}
+    fields = reports.show(action, audit.db_clock(engine), human=fmt == "table")
     if fmt != "table":
         emit([fields], list(fields), fmt)
         return
@@ -414,11 +397,7 @@ STATS_COLUMNS = ("processor", "total", *audit.STATUSES, "success_rate", "retry_r
 def stats(state: State, since: Any, fmt: str) -> None:
     """Per processor: counts by status, success rate, retry rate, mean and p95 run time,
     top errors. Run times in JSON and CSV are seconds; rates are fractions."""
-    rows = [{"processor": s.processor, "total": s.total, **s.counts,
-             "success_rate": _ratio(s.success_rate), "retry_rate": _ratio(s.retry_rate),
-             "mean_run_time": s.mean_run_time, "p95_run_time": s.p95_run_time,
-             "top_errors": [{"error": e, "count": n} for e, n in s.top_errors]}
-            for s in audit.stats(state.checked_engine, since)]
+    rows = reports.stats(state.checked_engine, since)
     if fmt != "table":
         emit(rows, [*STATS_COLUMNS, "top_errors"], fmt)
         return
@@ -426,10 +405,6 @@ def stats(state: State, since: Any, fmt: str) -> None:
     errors = [{"processor": r["processor"], **e} for r in rows for e in r["top_errors"]]
     if errors:
         emit(errors, ["processor", "count", "error"], fmt, title="top errors")
-
-
-def _ratio(value: float | None) -> Ratio | None:
-    return None if value is None else Ratio(value)
 
 
 # --- steering ---------------------------------------------------------------------------
@@ -549,21 +524,8 @@ def purge(state: State, older_than: Any, status: tuple[str, ...], dry_run: bool)
 @click.pass_obj
 def processors_cmd(state: State, imports: tuple[str, ...], fmt: str) -> None:
     """Registered processors with their effective settings (decorator, then config)."""
-    registry.import_modules([*state.config.imports, *imports])
-    registry.select(state.config.processors, state.config.source)  # validates [processors.*] names
-    rows = []
-    for name, proc in sorted(registry.registered().items()):
-        s = proc.configured(state.config.processors.get(name)).settings
-        rows.append({"name": name, "retries": s.retries,
-                     "retry_interval": format_duration(s.retry_interval),
-                     "backoff": s.backoff,
-                     "max_retry_interval": format_duration(s.max_retry_interval),
-                     "timeout": format_duration(s.timeout) if s.timeout else None,
-                     "batch_size": s.batch_size, "enabled": s.enabled,
-                     "transactional": s.transactional,
-                     "overridden": ",".join(sorted(state.config.processors.get(name, {})))})
-    emit(rows, ["name", "retries", "retry_interval", "backoff", "max_retry_interval",
-                "timeout", "batch_size", "enabled", "transactional", "overridden"], fmt)
+    rows = reports.processors(state.config, imports)
+    emit(rows, reports.PROCESSOR_COLUMNS, fmt)
 
 
 @main.command()
@@ -571,9 +533,7 @@ def processors_cmd(state: State, imports: tuple[str, ...], fmt: str) -> None:
 @click.pass_obj
 def workers(state: State, fmt: str) -> None:
     """Registered workers: heartbeat age and the number of actions each is running."""
-    rows = [vars(w) for w in audit.workers(state.checked_engine)]
-    emit(rows, ["id", "hostname", "pid", "processors", "started_at", "heartbeat_at",
-                "heartbeat_age", "running"], fmt)
+    emit(reports.workers(state.checked_engine), reports.WORKER_COLUMNS, fmt)
 
 
 @main.command("schedules")
@@ -581,16 +541,4 @@ def workers(state: State, fmt: str) -> None:
 @click.pass_obj
 def schedules_cmd(state: State, fmt: str) -> None:
     """Configured schedules ([schedules.NAME]) and when each fires next."""
-    from datetime import UTC, datetime
-    from zoneinfo import ZoneInfo
-
-    now = datetime.now(UTC)
-    rows = []
-    for s in state.config.schedules:
-        fire = s.next_fire_after(now)
-        rows.append({"name": s.name, "processor": s.processor,
-                     "when": f"cron {s.cron}" if s.cron else f"every {format_duration(s.every)}",
-                     "timezone": s.timezone,
-                     "next_fire": fire.astimezone(ZoneInfo(s.timezone)).isoformat(),
-                     "data": s.data})
-    emit(rows, ["name", "processor", "when", "timezone", "next_fire", "data"], fmt)
+    emit(reports.schedules(state.config), reports.SCHEDULE_COLUMNS, fmt)
