@@ -542,3 +542,34 @@ def workers(state: State, fmt: str) -> None:
 def schedules_cmd(state: State, fmt: str) -> None:
     """Configured schedules ([schedules.NAME]) and when each fires next."""
     emit(reports.schedules(state.config), reports.SCHEDULE_COLUMNS, fmt)
+
+
+# --- web ---------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; another than loopback needs a token.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--read-only", is_flag=True, help="Refuse every change (403).")
+@click.pass_obj
+def web(state: State, host: str, port: int, read_only: bool) -> None:
+    """Serve the dashboard and the HTTP API; the token comes from ASYNCACTIONS_WEB_TOKEN."""
+    from .web.access import is_loopback, token_from_env
+
+    token = token_from_env()
+    if token is None and not is_loopback(host):
+        _fail(f"refusing to serve {host} without a token: set ASYNCACTIONS_WEB_TOKEN, or "
+              "listen on 127.0.0.1")
+    try:
+        import uvicorn
+
+        from .web import create_app
+    except ImportError as exc:
+        _fail(f"the dashboard needs the web extra ({exc.name} is missing): "
+              "pip install 'asyncactions[web]'")
+    state.checked_engine  # noqa: B018 - a missing schema is one line here, not a 503 later
+    app = create_app(config=state.config, token=token, read_only=read_only)
+    click.echo(f"asyncactions web on http://{host}:{port}/ "
+               f"({'token required' if token else 'no token: loopback only'}"
+               f"{', read-only' if read_only else ''})", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False)
