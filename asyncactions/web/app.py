@@ -96,8 +96,8 @@ Handler = Callable[[Request, Context, Caller], Awaitable[Response]]
 
 
 def _is_api(request: Request) -> bool:
-    return request.url.path.removeprefix(request.scope.get("root_path", "")) \
-        .startswith("/api/")
+    path = request.url.path.removeprefix(request.scope.get("root_path", ""))
+    return path.startswith("/api/") or path == "/openapi.json"
 
 
 def _deny(request: Request, status: int, message: str) -> Response:
@@ -136,7 +136,7 @@ async def admit(request: Request, ctx: Context, *, write: bool) -> Caller | Resp
         if header and scheme.lower() == "bearer" and access.token_matches(given.strip()):
             caller = Caller("bearer")
         elif header:
-            return _deny(request, 401, "wrong token; send Authorization: Bearer TOKEN")
+            return error(401, "wrong token; send Authorization: Bearer TOKEN")
         else:
             nonce = access.session_nonce(request.cookies.get(COOKIE))
             if nonce is None:
