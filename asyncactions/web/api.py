@@ -166,15 +166,17 @@ async def enqueue(request: Request, ctx: Context, _caller: Caller) -> Response:
 
     action = await run_in_threadpool(run)
     status = 202
-    if blocking and timeout is not None:
+    now = await run_in_threadpool(_now, ctx)
+    # An action not eligible before the timeout cannot end within it: no point waiting.
+    if blocking and timeout is not None and action.next_eligible_at <= now + timeout:
         try:
             action = await run_in_threadpool(admin.wait_for, ctx.engine, action.id,
                                              timeout.total_seconds())
             status = 200
         except TimeoutError:
             action = await run_in_threadpool(admin.get_action, ctx.engine, action.id)
-    return JSONAnswer(action_json(action, await run_in_threadpool(_now, ctx)),
-                      status_code=status)
+        now = await run_in_threadpool(_now, ctx)
+    return JSONAnswer(action_json(action, now), status_code=status)
 
 
 async def list_actions(request: Request, ctx: Context, _caller: Caller) -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..processors import MAX_RETRIES
 from ..schema import STATUSES
 
 NULLABLE_STRING = {"type": ["string", "null"]}
@@ -57,7 +58,7 @@ ENQUEUE = {
         "priority": {"type": "integer", "minimum": -32768, "maximum": 32767},
         "unique_key": NULLABLE_STRING,
         "ordering_key": NULLABLE_STRING,
-        "retries": {"type": ["integer", "null"], "minimum": 0},
+        "retries": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_RETRIES},
     },
 }
 
@@ -175,7 +176,8 @@ def document(root_path: str = "") -> dict[str, Any]:
                 "requestBody": {"required": False, "content": {"application/json": {
                     "schema": {"type": "object", "additionalProperties": False,
                                "properties": {"retries": {"type": ["integer", "null"],
-                                                          "minimum": 0}}}}}},
+                                                          "minimum": 0,
+                                                          "maximum": MAX_RETRIES}}}}}},
                 "responses": {"200": _json(action_ref, "the action, pending again"),
                               **_errors(*WRITE, 404, 409)}}},
             "/api/v1/actions/{id}/cancel": {"post": {
