@@ -38,7 +38,7 @@ class Server:
 
 @contextmanager
 def serve(database_url: str, cwd: Path, *args: str, token: str | None = TOKEN,
-          imports: str | None = None) -> Iterator[Server]:
+          config: str | None = None) -> Iterator[Server]:
     """`asyncactions web` as a subprocess; stopped (SIGTERM) when the block ends."""
     port = free_port()
     env = {k: v for k, v in os.environ.items()
@@ -46,8 +46,8 @@ def serve(database_url: str, cwd: Path, *args: str, token: str | None = TOKEN,
     env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{cwd}", ASYNCACTIONS_DATABASE_URL=database_url)
     if token:
         env["ASYNCACTIONS_WEB_TOKEN"] = token
-    if imports:
-        (cwd / "asyncactions.toml").write_text(f'imports = ["{imports}"]\n')
+    if config:
+        (cwd / "asyncactions.toml").write_text(config)
     log = (cwd / f"web-{port}.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "asyncactions", "web", "--port", str(port), *args],

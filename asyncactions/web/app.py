@@ -40,7 +40,7 @@ SECURITY_HEADERS = {
     "content-security-policy": CSP,
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
-    "referrer-policy": "no-referrer",
+    "referrer-policy": "same-origin",
     "cache-control": "no-store",
 }
 
@@ -112,8 +112,9 @@ def _deny(request: Request, status: int, message: str) -> Response:
 
 def _cross_site(request: Request) -> bool:
     """A browser says where a request comes from; refuse changes sent by another site."""
-    if request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
-        return True
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:  # browsers since 2020-2023 say it outright
+        return site not in ("same-origin", "none")
     origin = request.headers.get("origin")
     return origin is not None and urlsplit(origin).netloc != request.headers.get("host")
 

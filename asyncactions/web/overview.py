@@ -116,6 +116,7 @@ def line_points(values: list[float], width: int = 360, height: int = 80) -> str:
     """An SVG polyline's points for values sampled evenly, left (oldest) to right."""
     if not values:
         return ""
+    values = values if len(values) > 1 else values * 2  # one sample: a flat line
     top = max([*values, 1.0])
     step = width / max(len(values) - 1, 1)
     return " ".join(f"{i * step:.1f},{height - height * v / top:.1f}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -18,7 +19,7 @@ from starlette.templating import Jinja2Templates
 from .. import admin, audit, reports
 from ..action import Action
 from ..errors import ActionNotFound, AsyncActionsError
-from ..output import human_duration, json_row
+from ..output import human_duration
 from . import api, overview
 from .access import COOKIE, SESSION_SECONDS
 from .app import HERE, BadInput, Caller, Context, _cross_site, error
@@ -38,12 +39,19 @@ def _when(value: Any) -> str:
 
 
 def _ago(seconds: float | None) -> str:
-    from datetime import timedelta
-
     return "—" if seconds is None else human_duration(timedelta(seconds=seconds))
 
 
-templates.env.filters.update(pretty=_pretty, when=_when, ago=_ago)
+def _field(value: Any) -> str:
+    """A field on the detail page: exact times, durations for people."""
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, timedelta):
+        return human_duration(value)
+    return str(value)
+
+
+templates.env.filters.update(pretty=_pretty, when=_when, ago=_ago, field=_field)
 
 
 def render(request: Request, ctx: Context, caller: Caller, name: str, status: int = 200,
@@ -116,7 +124,7 @@ async def _overview_values(request: Request, ctx: Context) -> dict[str, Any]:
     charts = {name: overview.bar_chart(series) for name, series in sorted(data.series.items())}
     ages = [age for _, _, age in data.backlog_history]
     return {"o": data, "charts": charts, "windows": list(overview.WINDOWS),
-            "final": audit.FINAL, "backlog_line": overview.line_points(ages),
+            "final": audit.FINAL, "backlog_line": overview.line_points(ages, 720, 120),
             "backlog_top": max([*ages, 1.0])}
 
 
@@ -168,7 +176,7 @@ async def action_page(request: Request, ctx: Context, caller: Caller) -> Respons
     except ActionNotFound as exc:
         return render(request, ctx, caller, "missing.html", status=404, page="actions",
                       problem=str(exc))
-    fields = json_row(reports.show(action, now))
+    fields = reports.show(action, now)
     return render(request, ctx, caller, "action.html", page="actions", a=action,
                   fields=fields, progress=getattr(action, "progress", None),
                   done=request.query_params.get("done"),
