@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +17,8 @@ from sqlalchemy import Engine, text
 from asyncactions import cancel, init_action, migrate
 from asyncactions.database import make_engine
 
-from .conftest import cli, start_worker, wait_until
-from .web_server import TOKEN, Server, serve
+from .conftest import cli, start_worker, track, wait_until
+from .web_server import TOKEN, Server, free_port, serve
 
 WRITES = [("POST", "/api/v1/actions", {"processor": "sync_invoice"}),
           ("POST", "/api/v1/actions/1/retry", None),
@@ -313,3 +316,50 @@ def test_no_page_or_answer_shows_the_database_password(pg_database: str,
             answer = api.get(path)
             assert answer.status_code in (200, 404), (path, answer.status_code)
             assert "hunter2" not in answer.text, path
+
+
+def test_mounted_inside_an_application_it_serves_under_its_prefix(
+        database_url: str, engine: Engine, tmp_path: Path) -> None:
+    (tmp_path / "outer.py").write_text(textwrap.dedent(f"""
+        from starlette.applications import Starlette
+        from starlette.responses import PlainTextResponse
+        from starlette.routing import Mount, Route
+
+        from asyncactions.web import create_app
+
+        async def home(request):
+            return PlainTextResponse("the shop")
+
+        app = Starlette(routes=[
+            Route("/", home),
+            Mount("/queue", app=create_app({database_url!r}, token={TOKEN!r})),
+        ])
+    """))
+    port = free_port()
+    process = track(subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "outer:app", "--port", str(port)], cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL))
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert process.poll() is None
+        try:
+            return httpx.get(f"{base}/queue/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(up, timeout=30, what="the outer app")
+    action = init_action(engine, "sync_invoice")
+    with httpx.Client(base_url=base) as browser:
+        assert browser.get("/").text == "the shop"
+        assert browser.get("/queue/").headers["location"] == "/queue/login?next=%2Fqueue%2F"
+        signed = browser.post("/queue/login", data={"token": TOKEN, "next": "/queue/"})
+        assert "path=/queue/" in signed.headers["set-cookie"].lower()
+        page = browser.get("/queue/actions")
+        assert f'href="/queue/actions/{action.id}"' in page.text
+        assert 'src="/queue/static/app.js"' in page.text
+        assert browser.get("/queue/static/app.css").status_code == 200
+        api = browser.get(f"/queue/api/v1/actions/{action.id}",
+                          headers={"authorization": f"Bearer {TOKEN}"})
+        assert api.json()["id"] == action.id
