@@ -363,3 +363,27 @@ def test_mounted_inside_an_application_it_serves_under_its_prefix(
         api = browser.get(f"/queue/api/v1/actions/{action.id}",
                           headers={"authorization": f"Bearer {TOKEN}"})
         assert api.json()["id"] == action.id
+
+
+def test_bulk_cancel_states_the_count_then_changes_exactly_that_filter(
+        server: Server, engine: Engine) -> None:
+    for i in range(3):
+        init_action(engine, "bulk_me", {"i": i})
+    other = init_action(engine, "bulk_other")
+    with server.client(token=None) as browser:
+        sign_in(browser)
+        confirm = browser.get("/actions/bulk", params={"op": "cancel", "processor": "bulk_me"})
+        assert "Cancel 3 actions?" in confirm.text
+        csrf = confirm.text.split('name="csrf_token" value="')[1].split('"')[0]
+        form = {"op": "cancel", "status": "pending", "processor": "bulk_me", "csrf_token": csrf}
+        assert browser.post("/actions/bulk", data={**form, "csrf_token": ""}).status_code == 403
+        done = browser.post("/actions/bulk", data=form)
+        assert done.status_code == 303 and "cancel%3A+3+actions" in done.headers["location"]
+        refused = browser.get("/actions/bulk", params={"op": "cancel", "status": "failed"})
+        assert refused.status_code == 400 and "only pending or running" in refused.text
+    with engine.connect() as conn:
+        statuses = dict(conn.execute(text(
+            "SELECT processor, status FROM async_action WHERE processor LIKE 'bulk_%' "
+            "GROUP BY processor, status")).all())
+    assert statuses == {"bulk_me": "canceled", "bulk_other": "pending"}
+    assert other.status == "pending"

@@ -222,8 +222,12 @@ def _bulk_apply(ctx: Context, op: str, where: audit.Filter, dry_run: bool) -> in
 
 
 async def bulk_confirm(request: Request, ctx: Context, caller: Caller) -> Response:
-    op, where = _bulk(request.query_params)
-    count = await run_in_threadpool(_bulk_apply, ctx, op, where, True)
+    try:
+        op, where = _bulk(request.query_params)
+        count = await run_in_threadpool(_bulk_apply, ctx, op, where, True)
+    except AsyncActionsError as exc:  # e.g. cancel of failed actions: say so on the page
+        return render(request, ctx, caller, "missing.html", status=400, page="actions",
+                      heading="Cannot do that", problem=str(exc))
     return render(request, ctx, caller, "bulk.html", page="actions", op=op, where=where,
                   count=count, since=request.query_params.get("since", ""))
 
