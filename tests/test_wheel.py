@@ -29,6 +29,8 @@ def test_wheel_installs_into_a_fresh_virtualenv_and_runs(tmp_path: Path) -> None
     names = zipfile.ZipFile(wheel).namelist()
     assert "asyncactions/migrations/versions/0001_initial.py" in names
     assert "asyncactions/migrations/env.py" in names
+    assert "asyncactions/web/templates/overview.html" in names
+    assert "asyncactions/web/static/app.js" in names
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
@@ -52,3 +54,7 @@ def test_wheel_installs_into_a_fresh_virtualenv_and_runs(tmp_path: Path) -> None
     run(asyncactions, "worker", "--import", "jobs", "--burst", cwd=app)
     shown = run(asyncactions, "show", "1", "--format", "json", cwd=app)
     assert '"status": "completed"' in shown and '"result": "hello wheel"' in shown
+    # Without the web extra, the dashboard says what to install, in one line.
+    web = subprocess.run([asyncactions, "web"], cwd=app, capture_output=True, text=True)
+    assert web.returncode == 2 and web.stderr.count("\n") == 1
+    assert "pip install 'asyncactions[web]'" in web.stderr
