@@ -66,6 +66,7 @@ def pages(rows: int) -> list[str]:
         "/", "/?window=24h", "/partials/overview",
         "/actions", "/actions?status=failed", "/actions?processor=processor_3",
         "/actions?status=failed&processor=processor_3", f"/actions?related_id=order:{middle}",
+        "/actions?processor=no_such_processor",  # worst case: no match, the whole table
         f"/actions?before={middle}", "/actions?since=1h",
         f"/actions/{middle}", "/actions/bulk?op=retry&status=failed&processor=processor_3",
         "/processors", "/workers", "/schedules",
