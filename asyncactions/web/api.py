@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -169,11 +172,15 @@ async def enqueue(request: Request, ctx: Context, _caller: Caller) -> Response:
     now = await run_in_threadpool(_now, ctx)
     # An action not eligible before the timeout cannot end within it: no point waiting.
     if blocking and timeout is not None and action.next_eligible_at <= now + timeout:
-        try:
-            action = await run_in_threadpool(admin.wait_for, ctx.engine, action.id,
-                                             timeout.total_seconds())
-            status = 200
-        except TimeoutError:
+        seconds = timeout.total_seconds()
+        final = None
+        with anyio.move_on_after(seconds + 1):  # also when every waiting thread is taken
+            with contextlib.suppress(TimeoutError):
+                final = await anyio.to_thread.run_sync(admin.wait_for, ctx.engine, action.id,
+                                                       seconds, limiter=ctx.waits)
+        if final is not None:
+            action, status = final, 200
+        else:
             action = await run_in_threadpool(admin.get_action, ctx.engine, action.id)
         now = await run_in_threadpool(_now, ctx)
     return JSONAnswer(action_json(action, now), status_code=status)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 from sqlalchemy import Engine, event
 from sqlalchemy import exc as sa_exc
 from starlette.applications import Starlette
@@ -79,6 +80,9 @@ class Context:
     # Backlog samples (time, count, oldest age in seconds) for the overview's chart.
     backlog_history: deque[tuple[float, int, float]] = field(
         default_factory=lambda: deque(maxlen=360))
+    # Blocking enqueues wait in threads of their own, so many long waits cannot take
+    # every thread the pages and the API need.
+    waits: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(16))
 
 
 @dataclass(frozen=True)
