@@ -387,3 +387,28 @@ def test_bulk_cancel_states_the_count_then_changes_exactly_that_filter(
             "GROUP BY processor, status")).all())
     assert statuses == {"bulk_me": "canceled", "bulk_other": "pending"}
     assert other.status == "pending"
+
+
+def test_session_cookies_are_signed_expire_and_die_with_the_token() -> None:
+    from asyncactions.web.access import SESSION_SECONDS, Access
+
+    access = Access(token="one")
+    cookie = access.new_session(now=1_000_000)
+    assert access.session_nonce(cookie, now=1_000_001) is not None
+    assert access.session_nonce(cookie, now=1_000_000 + SESSION_SECONDS + 1) is None
+    expires, nonce, signature = cookie.split(".")
+    assert access.session_nonce(f"{int(expires) + 999}.{nonce}.{signature}",
+                                now=1_000_001) is None  # a longer life is not signed
+    assert Access(token="two").session_nonce(cookie, now=1_000_001) is None
+    assert Access(token=None).session_nonce(cookie, now=1_000_001) is None
+    nonce = access.session_nonce(cookie, now=1_000_001)
+    assert access.csrf_ok(nonce, access.csrf_token(nonce))
+    assert not access.csrf_ok(nonce, access.csrf_token("another session"))
+    assert not access.token_matches("on") and access.token_matches("one")
+
+
+def test_a_forged_cookie_is_not_a_session(server: Server) -> None:
+    with server.client(token=None) as browser:
+        browser.cookies.set("asyncactions_session", "99999999999.abc.def")
+        assert browser.get("/api/v1/actions").status_code == 401
+        assert browser.get("/actions").headers["location"].startswith("/login")
