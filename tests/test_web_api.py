@@ -412,3 +412,15 @@ def test_a_forged_cookie_is_not_a_session(server: Server) -> None:
         browser.cookies.set("asyncactions_session", "99999999999.abc.def")
         assert browser.get("/api/v1/actions").status_code == 401
         assert browser.get("/actions").headers["location"].startswith("/login")
+
+
+def test_pages_explain_bad_requests_as_pages(server: Server) -> None:
+    with server.client(token=None) as browser:
+        sign_in(browser)
+        missing = browser.get("/actions/999999999")
+        assert missing.status_code == 404 and "text/html" in missing.headers["content-type"]
+        assert "no action 999999999" in missing.text
+        bad = browser.get("/?window=1y")
+        assert bad.status_code == 400 and "window: &#39;1y&#39; is not one of" in bad.text
+        listed = browser.get("/actions?since=soon")
+        assert listed.status_code == 400 and "since: " in listed.text

@@ -29,7 +29,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..config import Config, load_config
 from ..database import make_engine
-from ..errors import ActionNotFound, AsyncActionsError, ConfigError, UnknownProcessor
+from ..errors import ActionNotFound, AsyncActionsError, UnknownProcessor
 from .access import COOKIE, Access, is_loopback, token_from_env
 
 log = logging.getLogger("asyncactions.web")
@@ -83,6 +83,8 @@ class Context:
     # Blocking enqueues wait in threads of their own, so many long waits cannot take
     # every thread the pages and the API need.
     waits: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(16))
+    # How the dashboard shows a refused request (set by pages); the API answers JSON.
+    error_page: Callable[..., Response] | None = None
 
 
 @dataclass(frozen=True)
@@ -178,20 +180,25 @@ def endpoint(ctx: Context, handler: Handler, *, write: bool = False,
         try:
             return await handler(request, ctx, caller)
         except BadInput as exc:
-            return error(400, str(exc))
+            return problem(request, caller, 400, str(exc))
         except UnknownProcessor as exc:
-            return error(400, f"processor: {exc}")
-        except ConfigError as exc:
-            return error(400, str(exc))
+            return problem(request, caller, 400, f"processor: {exc}")
         except ActionNotFound as exc:
-            return error(404, str(exc))
+            return problem(request, caller, 404, str(exc))
         except Conflict as exc:
-            return error(409, str(exc))
-        except AsyncActionsError as exc:
-            return error(400, str(exc))
+            return problem(request, caller, 409, str(exc))
+        except AsyncActionsError as exc:  # ConfigError, UnserializableData, ImportFailed
+            return problem(request, caller, 400, str(exc))
         except (sa_exc.OperationalError, sa_exc.InterfaceError):
             log.warning("database unavailable", exc_info=True)
-            return error(503, "the database does not answer; try again later")
+            return problem(request, caller, 503,
+                           "the database does not answer; try again later")
+
+    def problem(request: Request, caller: Caller, status: int, message: str) -> Response:
+        """JSON for the API; a page saying the same for people."""
+        if _is_api(request) or ctx.error_page is None:
+            return error(status, message)
+        return ctx.error_page(request, ctx, caller, status, message)
 
     return run
 

@@ -171,11 +171,7 @@ async def action_page(request: Request, ctx: Context, caller: Caller) -> Respons
         return admin.get_action(ctx.engine, request.path_params["id"]), audit.db_clock(
             ctx.engine)
 
-    try:
-        action, now = await run_in_threadpool(run)
-    except ActionNotFound as exc:
-        return render(request, ctx, caller, "missing.html", status=404, page="actions",
-                      problem=str(exc))
+    action, now = await run_in_threadpool(run)  # an unknown id: the 404 page
     fields = reports.show(action, now)
     return render(request, ctx, caller, "action.html", page="actions", a=action,
                   fields=fields, progress=getattr(action, "progress", None),
@@ -190,8 +186,8 @@ def change(verb: str) -> Callable[..., Any]:
         run = admin.retry if verb == "retry" else admin.cancel
         try:
             action = await run_in_threadpool(run, ctx.engine, action_id)
-        except ActionNotFound as exc:
-            return error(404, str(exc))
+        except ActionNotFound:
+            raise
         except AsyncActionsError as exc:
             return RedirectResponse(_link(base, f"/actions/{admin.parse_id(action_id)}",
                                           problem=str(exc)), status_code=303)
@@ -226,8 +222,7 @@ async def bulk_confirm(request: Request, ctx: Context, caller: Caller) -> Respon
         op, where = _bulk(request.query_params)
         count = await run_in_threadpool(_bulk_apply, ctx, op, where, True)
     except AsyncActionsError as exc:  # e.g. cancel of failed actions: say so on the page
-        return render(request, ctx, caller, "missing.html", status=400, page="actions",
-                      heading="Cannot do that", problem=str(exc))
+        return error_page(request, ctx, caller, 400, str(exc))
     return render(request, ctx, caller, "bulk.html", page="actions", op=op, where=where,
                   count=count, since=request.query_params.get("since", ""))
 
@@ -268,7 +263,15 @@ async def schedules_page(request: Request, ctx: Context, caller: Caller) -> Resp
                   rows=reports.schedules(ctx.config))
 
 
-def routes(route: Callable[..., Route], _ctx: Context) -> list[Route]:
+def error_page(request: Request, ctx: Context, caller: Caller, status: int,
+               message: str) -> Response:
+    heading = {404: "Not found", 409: "Cannot do that", 503: "Database unavailable"}
+    return render(request, ctx, caller, "missing.html", status=status, page="actions",
+                  heading=heading.get(status, "Cannot do that"), problem=message)
+
+
+def routes(route: Callable[..., Route], ctx: Context) -> list[Route]:
+    ctx.error_page = error_page
     return [
         route("/login", login_page, public=True),
         route("/login", login, ("POST",), public=True),
