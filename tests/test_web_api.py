@@ -424,3 +424,13 @@ def test_pages_explain_bad_requests_as_pages(server: Server) -> None:
         assert bad.status_code == 400 and "window: &#39;1y&#39; is not one of" in bad.text
         listed = browser.get("/actions?since=soon")
         assert listed.status_code == 400 and "since: " in listed.text
+
+
+def test_the_processors_page_lists_names_with_live_actions_it_has_no_settings_for(
+        server: Server, engine: Engine) -> None:
+    init_action(engine, "only_in_the_table")
+    with server.client(token=None) as browser:
+        sign_in(browser)
+        page = browser.get("/processors")
+    assert "Not registered here" in page.text
+    assert 'href="/actions?processor=only_in_the_table&status=pending"' in page.text

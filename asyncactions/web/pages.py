@@ -248,7 +248,10 @@ async def processors_page(request: Request, ctx: Context, caller: Caller) -> Res
         return rows, reports.workers(ctx.engine), live.by_processor
 
     rows, workers, counts = await run_in_threadpool(run)
-    served = sorted({p for w in workers for p in w["processors"]} - {r["name"] for r in rows})
+    # Names this server has no settings for, but that live workers run or that have
+    # pending or running actions.
+    served = sorted(({p for w in workers for p in w["processors"]} | set(counts))
+                    - {r["name"] for r in rows})
     return render(request, ctx, caller, "processors.html", page="processors", rows=rows,
                   served=served, counts=counts)
 
