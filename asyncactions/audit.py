@@ -94,10 +94,14 @@ def live_holder(db: Database, unique_key: str) -> int | None:
                             ).scalar()
 
 
-def list_actions(db: Database, where: Filter = Filter(), *, limit: int = 50) -> list[Action]:
-    """Matching actions, newest first (by id: the order they were enqueued)."""
+def list_actions(db: Database, where: Filter = Filter(), *, limit: int = 50,
+                 before: int | None = None) -> list[Action]:
+    """Matching actions, newest first (by id: the order they were enqueued); `before`
+    pages on from an id (keyset paging: the primary key, however deep the page)."""
     stmt = (select(*action_columns()).where(where.where())
             .order_by(t.c.id.desc()).limit(limit))
+    if before is not None:
+        stmt = stmt.where(t.c.id < before)
     with connection(db) as conn:
         return [read_action(r) for r in conn.execute(stmt)]
 

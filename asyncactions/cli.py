@@ -18,7 +18,7 @@ import click
 from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 
-from . import admin, audit, codec, events
+from . import admin, audit, codec, events, reports
 from . import processors as registry
 from .action import Action
 from .config import (
@@ -28,11 +28,18 @@ from .config import (
     check_text,
     load_config,
 )
-from .database import describe, first_line, make_engine, require_file, require_schema
+from .database import (
+    describe,
+    first_line,
+    has_schema,
+    make_engine,
+    require_file,
+    require_schema,
+)
 from .durations import format_duration, parse_duration
 from .enqueue import init_action
 from .errors import AsyncActionsError, ConfigError
-from .output import FORMATS, Ratio, emit
+from .output import FORMATS, emit
 
 
 @dataclass
@@ -337,10 +344,7 @@ def _print_final(action: Action) -> None:
 
 def _check_processor_known(state: State, engine: Engine, name: str,
                            imports: tuple[str, ...] = ()) -> None:
-    """Producers need not import processors, so a name is known if it is registered here,
-    run by a live worker, or already in the table."""
-    registry.import_modules([*state.config.imports, *imports])
-    admin.check_processor_known(engine, name)
+    reports.check_processor_known(state.config, engine, name, imports)
 
 
 # --- events and rules -------------------------------------------------------------------
@@ -410,22 +414,9 @@ def rules(state: State, fmt: str) -> None:
 
 # Rows a listing prints at most: for more, page with --since or use SQL.
 MAX_LIMIT = 100_000
-FIELDS = Action._fields
+FIELDS = reports.FIELDS
 SUMMARY = ("id", "processor", "status", "attempts", "retries", "related_id", "created_at",
            "finished_at", "error")
-
-
-# Human output of retries NULL: set from the processor's settings when a worker first
-# claims it (machine formats keep the null).
-UNSET_RETRIES = "(processor's)"
-
-
-def _record(action: Action, *, human: bool = False) -> dict[str, Any]:
-    fields = {f: getattr(action, f) for f in FIELDS}
-    if not human:
-        return fields
-    retries = UNSET_RETRIES if action.retries is None else action.retries
-    return {**fields, "id": action.display_id, "retries": retries}
 
 
 @main.command("list")
@@ -450,9 +441,9 @@ def list_cmd(state: State, status: tuple[str, ...] | None, processor: str | None
     actions = audit.list_actions(engine, audit.Filter(status or (), processor, related_id,
                                                       since, event), limit=limit)
     if fmt == "table":
-        emit([_record(a, human=True) for a in actions], SUMMARY, fmt)
+        emit([reports.record(a, human=True) for a in actions], SUMMARY, fmt)
     else:
-        emit([_record(a) for a in actions], FIELDS, fmt)
+        emit([reports.record(a) for a in actions], FIELDS, fmt)
 
 
 @main.command()
@@ -463,8 +454,7 @@ def show(state: State, action_id: str, fmt: str) -> None:
     """Show one action: every field, its timings and its error history with tracebacks."""
     engine = state.checked_engine
     action = admin.get_action(engine, action_id)
-    fields = {**_record(action, human=fmt == "table"),
-              **audit.timings(action, audit.db_clock(engine))}
+    fields = reports.show(action, audit.db_clock(engine), human=fmt == "table")
     if fmt != "table":
         emit([fields], list(fields), fmt)
         return
@@ -492,11 +482,7 @@ STATS_COLUMNS = ("processor", "total", *audit.STATUSES, "success_rate", "retry_r
 def stats(state: State, since: Any, fmt: str) -> None:
     """Per processor: counts by status, success rate, retry rate, mean and p95 run time,
     top errors. Run times in JSON and CSV are seconds; rates are fractions."""
-    rows = [{"processor": s.processor, "total": s.total, **s.counts,
-             "success_rate": _ratio(s.success_rate), "retry_rate": _ratio(s.retry_rate),
-             "mean_run_time": s.mean_run_time, "p95_run_time": s.p95_run_time,
-             "top_errors": [{"error": e, "count": n} for e, n in s.top_errors]}
-            for s in audit.stats(state.checked_engine, since)]
+    rows = reports.stats(state.checked_engine, since)
     serving = audit.serving(state.engine, state.config.worker.lease)
     if fmt != "table":
         for row in rows:
@@ -505,16 +491,12 @@ def stats(state: State, since: Any, fmt: str) -> None:
         return
     emit(rows, STATS_COLUMNS, fmt, title=f"actions created in the last {format_duration(since)}")
     if serving.unserved:
-        emit([{"processor": name, "pending": n, "note": NOT_SERVED}
+        emit([{"processor": name, "pending": n, "note": reports.NOT_SERVED}
               for name, n in serving.unserved.items()], ["processor", "pending", "note"], fmt,
              title="pending actions that no live worker serves")
     errors = [{"processor": r["processor"], **e} for r in rows for e in r["top_errors"]]
     if errors:
         emit(errors, ["processor", "count", "error"], fmt, title="top errors")
-
-
-def _ratio(value: float | None) -> Ratio | None:
-    return None if value is None else Ratio(value)
 
 
 # --- steering ---------------------------------------------------------------------------
@@ -636,61 +618,29 @@ def purge(state: State, older_than: Any, status: tuple[str, ...], dry_run: bool)
 @click.pass_obj
 def processors_cmd(state: State, imports: tuple[str, ...], fmt: str) -> None:
     """Processors registered by the modules of --import and the config file's `imports`,
-    with their effective settings (decorator, then config), and whether a live worker
-    serves each."""
+    with their effective settings (decorator, then config), their pause state, and
+    whether a live worker serves each."""
     modules = list(dict.fromkeys([*state.config.imports, *imports]))
-    registry.import_modules(modules)
-    registry.select(state.config.processors, state.config.source)  # validates [processors.*] names
     click.echo(f"processors registered by: {', '.join(modules)}" if modules else
                "no modules imported: processors are registered by the modules named with "
                "--import MODULE or `imports` in the config file", err=True)
-    serving = _serving(state)
-    paused = _paused(state)
-    rows = []
-    for name, proc in sorted(registry.registered().items()):
-        s = proc.configured(state.config.processors.get(name)).settings
-        pause = paused.get(name)
-        rows.append({"name": name, "state": _state(pause), "retries": s.retries,
-                     "retry_interval": format_duration(s.retry_interval),
-                     "backoff": s.backoff,
-                     "max_retry_interval": format_duration(s.max_retry_interval),
-                     "timeout": format_duration(s.timeout) if s.timeout else None,
-                     "batch_size": s.batch_size, "enabled": s.enabled,
-                     "transactional": s.transactional, "concurrency": s.concurrency,
-                     "rate_limit": str(s.rate_limit) if s.rate_limit else None,
-                     "paused_at": pause.paused_at if pause else None,
-                     "paused_by": pause.paused_by if pause else None,
-                     "overridden": ",".join(sorted(state.config.processors.get(name, {})))})
-    # Paused here, though not registered in this program: shown too.
-    rows += [{"name": name, "state": _state(p), "paused_at": p.paused_at,
-              "paused_by": p.paused_by} for name, p in sorted(paused.items())
-             if p.paused and name not in registry.registered()]
-    columns = ["name", "state", "retries", "retry_interval", "backoff", "max_retry_interval",
-               "timeout", "batch_size", "enabled", "transactional", "concurrency",
-               "rate_limit", "paused_at", "paused_by", "overridden"]
-    if serving is not None:  # with a queue to ask: who serves each, and what waits unserved
-        listed = {row["name"] for row in rows}
-        for row in rows:
-            row["served"] = _served(serving, row["name"])
-        rows += [{"name": name, "served": _served(serving, name)}
-                 for name in serving.unserved if name not in listed]
-        columns.append("served")
+    queue = _queue(state)
+    rows = reports.processors(state.config, imports, engine=queue)
+    columns = [c for c in reports.PROCESSOR_COLUMNS if queue is not None or
+               c not in reports.QUEUE_COLUMNS]
     emit(rows, columns, fmt)
 
 
-def _paused(state: State) -> dict[str, admin.ProcessorState]:
-    """The cluster-wide state, when there is a database with the schema to ask."""
+def _queue(state: State) -> Engine | None:
+    """The database, when there is one with the schema to ask (listing processors needs
+    none: asking a missing SQLite file would create it)."""
     url = state.engine.url
     if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
-        return {}  # no database yet: asking would create the file
+        return None
     try:
-        return admin.processor_states(state.engine)
-    except (sa_exc.DBAPIError, AsyncActionsError):  # no schema (yet), no server
-        return {}
-
-
-def _state(pause: admin.ProcessorState | None) -> str:
-    return "paused" if pause is not None and pause.paused else "running"
+        return state.engine if has_schema(state.engine) else None
+    except AsyncActionsError:  # no server
+        return None
 
 
 @main.command()
@@ -722,28 +672,6 @@ def _pause_or_resume(state: State, names: tuple[str, ...],
         click.echo(f"{done_state.name} {past}")
 
 
-NOT_SERVED = "no worker serves this"
-
-
-def _serving(state: State) -> audit.Serving | None:
-    """Which processors live workers serve; None when there is no queue to ask (listing
-    processors needs no database)."""
-    from .database import has_schema
-    from .errors import DatabaseError
-
-    try:
-        if not has_schema(state.engine):
-            return None
-    except DatabaseError:
-        return None
-    return audit.serving(state.engine, state.config.worker.lease)
-
-
-def _served(serving: audit.Serving, name: str) -> str:
-    if name in serving.served:
-        return "yes"
-    pending = serving.unserved.get(name)
-    return f"{NOT_SERVED} ({_plural(pending, 'pending action')})" if pending else NOT_SERVED
 
 
 @main.command()
@@ -751,9 +679,7 @@ def _served(serving: audit.Serving, name: str) -> str:
 @click.pass_obj
 def workers(state: State, fmt: str) -> None:
     """Registered workers: heartbeat age and the number of actions each is running."""
-    rows = [vars(w) for w in audit.workers(state.checked_engine)]
-    emit(rows, ["id", "hostname", "pid", "processors", "started_at", "heartbeat_at",
-                "heartbeat_age", "running"], fmt)
+    emit(reports.workers(state.checked_engine), reports.WORKER_COLUMNS, fmt)
 
 
 @main.command()
@@ -800,16 +726,35 @@ def _ago(age: Any) -> str:
 @click.pass_obj
 def schedules_cmd(state: State, fmt: str) -> None:
     """Configured schedules ([schedules.NAME]) and when each fires next."""
-    from datetime import UTC, datetime
-    from zoneinfo import ZoneInfo
+    emit(reports.schedules(state.config), reports.SCHEDULE_COLUMNS, fmt)
 
-    now = datetime.now(UTC)
-    rows = []
-    for s in state.config.schedules:
-        fire = s.next_fire_after(now)
-        rows.append({"name": s.name, "processor": s.processor,
-                     "when": f"cron {s.cron}" if s.cron else f"every {format_duration(s.every)}",
-                     "timezone": s.timezone,
-                     "next_fire": fire.astimezone(ZoneInfo(s.timezone)).isoformat(),
-                     "data": s.data})
-    emit(rows, ["name", "processor", "when", "timezone", "next_fire", "data"], fmt)
+
+# --- web ---------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; another than loopback needs a token.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--read-only", is_flag=True, help="Refuse every change (403).")
+@click.pass_obj
+def web(state: State, host: str, port: int, read_only: bool) -> None:
+    """Serve the dashboard and the HTTP API; the token comes from ASYNCACTIONS_WEB_TOKEN."""
+    from .web.access import is_loopback, token_from_env
+
+    token = token_from_env()
+    if token is None and not is_loopback(host):
+        _fail(f"refusing to serve {host} without a token: set ASYNCACTIONS_WEB_TOKEN, or "
+              "listen on 127.0.0.1")
+    try:
+        import uvicorn
+
+        from .web import create_app
+    except ImportError as exc:
+        _fail(f"the dashboard needs the web extra ({exc.name} is missing): "
+              "pip install 'asyncactions[web]'")
+    state.checked_engine  # noqa: B018 - a missing schema is one line here, not a 503 later
+    app = create_app(config=state.config, token=token, read_only=read_only)
+    click.echo(f"asyncactions web on http://{host}:{port}/ "
+               f"({'token required' if token else 'no token: loopback only'}"
+               f"{', read-only' if read_only else ''})", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False)

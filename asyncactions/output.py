@@ -50,6 +50,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def json_row(row: dict[str, Any], columns: Sequence[str] | None = None) -> dict[str, Any]:
+    """A row as the JSON formats carry it: times as ISO 8601, durations as seconds."""
+    return {c: _plain(row.get(c)) for c in (row if columns is None else columns)}
+
+
 def _csv_cell(value: Any) -> Any:
     value = _plain(value)
     return json.dumps(value, default=str) if isinstance(value, dict | list) else value
@@ -75,8 +80,7 @@ def emit(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str = "tab
          title: str | None = None) -> None:
     if fmt == "json":
         for row in rows:
-            sys.stdout.write(json.dumps({c: _plain(row.get(c)) for c in columns},
-                                        default=str) + "\n")
+            sys.stdout.write(json.dumps(json_row(row, columns), default=str) + "\n")
     elif fmt == "csv":
         writer = csv.writer(sys.stdout)
         writer.writerow(columns)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import textwrap
 import zipfile
 from pathlib import Path
@@ -16,6 +17,8 @@ def test_wheel_installs_into_a_fresh_virtualenv_and_runs(installed: Installed,
     names = zipfile.ZipFile(installed.wheel).namelist()
     assert "asyncactions/migrations/versions/0001_initial.py" in names
     assert "asyncactions/migrations/env.py" in names
+    assert "asyncactions/web/templates/overview.html" in names
+    assert "asyncactions/web/static/app.js" in names
 
     app = tmp_path / "app"
     app.mkdir()
@@ -36,3 +39,7 @@ def test_wheel_installs_into_a_fresh_virtualenv_and_runs(installed: Installed,
     installed.run(asyncactions, "worker", "--import", "jobs", "--burst", cwd=app)
     shown = installed.run(asyncactions, "show", "1", "--format", "json", cwd=app).stdout
     assert '"status": "completed"' in shown and '"result": "hello wheel"' in shown
+    # Without the web extra, the dashboard says what to install, in one line.
+    web = subprocess.run([asyncactions, "web"], cwd=app, capture_output=True, text=True)
+    assert web.returncode == 2 and web.stderr.count("\n") == 1
+    assert "pip install 'asyncactions[web]'" in web.stderr
