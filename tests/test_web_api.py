@@ -201,15 +201,49 @@ def test_stats_workers_processors_schedules_answer_the_cli_json(
     row = next(r for r in stats if r["processor"] == "stats_me")
     assert (row["total"], row["canceled"]) == (1, 1)
     assert api.get("/api/v1/workers").json() == {"workers": []}
-    assert api.get("/api/v1/processors").json() == {"processors": []}
+    # None registered in the server, so each one listed is one with pending actions
+    # that no live worker serves (as `processors` says).
+    for row in api.get("/api/v1/processors").json()["processors"]:
+        assert row["served"].startswith("no worker serves this"), row
     assert api.get("/api/v1/schedules").json() == {"schedules": []}
 
 
-def test_pause_resume_and_events_answer_501_until_they_land(api: httpx.Client) -> None:
-    for path in ("/api/v1/processors/sync_invoice/pause",
-                 "/api/v1/processors/sync_invoice/resume", "/api/v1/events/order.placed"):
-        answer = api.post(path, json={})
-        assert answer.status_code == 501 and answer.json()["error"]
+def test_pause_and_resume_answer_the_processors_state(api: httpx.Client,
+                                                       engine: Engine) -> None:
+    init_action(engine, "pausable", {})  # known by its rows
+    paused = api.post("/api/v1/processors/pausable/pause")
+    assert paused.status_code == 200
+    assert (paused.json()["name"], paused.json()["state"]) == ("pausable", "paused")
+    assert paused.json()["paused_by"] == "web (bearer)"
+    listed = {r["name"]: r for r in api.get("/api/v1/processors").json()["processors"]}
+    assert listed["pausable"]["state"] == "paused"
+    resumed = api.post("/api/v1/processors/pausable/resume")
+    assert (resumed.status_code, resumed.json()["state"]) == (200, "running")
+    unknown = api.post("/api/v1/processors/no_such_processor/pause")
+    assert unknown.status_code == 404 and "no_such_processor" in unknown.json()["error"]
+
+
+def test_publishing_an_event_answers_202_with_the_actions_its_rules_created(
+        api: httpx.Client, engine: Engine) -> None:
+    from asyncactions.events import add_rule
+
+    add_rule(engine, "order.paid", "send_receipt")
+    add_rule(engine, "order.paid", "book_payment")
+    answer = api.post("/api/v1/events/order.paid",
+                      json={"data": {"order": 5}, "related_id": "order:5"})
+    assert answer.status_code == 202
+    created = answer.json()["actions"]
+    assert sorted(a["processor"] for a in created) == ["book_payment", "send_receipt"]
+    for action in created:  # each one can be asked about by its id
+        got = api.get(f"/api/v1/actions/{action['id']}").json()
+        assert (got["event"], got["data"], got["related_id"]) == (
+            "order.paid", {"order": 5}, "order:5")
+    nobody = api.post("/api/v1/events/nobody.listens", json={})
+    assert (nobody.status_code, nobody.json()) == (202, {"actions": []})
+    before = count(engine)
+    bad = api.post("/api/v1/events/order.paid", json={"delay": "soon"})
+    assert bad.status_code == 400 and "delay" in bad.json()["error"]
+    assert count(engine) == before
 
 
 # --- access ------------------------------------------------------------------------------

@@ -42,9 +42,7 @@ def test_schemathesis_finds_no_5xx_and_no_answer_off_its_schema(db: Db, tmp_path
              f"{server.url}/openapi.json", "-H", f"Authorization: Bearer {TOKEN}",
              "--checks", CHECKS, "--max-examples", "10", "--seed", "1", "--workers", "1",
              "--generation-database", "none", "--request-timeout", "40", "--no-color",
-             "--phases", "examples,coverage,fuzzing",
-             # 501 until flow control and events land (tested in test_web_api).
-             "--exclude-path-regex", "/(pause|resume)$|^/api/v1/events/"],
+             "--phases", "examples,coverage,fuzzing"],
             cwd=tmp_path, capture_output=True, text=True, timeout=240,
             env={**os.environ, "NO_COLOR": "1"})
         worker.terminate()

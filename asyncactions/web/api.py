@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -16,13 +15,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .. import admin, audit, codec, reports
+from .. import admin, audit, codec, events, reports
 from .. import processors as registry
 from ..action import Action
 from ..config import check_payload, check_text
 from ..durations import parse_duration
 from ..enqueue import init_action
-from ..errors import ActionNotFound, AsyncActionsError, ConfigError
+from ..errors import ActionNotFound, AsyncActionsError, ConfigError, UnknownProcessor
 from ..output import json_row
 from ..schema import NOW
 from .app import BadInput, Caller, Conflict, Context, JSONAnswer, error
@@ -30,7 +29,6 @@ from .app import BadInput, Caller, Conflict, Context, JSONAnswer, error
 MAX_LIST = 1000
 MAX_WAIT = timedelta(minutes=5)
 # Ordering keys arrive with flow control (another branch); until then they are refused.
-ORDERING_KEYS = "ordering_key" in inspect.signature(init_action).parameters
 ENQUEUE_FIELDS = ("processor", "data", "related_id", "delay", "priority", "unique_key",
                   "ordering_key", "retries")
 
@@ -156,11 +154,7 @@ async def enqueue(request: Request, ctx: Context, _caller: Caller) -> Response:
         "retries": None if body.get("retries") is None
         else integer(body["retries"], "retries", 0, registry.MAX_RETRIES),
     }
-    ordering_key = text(body.get("ordering_key"), "ordering_key")
-    if ordering_key is not None:
-        if not ORDERING_KEYS:
-            raise BadInput("ordering_key", "not supported by this version of asyncactions")
-        options["ordering_key"] = ordering_key
+    options["ordering_key"] = text(body.get("ordering_key"), "ordering_key")
 
     def run() -> Action:
         reports.check_processor_known(ctx.config, ctx.engine, processor)
@@ -246,17 +240,59 @@ async def workers(_request: Request, ctx: Context, _caller: Caller) -> Response:
 
 
 async def processors(_request: Request, ctx: Context, _caller: Caller) -> Response:
-    rows = await run_in_threadpool(reports.processors, ctx.config)
+    rows = await run_in_threadpool(lambda: reports.processors(ctx.config, engine=ctx.engine))
     return JSONAnswer({"processors": [json_row(r) for r in rows]})
+
+
+def pause_or_resume(verb: str) -> Callable[[Request, Context, Caller], Any]:
+    async def handler(request: Request, ctx: Context, caller: Caller) -> Response:
+        name = request.path_params["name"]
+
+        def run() -> admin.ProcessorState:
+            registry.import_modules(ctx.config.imports)
+            if verb == "pause":
+                return admin.pause(ctx.engine, name, by=f"web ({caller.via})")
+            return admin.resume(ctx.engine, name)
+
+        try:
+            state = await run_in_threadpool(run)
+        except UnknownProcessor as exc:
+            return error(404, str(exc))
+        return JSONAnswer(json_row({"name": state.name,
+                                    "state": "paused" if state.paused else "running",
+                                    "paused_at": state.paused_at,
+                                    "paused_by": state.paused_by}))
+
+    return handler
+
+
+EVENT_FIELDS = ("data", "related_id", "delay")
+
+
+async def publish_event(request: Request, ctx: Context, _caller: Caller) -> Response:
+    body = await json_body(request, required=False)
+    unknown = sorted(set(body) - set(EVENT_FIELDS))
+    if unknown:
+        raise BadInput(unknown[0], f"unknown field; allowed: {', '.join(EVENT_FIELDS)}")
+    data = body.get("data")
+    try:
+        check_payload(data, "data", ctx.config.max_data_bytes)
+    except ConfigError as exc:
+        raise BadInput("data", str(exc)) from None
+    related_id = text(body.get("related_id"), "related_id")
+    delay = duration(body.get("delay"), "delay")
+
+    def run() -> tuple[list[Action], Any]:
+        return events.publish(ctx.engine, request.path_params["event"], data,
+                              related_id=related_id, delay=delay,
+                              max_data_bytes=ctx.config.max_data_bytes), _now(ctx)
+
+    actions, now = await run_in_threadpool(run)
+    return JSONAnswer({"actions": [action_json(a, now) for a in actions]}, status_code=202)
 
 
 async def schedules(_request: Request, ctx: Context, _caller: Caller) -> Response:
     return JSONAnswer({"schedules": [json_row(r) for r in reports.schedules(ctx.config)]})
-
-
-async def not_yet(request: Request, _ctx: Context, _caller: Caller) -> Response:
-    what = "events and rules" if "/events/" in request.url.path else "pause and resume"
-    return error(501, f"{what} are not available in this version of asyncactions")
 
 
 async def healthz(_request: Request, ctx: Context, _caller: Caller) -> Response:
@@ -288,9 +324,9 @@ def routes(route: Callable[..., Route]) -> list[Route]:
         route("/api/v1/workers", workers),
         route("/api/v1/processors", processors),
         route("/api/v1/schedules", schedules),
-        route("/api/v1/processors/{name}/pause", not_yet, ("POST",)),
-        route("/api/v1/processors/{name}/resume", not_yet, ("POST",)),
-        route("/api/v1/events/{event}", not_yet, ("POST",)),
+        route("/api/v1/processors/{name}/pause", pause_or_resume("pause"), ("POST",)),
+        route("/api/v1/processors/{name}/resume", pause_or_resume("resume"), ("POST",)),
+        route("/api/v1/events/{event}", publish_event, ("POST",)),
         route("/healthz", healthz, public=True),
         route("/openapi.json", openapi),
     ]

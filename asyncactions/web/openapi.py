@@ -41,8 +41,26 @@ ACTION = {
         "finished_at": NULLABLE_TIME,
         "claimed_by": NULLABLE_STRING,
         "lease_expires_at": NULLABLE_TIME,
+        "ordering_key": NULLABLE_STRING,
+        "progress": {"description": "what the running (or last) attempt reported",
+                     "anyOf": [{"type": "object"}, {"type": "null"}, {"type": "string"}]},
+        "trace_context": NULLABLE_STRING,
+        "event": NULLABLE_STRING,
         "queued": NULLABLE_SECONDS,
         "run_time": NULLABLE_SECONDS,
+    },
+}
+
+PROCESSOR_STATE = {"type": "object", "required": ["name", "state"], "properties": {
+    "name": {"type": "string"}, "state": {"type": "string", "enum": ["paused", "running"]},
+    "paused_at": NULLABLE_TIME, "paused_by": NULLABLE_STRING}}
+EVENT = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "data": {"description": "any JSON value"},
+        "related_id": NULLABLE_STRING,
+        "delay": {**DURATION, "type": ["string", "null"]},
     },
 }
 
@@ -85,7 +103,10 @@ PROCESSOR_ROW = {"type": "object", "required": ["name"], "properties": {
     "retry_interval": {"type": "string"}, "backoff": {"type": "string"},
     "max_retry_interval": {"type": "string"}, "timeout": NULLABLE_STRING,
     "batch_size": {"type": "integer"}, "enabled": {"type": "boolean"},
-    "transactional": {"type": "boolean"}, "overridden": {"type": "string"}}}
+    "transactional": {"type": "boolean"}, "overridden": {"type": "string"},
+    "state": {"type": "string"}, "concurrency": {"type": ["integer", "null"]},
+    "rate_limit": NULLABLE_STRING, "paused_at": NULLABLE_TIME, "paused_by": NULLABLE_STRING,
+    "served": {"type": "string"}}}
 SCHEDULE_ROW = {"type": "object", "required": ["name", "processor"], "properties": {
     "name": {"type": "string"}, "processor": {"type": "string"}, "when": {"type": "string"},
     "timezone": {"type": "string"}, "next_fire": {"type": "string"}, "data": {}}}
@@ -98,8 +119,9 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*codes: int) -> dict[str, Any]:
     why = {400: "bad input; the message names the field", 401: "no or wrong token",
            403: "read-only server, cross-site request or missing CSRF token",
-           404: "no such action", 409: "the action's status does not allow the change",
-           501: "not available in this version", 503: "the database does not answer"}
+           404: "no such action or processor",
+           409: "the action's status does not allow the change",
+           503: "the database does not answer"}
     return {str(c): _json({"$ref": "#/components/schemas/Error"}, why[c]) for c in codes}
 
 
@@ -202,15 +224,21 @@ def document(root_path: str = "") -> dict[str, Any]:
                 "responses": {"200": _json(_list("schedules", SCHEDULE_ROW),
                                            "as `schedules`"), **_errors(*READ)}}},
             **{f"/api/v1/processors/{{name}}/{verb}": {"post": {
-                "summary": f"{verb.capitalize()} a processor (with flow control)",
+                "summary": f"{verb.capitalize()} claiming a processor's actions, cluster-wide",
                 "parameters": [{"name": "name", "in": "path", "required": True,
                                 "schema": {"type": "string"}}],
-                "responses": _errors(*WRITE, 501)}} for verb in ("pause", "resume")},
+                "responses": {"200": _json(PROCESSOR_STATE, "the processor's state"),
+                              **_errors(*WRITE, 404)}}} for verb in ("pause", "resume")},
             "/api/v1/events/{event}": {"post": {
-                "summary": "Publish an event (with events and rules)",
+                "summary": "Publish an event: one action per processor its rules bind",
                 "parameters": [{"name": "event", "in": "path", "required": True,
-                                "schema": {"type": "string"}}],
-                "responses": _errors(*WRITE, 501)}},
+                                "schema": {"type": "string", "minLength": 1,
+                                           "maxLength": 200}}],
+                "requestBody": {"required": False, "content": {"application/json": {
+                    "schema": EVENT}}},
+                "responses": {"202": _json(_list("actions", action_ref),
+                                           "the actions its rules created"),
+                              **_errors(*WRITE)}}},
             "/healthz": {"get": {
                 "summary": "Does the database answer?", "security": [],
                 "responses": {
