@@ -182,8 +182,20 @@ def test_an_operator_finds_and_fixes_failed_work_in_the_browser(
         # Processors (from the config's imports), workers, schedules.
         worker = start_worker(tmp_path, db.url, "--import", "shopprocs")
         page.goto(server.url + "/processors")
-        expect(page.locator("table.grid tbody tr")).to_have_count(3)
+        expect(page.locator("#registered tbody tr")).to_have_count(3)
+        # Pause one cluster-wide, then resume it.
+        row = page.locator("#processor-sync_invoice")
+        row.locator("button", has_text="Pause").click()
+        expect(page.locator(".done")).to_have_text("sync_invoice paused.")
+        expect(row.locator(".badge")).to_have_text("paused")
+        assert db.scalar("SELECT paused_by FROM async_action_processor "
+                         "WHERE name = 'sync_invoice' AND paused_at IS NOT NULL") == \
+            "web (cookie)"
         page.screenshot(path=shots / "processors.png", full_page=True)
+        row.locator("button", has_text="Resume").click()
+        expect(row.locator(".badge")).to_have_text("running")
+        assert db.scalar("SELECT paused_at FROM async_action_processor "
+                         "WHERE name = 'sync_invoice'") is None
         wait_until(lambda: db.scalar("SELECT count(*) FROM async_action_worker"), timeout=30,
                    what="the worker to register")
         page.goto(server.url + "/workers")

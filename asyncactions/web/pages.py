@@ -243,17 +243,44 @@ async def bulk_apply(request: Request, ctx: Context, _caller: Caller) -> Respons
 
 async def processors_page(request: Request, ctx: Context, caller: Caller) -> Response:
     def run() -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-        rows = reports.processors(ctx.config)
+        rows = reports.processors(ctx.config, engine=ctx.engine)
         live = overview.overview(ctx.engine, "1h", ctx.backlog_history)
         return rows, reports.workers(ctx.engine), live.by_processor
 
     rows, workers, counts = await run_in_threadpool(run)
-    # Names this server has no settings for, but that live workers run or that have
-    # pending or running actions.
-    served = sorted(({p for w in workers for p in w["processors"]} | set(counts))
-                    - {r["name"] for r in rows})
-    return render(request, ctx, caller, "processors.html", page="processors", rows=rows,
-                  served=served, counts=counts)
+    # Names this server has no settings for (paused ones, ones with pending actions
+    # nobody serves are rows already), but that live workers run or that have pending
+    # or running actions.
+    settled = [r for r in rows if "retries" in r]
+    others = {r["name"]: r for r in rows if "retries" not in r}
+    names = sorted(({p for w in workers for p in w["processors"]} | set(counts) |
+                    set(others)) - {r["name"] for r in settled})
+    served = [others.get(name, {"name": name, "state": "running"}) for name in names]
+    return render(request, ctx, caller, "processors.html", page="processors", rows=settled,
+                  served=served, counts=counts, done=request.query_params.get("done"),
+                  problem=request.query_params.get("problem"))
+
+
+def pause_or_resume(verb: str) -> Callable[..., Any]:
+    async def handler(request: Request, ctx: Context, _caller: Caller) -> Response:
+        base = request.scope.get("root_path", "")
+        name = request.path_params["name"]
+
+        def run() -> Any:
+            if verb == "pause":
+                return admin.pause(ctx.engine, name, by="web (cookie)")
+            return admin.resume(ctx.engine, name)
+
+        try:
+            await run_in_threadpool(run)
+        except AsyncActionsError as exc:
+            return RedirectResponse(_link(base, "/processors", problem=str(exc)),
+                                    status_code=303)
+        past = "paused" if verb == "pause" else "resumed"
+        return RedirectResponse(_link(base, "/processors", done=f"{name} {past}"),
+                                status_code=303)
+
+    return handler
 
 
 async def workers_page(request: Request, ctx: Context, caller: Caller) -> Response:
@@ -288,6 +315,8 @@ def routes(route: Callable[..., Route], ctx: Context) -> list[Route]:
         route("/actions/{id}/retry", change("retry"), ("POST",)),
         route("/actions/{id}/cancel", change("cancel"), ("POST",)),
         route("/processors", processors_page),
+        route("/processors/{name}/pause", pause_or_resume("pause"), ("POST",)),
+        route("/processors/{name}/resume", pause_or_resume("resume"), ("POST",)),
         route("/workers", workers_page),
         route("/schedules", schedules_page),
     ]
