@@ -61,11 +61,11 @@ def test_autogenerate_proposes_nothing_about_the_queue(empty: sa.Engine) -> None
     migrate.upgrade(empty)
     app_metadata().create_all(empty)
     with empty.begin() as conn:  # a table a later asyncactions release adds
-        conn.execute(sa.text("CREATE TABLE async_action_rule (event TEXT PRIMARY KEY)"))
-        conn.execute(sa.text("CREATE INDEX async_action_rule_idx ON async_action_rule (event)"))
+        conn.execute(sa.text("CREATE TABLE async_action_future (event TEXT PRIMARY KEY)"))
+        conn.execute(sa.text("CREATE INDEX async_action_future_idx ON async_action_future (event)"))
     # The trap: without the hook, autogenerate proposes to drop the queue.
     dropped = {d[1].name for d in proposed(empty) if d[0] == "remove_table"}
-    assert {"async_action", "async_action_worker", "async_action_rule",
+    assert {"async_action", "async_action_worker", "async_action_rule", "async_action_future",
             "asyncactions_alembic_version"} <= dropped
     assert proposed(empty, include_name=asyncactions.alembic.include_name) == []
 
