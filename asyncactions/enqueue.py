@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 
-from . import codec
+from . import codec, tracing
 from .action import Action, Status, row_to_action
 from .database import Database, HotStatement, connection, kept_cursor
 from .durations import check_duration
@@ -113,14 +113,21 @@ def init_action(db: Database, processor: str, data: Any = None, *,
     options = _options(processor, delay, eligible_at, retries, priority)
     _check_key(ordering_key, "ordering_key")
     text = None if data is None else codec.dumps(data, max_bytes=max_data_bytes)
+    span = tracing.start_producer(processor)  # None unless the application traces
     params = {"processor": processor, "data": text, "related_id": related_id,
               "unique_key": unique_key, "ordering_key": ordering_key,
-              "trace_context": None, "event": _event, **options}
+              "trace_context": tracing.traceparent(span), "event": _event, **options}
     # One statement, unless a unique_key is taken: then each look-up and retry is a
     # statement of its own anyway (see _insert_one).
-    with connection(db, one_statement=True) as conn:
-        stmt = _insert_stmt(conn.dialect.name, eligible_at is not None, unique_key is not None)
-        return _insert_one(conn, stmt, data, params)
+    action: Action | None = None
+    try:
+        with connection(db, one_statement=True) as conn:
+            stmt = _insert_stmt(conn.dialect.name, eligible_at is not None,
+                                unique_key is not None)
+            action = _insert_one(conn, stmt, data, params)
+    finally:
+        tracing.end_producer(span, [action.id] if action else [])
+    return action
 
 
 UniqueKeys = Callable[[Any], str | None] | Sequence[str | None]
@@ -151,9 +158,22 @@ def init_actions(db: Database, processor: str, data: Sequence[Any], *,
     okeys = _ordering_keys(ordering_key, data)
     if not texts:
         return []
+    span = tracing.start_producer(processor)  # None unless the application traces
     params = {"processor": processor, "related_id": related_id, "unique_key": None,
-              "ordering_key": None, "trace_context": None, "event": None, **options}
-    explicit_time = eligible_at is not None
+              "ordering_key": None, "trace_context": tracing.traceparent(span),
+              "event": None, **options}
+    actions: list[Action] = []
+    try:
+        actions = _insert_many(db, data, texts, keys, okeys, params,
+                               explicit_time=eligible_at is not None)
+    finally:
+        tracing.end_producer(span, [a.id for a in actions])
+    return actions
+
+
+def _insert_many(db: Database, data: Sequence[Any], texts: list[str | None],
+                 keys: list[str | None] | None, okeys: list[str | None] | None,
+                 params: dict[str, Any], *, explicit_time: bool) -> list[Action]:
     ordered = okeys is not None
     with connection(db) as conn:
         if conn.dialect.name != "postgresql":
@@ -306,6 +326,8 @@ def _copy_in(conn: Connection, data: Sequence[Any], texts: list[str | None],
                                                 "processor": params["processor"]}).one()
     shared = {"processor": params["processor"], "related_id": params["related_id"],
               "priority": params["priority"], "retries": params["retries"]}
+    if params["trace_context"] is not None:
+        shared["trace_context"] = params["trace_context"]
     # created_at and, without a delay, next_eligible_at take the column default now(),
     # the transaction's time: parsing 20,000 timestamps would cost the server 35 ms.
     explicit = params["eligible_at"]

@@ -1,0 +1,99 @@
+"""OpenTelemetry, when the application has it (SPEC §8): each enqueue records a producer
+span and stores its W3C `traceparent` in `trace_context`; each attempt runs in a consumer
+span linked to it, with the processor, action id, attempt and outcome as attributes.
+
+Without `opentelemetry-api`, or without a tracer provider that records (the
+application configures one), nothing is recorded or stored: one check per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+try:
+    from opentelemetry import trace
+    from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+except ImportError:  # tracing is an optional extra
+    trace = None  # type: ignore[assignment]
+
+SYSTEM = "asyncactions"
+
+
+def start_producer(processor: str) -> Any:
+    """A producer span for one enqueue (its parent: the caller's current span), or None
+    when nothing records."""
+    if trace is None:
+        return None
+    span = trace.get_tracer(SYSTEM).start_span(
+        f"{processor} send", kind=SpanKind.PRODUCER,
+        attributes={"messaging.system": SYSTEM, "messaging.operation.type": "send",
+                    "messaging.destination.name": processor})
+    if not span.is_recording():
+        span.end()
+        return None
+    return span
+
+
+def traceparent(span: Any) -> str | None:
+    """The span's W3C traceparent header value."""
+    if span is None:
+        return None
+    ctx = span.get_span_context()
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def end_producer(span: Any, action_ids: Sequence[int]) -> None:
+    if span is None:
+        return
+    if len(action_ids) == 1:
+        span.set_attribute("asyncactions.action_id", action_ids[0])
+    span.set_attribute("messaging.batch.message_count", len(action_ids))
+    span.end()
+
+
+def _link(value: str | None) -> Any:
+    """A link to the producer span named by a stored traceparent (None if unreadable)."""
+    parts = (value or "").split("-")
+    if len(parts) != 4 or parts[0] != "00":
+        return None
+    try:
+        ctx = SpanContext(int(parts[1], 16), int(parts[2], 16), is_remote=True,
+                          trace_flags=TraceFlags(int(parts[3], 16)))
+    except ValueError:
+        return None
+    return Link(ctx) if ctx.is_valid else None
+
+
+@contextmanager
+def consuming(processor: str, actions: Sequence[Any]) -> Iterator[Any]:
+    """The consumer span of one attempt (of one action, or of a batch), linked to the
+    spans that enqueued its actions; yields the span, or None when nothing records."""
+    if trace is None:
+        yield None
+        return
+    links = [link for link in (_link(a.trace_context) for a in actions) if link is not None]
+    attributes: dict[str, Any] = {"messaging.system": SYSTEM,
+                                  "messaging.operation.type": "process",
+                                  "messaging.destination.name": processor,
+                                  "asyncactions.processor": processor}
+    if len(actions) == 1:
+        attributes.update({"asyncactions.action_id": actions[0].id,
+                           "asyncactions.attempt": actions[0].attempts})
+    else:
+        attributes["asyncactions.action_ids"] = [a.id for a in actions]
+    with trace.get_tracer(SYSTEM).start_as_current_span(
+            f"{processor} process", kind=SpanKind.CONSUMER, links=links,
+            attributes=attributes, record_exception=False,
+            set_status_on_exception=False) as span:
+        yield span if span.is_recording() else None
+
+
+def outcome(span: Any, kind: str, error: str | None = None) -> None:
+    """The attempt's outcome on its consumer span."""
+    if span is None:
+        return
+    span.set_attribute("asyncactions.outcome", kind)
+    if error is not None:
+        span.set_status(Status(StatusCode.ERROR, error))

@@ -1,0 +1,60 @@
+"""SPEC §8: with opentelemetry-api and a tracer provider, each enqueue records a producer
+span whose traceparent is stored in trace_context, and each attempt runs in a consumer
+span linked to it, with processor, action id, attempt and outcome. Tested with the SDK's
+in-memory exporter; without a provider that records, nothing is stored."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from asyncactions import admin, init_action, init_actions
+
+from .conftest import Db
+
+_exporter = InMemorySpanExporter()
+_provider = TracerProvider()
+_provider.add_span_processor(SimpleSpanProcessor(_exporter))
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """The application's tracer provider: the SDK, exporting into memory. (OpenTelemetry
+    allows one global provider per process: set once, cleared per test.)"""
+    trace.set_tracer_provider(_provider)  # a no-op warning after the first time
+    _exporter.clear()
+    yield _exporter
+    _exporter.clear()
+
+
+def traceparent_of(span) -> str:
+    ctx = span.get_span_context()
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def test_an_enqueue_stores_its_producer_spans_traceparent(db: Db, spans) -> None:
+    tracer = trace.get_tracer("the application")
+    with tracer.start_as_current_span("place order") as parent:
+        action = init_action(db.engine, "send_receipt", {"order": 1})
+        bulk = init_actions(db.engine, "send_receipt", [{"order": n} for n in range(3)])
+    (single, many) = [s for s in spans.get_finished_spans() if s.kind == SpanKind.PRODUCER]
+    assert single.parent.span_id == parent.get_span_context().span_id  # in the caller's trace
+    assert single.attributes["asyncactions.action_id"] == action.id
+    assert admin.get_action(db.engine, action.id).trace_context == traceparent_of(single)
+    assert many.attributes["messaging.batch.message_count"] == 3
+    assert {admin.get_action(db.engine, a.id).trace_context for a in bulk} == {
+        traceparent_of(many)}
+
+
+def test_without_a_recording_provider_nothing_is_stored(
+        db: Db, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An application that never configured a provider: OpenTelemetry's no-op tracer.
+    monkeypatch.setattr(trace, "get_tracer", trace.NoOpTracerProvider().get_tracer)
+    action = init_action(db.engine, "untraced", {})
+    assert admin.get_action(db.engine, action.id).trace_context is None
