@@ -8,6 +8,7 @@ exception is its action's failure, never the worker's.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.util import await_only
 
 from . import queries
 from .action import Action
@@ -36,6 +39,7 @@ class Attempt:
     processor: str
     timeout: float | None  # seconds
     finished: bool = field(default=False)  # its outcome was reported (or it timed out)
+    task: asyncio.Task[None] | None = field(default=None)  # an async attempt's, once started
 
 
 @dataclass(frozen=True)
@@ -53,14 +57,22 @@ class Interrupted(Exception):
 
 class Executor:
     def __init__(self, processors: dict[str, Processor], worker_id: str, engine: Engine, *,
-                 max_bytes: int, metrics: Metrics | None = None) -> None:
+                 max_bytes: int, metrics: Metrics | None = None,
+                 async_engine: AsyncEngine | None = None) -> None:
         self._processors = processors
         self._worker = worker_id
         self._engine = engine
+        self._async_engine = async_engine  # for async transactional processors' sessions
         self._max_bytes = max_bytes
         self._metrics = metrics
 
+    def is_async(self, attempt: Attempt) -> bool:
+        return self._processors[attempt.processor].is_async
+
     def run(self, attempt: Attempt) -> Done:
+        """Call the processor and decide the outcomes. An async processor's attempt runs
+        this in a greenlet on the worker's event loop (see runner), where the call
+        below awaits the coroutine: one code path for both kinds."""
         started = time.perf_counter()
         proc = self._processors[attempt.processor]
         try:
@@ -85,8 +97,8 @@ class Executor:
             args += (session,)
         try:
             value = proc.fn(*args)
-        except Defer as defer:
-            return [self._outcome(a, defer) for a in actions], True
+            if proc.is_async:
+                value = await_only(value)
         except BaseException as exc:  # SystemExit and the like end this attempt only
             return [self._outcome(a, exc) for a in actions], True
         if not batch:
@@ -119,9 +131,13 @@ class Executor:
 
     def _in_transaction(self, proc: Processor, attempt: Attempt) -> Done:
         """The processor's writes and the outcomes commit together, or not at all."""
-        with Session(self._engine) as session:
+        # An async processor gets an AsyncSession; its sync facade records the outcomes.
+        given: Session | AsyncSession = (AsyncSession(self._async_engine)
+                                         if proc.is_async else Session(self._engine))
+        session = given.sync_session if isinstance(given, AsyncSession) else given
+        with session:
             session.begin()
-            outcomes, raised = self._call(proc, attempt.actions, session)
+            outcomes, raised = self._call(proc, attempt.actions, given)
             if raised:
                 session.rollback()
                 return Done(outcomes)

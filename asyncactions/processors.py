@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -44,6 +46,11 @@ class Processor:
     name: str
     fn: Callable[..., Any]
     settings: ProcessorSettings
+
+    @functools.cached_property
+    def is_async(self) -> bool:
+        """An `async def` processor: the worker awaits it on its event loop."""
+        return inspect.iscoroutinefunction(self.fn)
 
     def configured(self, overrides: dict[str, Any] | None) -> Processor:
         """These settings with a config file's [processors.NAME] (checked) on top."""

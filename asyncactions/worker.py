@@ -35,9 +35,10 @@ from .action import Action
 from .claiming import Claimer, InFlight, WorkerFailed
 from .completer import Completer
 from .config import Config, check_concurrency, load_config
-from .database import first_line, make_engine, require_schema
+from .database import first_line, make_async_engine, make_engine, require_schema
 from .durations import format_duration
 from .errors import ConfigError
+from .eventloop import EventLoop
 from .executor import Done, Executor
 from .maintenance import (
     BacklogSampler,
@@ -105,13 +106,21 @@ class Worker:
         # Connections are opened lazily: room for a session per transactional attempt.
         engine = make_engine(self.config.effective_database_url,
                              pool_size=4 + self.concurrency)
+        # Async processors run on an event loop of the worker's own; async transactional
+        # ones get their AsyncSession from an asyncio engine on the same database.
+        loop = EventLoop() if any(p.is_async for p in self.processors.values()) else None
+        async_engine = (make_async_engine(self.config.effective_database_url,
+                                          pool_size=4 + self.concurrency)
+                        if any(p.is_async and p.settings.transactional
+                               for p in self.processors.values()) else None)
         try:
             self._prepare_schema(engine)
             executor = Executor(self.processors, self.id, engine,
-                                max_bytes=self.config.max_data_bytes, metrics=self.metrics)
+                                max_bytes=self.config.max_data_bytes, metrics=self.metrics,
+                                async_engine=async_engine)
             self._hooks = ThreadPoolExecutor(1, thread_name_prefix="asyncactions-hooks")
             self._completer = completer = Completer(engine, self._written)
-            runner = Runner(self.concurrency, executor, self._finished)
+            runner = Runner(self.concurrency, executor, self._finished, loop=loop)
             listens = engine.dialect.name == "postgresql" and settings.listen
             claimer = Claimer(
                 engine, self.id, self.processors, concurrency=self.concurrency,
@@ -131,7 +140,7 @@ class Worker:
             heartbeat.run_once()  # learn whether this worker leads
             self._rescue_now(rescuer)
             restore_signals = self._install_signal_handlers()
-            for part in (completer, runner, maintenance):
+            for part in (completer, runner, maintenance, *([loop] if loop else [])):
                 part.start()
             log.info("worker %s started: processors %s, concurrency %d, database %s", self.id,
                      ", ".join(sorted(self.processors)), self.concurrency,
@@ -143,6 +152,8 @@ class Worker:
                 self._hooks.shutdown(wait=True)
                 restore_signals()
         finally:
+            if loop is not None:
+                loop.close(cleanup=async_engine.dispose if async_engine else None)
             engine.dispose()
 
     def _poll(self, listens: bool) -> float:
