@@ -79,6 +79,7 @@ def processor(name: str, *, retries: int = DEFAULTS.retries,
                                  on_failure=on_failure, max_retry_interval=max_retry_interval)
     for key, check in PROCESSOR_SETTINGS.items():
         check(getattr(settings, key), f"@processor({name!r}) {key}")
+    _on_failure(on_failure, f"@processor({name!r}) on_failure")
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         existing = _registry.get(name)
@@ -173,6 +174,15 @@ def _duration(value: Any, what: str) -> timedelta:
 
 def _optional_duration(value: Any, what: str) -> timedelta | None:
     return None if value in (None, "none", "") else _duration(value, what)
+
+
+def _on_failure(value: Any, what: str) -> None:
+    """on_failure runs on the worker's hooks thread, outside any event loop."""
+    _callable_or_none(value, what)
+    if inspect.iscoroutinefunction(value):
+        raise ConfigError(f"{what}: must be a plain function, not an async def; make it a "
+                          "def (it runs on a thread of its own), or enqueue an action for an "
+                          "async processor from it")
 
 
 def _callable_or_none(value: Any, what: str) -> Any:
