@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Dialect, Engine, create_engine, event, inspect
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
 
 from .errors import AsyncActionsError, ConfigError, DatabaseError
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 Database = Session | Connection | Engine
 
@@ -76,6 +78,8 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
 def make_async_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
     """The same database through SQLAlchemy's asyncio drivers (psycopg async,
     aiosqlite), set up like make_engine's: for async processors' sessions."""
+    from sqlalchemy.ext.asyncio import create_async_engine  # only workers that need it
+
     parsed = _checked_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = create_async_engine(parsed.set(drivername="sqlite+aiosqlite"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -161,6 +162,9 @@ def _unique_keys(unique_key: UniqueKeys | None, data: Sequence[Any]) -> list[str
     if isinstance(unique_key, str | bytes):
         raise AsyncActionsError("init_actions takes one unique_key per action: pass a function "
                                 "data -> key, or a list of keys as long as data")
+    if inspect.iscoroutinefunction(unique_key):
+        raise AsyncActionsError("unique_key must be a plain function data -> key, not an "
+                                "async def")
     keys = ([unique_key(d) for d in data] if callable(unique_key) else list(unique_key))
     if len(keys) != len(data):
         raise AsyncActionsError(f"unique_key has {len(keys)} keys for {len(data)} actions; "

@@ -9,6 +9,7 @@ exception is its action's failure, never the worker's.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -99,6 +100,10 @@ class Executor:
             value = proc.fn(*args)
             if proc.is_async:
                 value = await_only(value)
+            elif inspect.iscoroutine(value):  # a sync wrapper around an async def
+                value.close()
+                raise TypeError(f"processor {proc.name!r} returned a coroutine: register the "
+                                "async def itself (or a wrapper that is an async def too)")
         except BaseException as exc:  # SystemExit and the like end this attempt only
             return [self._outcome(a, exc) for a in actions], True
         if not batch:

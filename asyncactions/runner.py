@@ -65,6 +65,11 @@ class Runner:
         """Attempts running or waiting for a slot."""
         return len(self._waiting) + len(self._running)
 
+    def running(self) -> list[Attempt]:
+        """The attempts running now (to find one to cancel)."""
+        with self._lock:
+            return list(self._running)
+
     def cancel(self, attempt: Attempt) -> bool:
         """Cancel a running async attempt's task (its processor gets CancelledError, its
         `finally` blocks run); whatever it then returns is recorded as usual, and fenced

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from asyncactions import (
+    AsyncActionsError,
     ConfigError,
     Status,
     Worker,
@@ -22,6 +23,7 @@ from asyncactions import (
     init_action,
     init_actions,
     processor,
+    report_exceptions,
 )
 
 from .conftest import Db, drain, worker_config
@@ -201,3 +203,34 @@ def test_an_async_on_failure_is_refused_with_the_fix() -> None:
     with pytest.raises(ConfigError, match=r"@processor\('p'\) on_failure: must be a plain "
                                           r"function, not an async def"):
         processor("p", on_failure=notify)
+
+
+def test_other_async_defs_where_only_a_function_can_be_called_are_refused(db: Db) -> None:
+    async def key(data):
+        return "k"
+
+    async def report(exc, action):
+        pass
+
+    with pytest.raises(AsyncActionsError, match="unique_key must be a plain function"):
+        init_actions(db.engine, "p", [{}], unique_key=key)
+    with pytest.raises(TypeError, match="report_exceptions needs a plain function, not an "
+                                        "async def"):
+        report_exceptions(report)
+    assert db.scalar("SELECT count(*) FROM async_action") == 0
+
+
+def test_a_sync_wrapper_that_returns_a_coroutine_fails_with_the_fix(db: Db) -> None:
+    async def send(action):
+        return "sent"
+
+    @processor("wrapped", retries=0)
+    def wrapped(action):  # a decorator that forgot to be async
+        return send(action)
+
+    action = init_action(db.engine, "wrapped")
+    drain(db)
+    failed = admin.get_action(db.engine, action.id)
+    assert failed.status == Status.FAILED
+    assert failed.error == ("TypeError: processor 'wrapped' returned a coroutine: register the "
+                            "async def itself (or a wrapper that is an async def too)")
