@@ -28,6 +28,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.util import await_only
 
 from . import codec
 from .action import Action, Status, row_to_action
@@ -271,11 +272,25 @@ def _copy_in(conn: Connection, data: Sequence[Any], texts: list[str | None],
     lines = "".join([f"{i}\t{t if t is not None and BACKSLASH not in t else _copy_field(t)}"
                      f"\t{tail}\n" for i, t in zip(ids, texts, strict=True)])
     columns = ", ".join(["id", "data", *shared])
-    with kept_cursor(conn).copy(f"COPY {async_action.name} ({columns}) FROM STDIN") as copy:
-        copy.write(lines)
+    _copy(conn, f"COPY {async_action.name} ({columns}) FROM STDIN", lines)
     with _gc_paused():
         return [_new_action((i, now, eligible_at), d, params)
                 for i, d in zip(ids, data, strict=True)]
+
+
+def _copy(conn: Connection, sql: str, lines: str) -> None:
+    """COPY … FROM STDIN on psycopg's cursor; under SQLAlchemy's asyncio (this code then
+    runs in a greenlet of the caller's event loop) on psycopg's async cursor, awaited."""
+    if conn.dialect.is_async:
+        await_only(_copy_async(conn.connection.driver_connection, sql, lines))
+        return
+    with kept_cursor(conn).copy(sql) as copy:
+        copy.write(lines)
+
+
+async def _copy_async(driver: Any, sql: str, lines: str) -> None:
+    async with driver.cursor() as cursor, cursor.copy(sql) as copy:
+        await copy.write(lines)
 
 
 @contextmanager

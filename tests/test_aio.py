@@ -21,6 +21,7 @@ from asyncactions import (
     Status,
     Worker,
     aio,
+    enqueue,
     processor,
 )
 from asyncactions.admin import listen_url
@@ -154,3 +155,32 @@ def test_the_wrong_kind_of_session_names_the_fix(db: Db) -> None:
     run(db, test)
     assert db.scalar("SELECT count(*) FROM async_action") == 0
 
+
+
+def test_a_large_bulk_enqueue_from_asyncio_takes_the_copy_path(
+        pg: Db, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From COPY_FROM actions on, PostgreSQL gets them by COPY, also from asyncio (on
+    psycopg's async cursor), in the caller's transaction."""
+    copies = []
+    real_copy = enqueue._copy_async
+
+    async def counted(*args: object) -> None:
+        copies.append(args[1])
+        await real_copy(*args)
+
+    monkeypatch.setattr(enqueue, "_copy_async", counted)
+
+    async def test(engine: AsyncEngine) -> None:
+        many = [{"n": n} for n in range(enqueue.COPY_FROM)]
+        async with AsyncSession(engine) as session:
+            async with session.begin():
+                actions = await aio.init_actions(session, "p", many)
+            await session.begin()
+            await aio.init_actions(session, "p", many)
+            await session.rollback()
+        assert [a.data for a in actions[:2]] == [{"n": 0}, {"n": 1}]
+        assert await aio.get_action(engine, actions[-1].id) == actions[-1]
+
+    run(pg, test)
+    assert len(copies) == 2 and copies[0].startswith("COPY async_action")
+    assert pg.scalar("SELECT count(*) FROM async_action") == enqueue.COPY_FROM
