@@ -177,11 +177,12 @@ class Claimer:
             more = more or len(actions) == want
             units = [[a] for a in actions] if batch_size is None else [actions]
             free -= len(units)
+            attempts = []
             for unit in units:
                 name = unit[0].processor
                 if self._metrics is not None:
                     self._metrics.claimed_actions(name, len(unit))
                 timeout = self._processors[name].settings.timeout
-                self._runner.submit(Attempt(unit, name,
-                                            timeout.total_seconds() if timeout else None))
+                attempts.append(Attempt(unit, name, timeout.total_seconds() if timeout else None))
+            self._runner.submit(*attempts)
         return claimed, more

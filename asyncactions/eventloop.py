@@ -27,7 +27,7 @@ class EventLoop:
         self._thread = threading.Thread(target=self._run, name="asyncactions-loop",
                                         daemon=True)
         self._stall_warning = stall_warning
-        self._tasks: dict[asyncio.Task[Any], str] = {}  # running tasks and what they run
+        self._tasks: dict[asyncio.Task[Any], object] = {}  # running tasks, what they run
         self._beat = time.monotonic()
         self._closed = threading.Event()
 
@@ -45,15 +45,25 @@ class EventLoop:
             self._loop.close()
 
     def call(self, fn: Callable[..., object], *args: Any) -> None:
-        """Run `fn(*args)` on the loop soon; safe from any thread."""
-        self._loop.call_soon_threadsafe(fn, *args)
+        """Run `fn(*args)` on the loop soon; safe from any thread (from the loop's own,
+        without waking it through its pipe)."""
+        if threading.get_ident() == self._thread.ident:
+            self._loop.call_soon(fn, *args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
 
-    def spawn(self, coro: Coroutine[Any, Any, None], label: str) -> asyncio.Task[None]:
-        """A task for `coro` (on the loop's thread); `label` names it in stall warnings."""
-        task = self._loop.create_task(coro)
+    def spawn(self, coro: Coroutine[Any, Any, None], label: object) -> asyncio.Task[None]:
+        """A task for `coro` (on the loop's thread); str(label) names it in stall
+        warnings (made only then: it costs more than the task)."""
+        task = self._loop.create_task(self._tracked(coro))
         self._tasks[task] = label  # also the strong reference asyncio does not keep
-        task.add_done_callback(self._tasks.pop)
         return task
+
+    async def _tracked(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        finally:  # not a done callback: that would cost the loop one more turn per task
+            self._tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
 
     def run(self, coro: Coroutine[Any, Any, Any], timeout: float) -> Any:
         """Run `coro` on the loop and wait for its result (from another thread)."""
@@ -101,9 +111,9 @@ class EventLoop:
                 continue
             warned_for = beat
             task = asyncio.current_task(self._loop)
-            label = self._tasks.get(task) if task is not None else None
+            label = self._tasks.get(task) if task is not None else None  # type: ignore[arg-type]
             log.warning("the event loop of async processors has been blocked for %.1fs by %s: "
                         "a blocking call in an async def processor stalls every async attempt "
                         "of this worker; await an asyncio library instead, or run the call "
                         "with `await asyncio.to_thread(...)`", stalled,
-                        label or "a task")
+                        "a task" if label is None else str(label))

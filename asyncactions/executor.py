@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
-from sqlalchemy.util import await_only
+from sqlalchemy.util import await_only, greenlet_spawn
 
 from . import queries
 from .action import Action
@@ -71,9 +71,7 @@ class Executor:
         return self._processors[attempt.processor].is_async
 
     def run(self, attempt: Attempt) -> Done:
-        """Call the processor and decide the outcomes. An async processor's attempt runs
-        this in a greenlet on the worker's event loop (see runner), where the call
-        below awaits the coroutine: one code path for both kinds."""
+        """A sync processor's attempt (on a runner thread): call it, decide the outcomes."""
         started = time.perf_counter()
         proc = self._processors[attempt.processor]
         try:
@@ -81,23 +79,52 @@ class Executor:
                 done = self._in_transaction(proc, attempt)
             else:
                 done = Done(self._call(proc, attempt.actions)[0])
-        except BaseException as exc:  # our own bookkeeping failed: still an outcome each
-            log.exception("recording the outcome of %s failed", _ids(attempt))
-            done = Done(self.failed(attempt, exc))
+        except BaseException as exc:
+            done = self._broken(attempt, exc)
+        return self._measured(proc, started, done)
+
+    async def run_async(self, attempt: Attempt) -> Done:
+        """An async processor's attempt (a task on the worker's event loop): the same
+        steps, awaiting the processor. A transactional one takes the sync path above in
+        a greenlet, as SQLAlchemy's asyncio does, where `_call` awaits the processor."""
+        started = time.perf_counter()
+        proc = self._processors[attempt.processor]
+        try:
+            if proc.settings.transactional:
+                done = await greenlet_spawn(self._in_transaction, proc, attempt)
+            else:
+                try:
+                    value = await proc.fn(*self._args(proc, attempt.actions))
+                except BaseException as exc:  # CancelledError too: its task was cancelled
+                    done = Done(self._raised(attempt.actions, exc))
+                else:
+                    done = Done(self._returned(proc, attempt.actions, value))
+        except BaseException as exc:
+            done = self._broken(attempt, exc)
+        return self._measured(proc, started, done)
+
+    def _broken(self, attempt: Attempt, exc: BaseException) -> Done:
+        """Our own bookkeeping failed: still an outcome for each action."""
+        log.exception("recording the outcome of %s failed", _ids(attempt))
+        return Done(self.failed(attempt, exc))
+
+    def _measured(self, proc: Processor, started: float, done: Done) -> Done:
         if self._metrics is not None:
             self._metrics.attempt(proc.name, time.perf_counter() - started)
         return done
 
+    @staticmethod
+    def _args(proc: Processor, actions: list[Action], session: Any = None) -> tuple[Any, ...]:
+        args: tuple[Any, ...] = (actions if proc.settings.batch_size > 1 else actions[0],)
+        return args if session is None else (*args, session)
+
     def _call(self, proc: Processor, actions: list[Action],
               session: Any = None) -> tuple[list[Outcome], bool]:
         """Call the processor; returns the outcomes and whether it raised (then a
-        transactional processor's writes roll back)."""
-        batch = proc.settings.batch_size > 1
-        args: tuple[Any, ...] = (actions if batch else actions[0],)
-        if session is not None:
-            args += (session,)
+        transactional processor's writes roll back). In a greenlet (see run_async) an
+        async processor is awaited here."""
         try:
-            value = proc.fn(*args)
+            value = proc.fn(*self._args(proc, actions, session))
             if proc.is_async:
                 value = await_only(value)
             elif inspect.iscoroutine(value):  # a sync wrapper around an async def
@@ -105,10 +132,16 @@ class Executor:
                 raise TypeError(f"processor {proc.name!r} returned a coroutine: register the "
                                 "async def itself (or a wrapper that is an async def too)")
         except BaseException as exc:  # SystemExit and the like end this attempt only
-            return [self._outcome(a, exc) for a in actions], True
-        if not batch:
-            return [self._outcome(actions[0], value)], False
-        return self._batch_outcomes(proc, actions, value), False
+            return self._raised(actions, exc), True
+        return self._returned(proc, actions, value), False
+
+    def _raised(self, actions: list[Action], exc: BaseException) -> list[Outcome]:
+        return [self._outcome(a, exc) for a in actions]
+
+    def _returned(self, proc: Processor, actions: list[Action], value: Any) -> list[Outcome]:
+        if proc.settings.batch_size == 1:
+            return [self._outcome(actions[0], value)]
+        return self._batch_outcomes(proc, actions, value)
 
     def _batch_outcomes(self, proc: Processor, actions: list[Action],
                         value: Any) -> list[Outcome]:

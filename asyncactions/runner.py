@@ -24,8 +24,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from sqlalchemy.util import greenlet_spawn
-
 from .eventloop import EventLoop
 from .executor import Attempt, Done, Executor
 
@@ -46,6 +44,8 @@ class Runner:
         self._work_ready = threading.Condition(self._lock)  # for the pool's threads
         self._changed = threading.Condition(self._lock)  # for the watchdog and shutdown
         self._running: set[Attempt] = set()
+        self._for_loop: list[Attempt] = []  # started async attempts, for the loop
+        self._loop_woken = False  # a call of _start_tasks is on its way
         self._deadlines: list[tuple[float, int, Attempt]] = []
         self._seq = itertools.count()
         self._closed = False
@@ -55,9 +55,10 @@ class Runner:
     def start(self) -> None:
         self._watchdog.start()
 
-    def submit(self, attempt: Attempt) -> None:
+    def submit(self, *attempts: Attempt) -> None:
+        """Run these attempts once slots are free (all at once: the loop is woken once)."""
         with self._lock:
-            self._waiting.append(attempt)
+            self._waiting.extend(attempts)
             started = self._start_waiting()
         self._to_loop(started)
 
@@ -91,7 +92,8 @@ class Runner:
             if attempt.timeout is not None:
                 deadline = time.monotonic() + attempt.timeout
                 heapq.heappush(self._deadlines, (deadline, next(self._seq), attempt))
-                self._changed.notify_all()
+                if self._deadlines[0][2] is attempt:  # the watchdog's next wake-up
+                    self._changed.notify_all()
             if self._executor.is_async(attempt):
                 to_loop.append(attempt)
             else:
@@ -102,9 +104,17 @@ class Runner:
         return to_loop
 
     def _to_loop(self, attempts: list[Attempt]) -> None:
-        if attempts:
-            assert self._loop is not None, "an async attempt in a worker without a loop"
-            self._loop.call(self._start_tasks, attempts)  # one wake-up of the loop for all
+        """Hand started async attempts to the loop: one wake-up of the loop for all that
+        are handed over before it gets to them."""
+        if not attempts:
+            return
+        assert self._loop is not None, "an async attempt in a worker without a loop"
+        with self._lock:
+            self._for_loop += attempts
+            if self._loop_woken:
+                return
+            self._loop_woken = True
+        self._loop.call(self._start_tasks)
 
     def _ended(self, attempt: Attempt, done: Done) -> bool:
         """An attempt returned: free its slot, report it; true if it had been abandoned."""
@@ -113,7 +123,8 @@ class Runner:
             attempt.finished = True
             self._running.discard(attempt)
             started = self._start_waiting()
-            self._changed.notify_all()
+            if self._closed:  # shutdown waits for the running ones
+                self._changed.notify_all()
         self._to_loop(started)
         if not abandoned:
             self._reported(done)
@@ -140,17 +151,18 @@ class Runner:
 
     # --- async attempts: tasks on the loop --------------------------------------------
 
-    def _start_tasks(self, attempts: list[Attempt]) -> None:
+    def _start_tasks(self) -> None:
         assert self._loop is not None
+        with self._lock:
+            attempts, self._for_loop = self._for_loop, []
+            self._loop_woken = False
         for attempt in attempts:
             if not attempt.finished:  # not abandoned before it could start
-                attempt.task = self._loop.spawn(self._run_async(attempt), _label(attempt))
+                attempt.task = self._loop.spawn(self._run_async(attempt), _Label(attempt))
 
     async def _run_async(self, attempt: Attempt) -> None:
-        # The executor's own code, in a greenlet: it awaits the processor (and, for a
-        # transactional one, its AsyncSession) where a sync processor would be called.
         try:
-            done = await greenlet_spawn(self._executor.run, attempt)
+            done = await self._executor.run_async(attempt)
         except BaseException as exc:  # cancelled before the executor began
             done = Done(self._executor.failed(attempt, exc))
         self._ended(attempt, done)
@@ -229,7 +241,15 @@ def _cancel_task(attempt: Attempt) -> None:
         attempt.task.cancel()
 
 
-def _label(attempt: Attempt) -> str:
-    ids = ", ".join(a.display_id for a in attempt.actions[:3])
-    more = ", …" if len(attempt.actions) > 3 else ""
-    return f"processor {attempt.processor!r} ({ids}{more})"
+class _Label:
+    """What a task runs, for stall warnings."""
+
+    __slots__ = ("attempt",)
+
+    def __init__(self, attempt: Attempt) -> None:
+        self.attempt = attempt
+
+    def __str__(self) -> str:
+        actions = self.attempt.actions
+        ids = ", ".join(a.display_id for a in actions[:3])
+        return f"processor {self.attempt.processor!r} ({ids}{', …' if len(actions) > 3 else ''})"
