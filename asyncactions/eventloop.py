@@ -69,16 +69,18 @@ class EventLoop:
         """Run `coro` on the loop and wait for its result (from another thread)."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    def close(self, timeout: float = 10.0, *,
+    def close(self, timeout: float = 2.0, *,
               cleanup: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
-        """Cancel what still runs, give it `timeout` seconds to finish, await `cleanup()`
-        (disposing of an engine, say), stop the loop."""
+        """Cancel what still runs (at shutdown: attempts already recorded as interrupted),
+        give it `timeout` seconds to finish, await `cleanup()` (disposing of an engine),
+        stop the loop. A loop held by a blocking call is left behind (a daemon thread)."""
         if not self._thread.is_alive():
             return
         try:
             self.run(self._cancel_all(timeout, cleanup), timeout + 10)
-        except Exception:
-            log.warning("tasks still running when the event loop stopped")
+        except Exception as exc:
+            log.warning("the event loop did not stop cleanly (%s); leaving it",
+                        type(exc).__name__)
         self._closed.set()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)
