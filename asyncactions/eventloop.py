@@ -74,6 +74,9 @@ class EventLoop:
         """Cancel what still runs (at shutdown: attempts already recorded as interrupted),
         give it `timeout` seconds to finish, await `cleanup()` (disposing of an engine),
         stop the loop. A loop held by a blocking call is left behind (a daemon thread)."""
+        if self._thread.ident is None:  # never started
+            self._loop.close()
+            return
         if not self._thread.is_alive():
             return
         try:
