@@ -2,8 +2,9 @@
 
 - claiming.Claimer (the caller's thread, which also listens for wake-ups on its
   connection) claims eligible actions for the free threads;
-- runner.Runner runs each attempt on its pool, through executor.Executor, which turns
-  however it ended into one outcome per action;
+- runner.Runner runs each attempt in one of `concurrency` slots (a thread for a sync
+  processor, a task on the worker's event loop for an async one), through
+  executor.Executor, which turns however it ended into one outcome per action;
 - completer.Completer writes the outcomes in batches, fenced on the attempt;
 - maintenance's services keep the worker registered and, on the elected leader,
   rescue, prune, fire schedules and wake listening workers.
