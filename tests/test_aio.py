@@ -151,6 +151,9 @@ def test_the_wrong_kind_of_session_names_the_fix(db: Db) -> None:
             with pytest.raises(AsyncActionsError, match=r"got an AsyncSession: in async code "
                                                         r"use the coroutines of asyncactions.aio"):
                 asyncactions.init_action(session, "p")  # type: ignore[arg-type]
+        with pytest.raises(AsyncActionsError, match=r"the AsyncConnection is not started; use "
+                                                    r"it inside `async with engine.connect\(\)"):
+            await aio.init_action(engine.connect(), "p")
 
     run(db, test)
     assert db.scalar("SELECT count(*) FROM async_action") == 0
