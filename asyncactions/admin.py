@@ -231,25 +231,52 @@ def wait_for(db: Database, action_id: int | str, timeout: float = 60) -> Action:
     """Block until the action is completed, failed or canceled; TimeoutError after
     `timeout` seconds. On PostgreSQL it wakes when workers write outcomes (LISTEN), with a
     slow poll behind; on SQLite it polls with a growing pause."""
-    action_id = parse_id(action_id)
-    deadline = time.monotonic() + timeout
-    with connection(db) as conn:
-        engine = conn.engine
-    with _outcome_listener(engine) as notified:
-        pause = 0.005
+    waiting = Waiting(parse_id(action_id), timeout)
+    with _outcome_listener(engine_of(db)) as notified:
         while True:
-            action = get_action(db, action_id)
-            if action.status.is_final:
+            action = get_action(db, waiting.action_id)
+            pause = waiting.pause(action, listening=notified is not None)
+            if pause is None:
                 return action
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{action.display_id} is still {action.status} after "
-                                   f"{timeout:g}s")
             if notified is None:
-                time.sleep(min(pause, left))
-                pause = min(pause * 2, 0.25)
+                time.sleep(pause)
             else:
-                notified(min(left, 1.0))
+                notified(pause)
+
+
+class Waiting:
+    """wait_for's rules, for its sync and asyncio loops: when to stop, how long to
+    pause before looking again."""
+
+    def __init__(self, action_id: int, timeout: float) -> None:
+        self.action_id = action_id
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+        self._poll = 0.005
+
+    def pause(self, action: Action, *, listening: bool) -> float | None:
+        """None once `action` is final, else the seconds to wait (for a notification
+        when listening) before looking again; TimeoutError past the deadline."""
+        if action.status.is_final:
+            return None
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{action.display_id} is still {action.status} after "
+                               f"{self._timeout:g}s")
+        if listening:  # a slow poll behind the notifications
+            return min(left, 1.0)
+        pause, self._poll = min(self._poll, left), min(self._poll * 2, 0.25)
+        return pause
+
+
+def engine_of(db: Database) -> Engine:
+    with connection(db) as conn:
+        return conn.engine
+
+
+def listen_url(engine: Engine) -> str:
+    """The URL for a connection of psycopg's own (to LISTEN on)."""
+    return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @contextmanager
@@ -258,8 +285,7 @@ def _outcome_listener(engine: Engine) -> Iterator[Callable[[float], None] | None
     if engine.dialect.name != "postgresql":
         yield None
         return
-    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(url, autocommit=True) as listener:
+    with psycopg.connect(listen_url(engine), autocommit=True) as listener:
         listener.execute(f"LISTEN {OUTCOME_CHANNEL}")
 
         def wait(seconds: float) -> None:

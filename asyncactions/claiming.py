@@ -261,16 +261,17 @@ class Claimer:
             more = more or len(actions) == want
             units = [[a] for a in actions] if batch_size is None else [actions]
             free -= len(units)
+            attempts = []
             for unit in units:
                 name = unit[0].processor
                 if self._metrics is not None:
                     self._metrics.claimed_actions(name, len(unit))
                 timeout = self._processors[name].settings.timeout
-                # A capped attempt goes first in the queue: it holds a slot of its cap
-                # (or a start of its rate) from its claim on.
-                self._runner.submit(Attempt(unit, name,
-                                            timeout.total_seconds() if timeout else None),
-                                    first=flow is not None)
+                attempts.append(Attempt(unit, name,
+                                        timeout.total_seconds() if timeout else None))
+            # A capped attempt goes first in the queue: it holds a slot of its cap (or a
+            # start of its rate) from its claim on.
+            self._runner.submit(*attempts, first=flow is not None)
         return claimed, more
 
     def _claim_capped(self, processors: list[tuple[str, int]], want: int, flow: queries.Flow,

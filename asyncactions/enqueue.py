@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
 import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,6 +31,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.util import await_only
 
 from . import codec, tracing
 from .action import Action, Status, row_to_action
@@ -204,6 +206,9 @@ def _unique_keys(unique_key: UniqueKeys | None, data: Sequence[Any]) -> list[str
     if isinstance(unique_key, str | bytes):
         raise AsyncActionsError("init_actions takes one unique_key per action: pass a function "
                                 "data -> key, or a list of keys as long as data")
+    if inspect.iscoroutinefunction(unique_key):
+        raise AsyncActionsError("unique_key must be a plain function data -> key, not an "
+                                "async def")
     keys = ([unique_key(d) for d in data] if callable(unique_key) else list(unique_key))
     if len(keys) != len(data):
         raise AsyncActionsError(f"unique_key has {len(keys)} keys for {len(data)} actions; "
@@ -346,11 +351,25 @@ def _copy_in(conn: Connection, data: Sequence[Any], texts: list[str | None],
         lines = "".join([f"{i}\t{_copy_field(t)}\t{tail}\t{_copy_field(o)}\n"
                          for i, t, o in zip(ids, texts, okeys, strict=True)])
         columns += ", ordering_key"
-    with kept_cursor(conn).copy(f"COPY {async_action.name} ({columns}) FROM STDIN") as copy:
-        copy.write(lines)
+    _copy(conn, f"COPY {async_action.name} ({columns}) FROM STDIN", lines)
     with _gc_paused():
         return [_new_action((i, now, eligible_at), d, params, o)
                 for i, d, o in zip(ids, data, okeys or [None] * len(ids), strict=True)]
+
+
+def _copy(conn: Connection, sql: str, lines: str) -> None:
+    """COPY … FROM STDIN on psycopg's cursor; under SQLAlchemy's asyncio (this code then
+    runs in a greenlet of the caller's event loop) on psycopg's async cursor, awaited."""
+    if conn.dialect.is_async:
+        await_only(_copy_async(conn.connection.driver_connection, sql, lines))
+        return
+    with kept_cursor(conn).copy(sql) as copy:
+        copy.write(lines)
+
+
+async def _copy_async(driver: Any, sql: str, lines: str) -> None:
+    async with driver.cursor() as cursor, cursor.copy(sql) as copy:
+        await copy.write(lines)
 
 
 @contextmanager

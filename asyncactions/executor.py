@@ -8,6 +8,8 @@ exception is its action's failure, never the worker's.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,7 +17,9 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.util import await_only, greenlet_spawn
 
 from . import queries
 from .action import Action
@@ -38,6 +42,7 @@ class Attempt:
     timeout: float | None  # seconds
     finished: bool = field(default=False)  # its outcome was reported (or it timed out)
     live: LiveAttempt | None = field(default=None)  # while it runs: current_attempt()
+    task: asyncio.Task[None] | None = field(default=None)  # an async attempt's, once started
 
 
 @dataclass(frozen=True)
@@ -56,15 +61,21 @@ class Interrupted(Exception):
 class Executor:
     def __init__(self, processors: dict[str, Processor], worker_id: str, engine: Engine, *,
                  max_bytes: int, metrics: Metrics | None = None,
-                 live: LiveAttempts | None = None) -> None:
+                 live: LiveAttempts | None = None,
+                 async_engine: AsyncEngine | None = None) -> None:
         self._processors = processors
         self._worker = worker_id
         self._engine = engine
+        self._async_engine = async_engine  # for async transactional processors' sessions
         self._max_bytes = max_bytes
         self._metrics = metrics
         self.live = live or LiveAttempts()
 
+    def is_async(self, attempt: Attempt) -> bool:
+        return self._processors[attempt.processor].is_async
+
     def run(self, attempt: Attempt) -> Done:
+        """A sync processor's attempt (on a runner thread): call it, decide the outcomes."""
         started = time.perf_counter()
         proc = self._processors[attempt.processor]
         # The hook an asyncio runner needs to cancel a task: attempt.live.on_cancel().
@@ -75,30 +86,75 @@ class Executor:
                     done = self._in_transaction(proc, attempt)
                 else:
                     done = Done(self._call(proc, attempt.actions)[0])
-        except BaseException as exc:  # our own bookkeeping failed: still an outcome each
-            log.exception("recording the outcome of %s failed", _ids(attempt))
-            done = Done(self.failed(attempt, exc))
+        except BaseException as exc:
+            done = self._broken(attempt, exc)
+        return self._measured(proc, started, done)
+
+    async def run_async(self, attempt: Attempt) -> Done:
+        """An async processor's attempt (a task on the worker's event loop): the same
+        steps, awaiting the processor. A transactional one takes the sync path above in
+        a greenlet, as SQLAlchemy's asyncio does, where `_call` awaits the processor.
+        A cancel of its action (seen by the cancel watch) cancels the task."""
+        started = time.perf_counter()
+        proc = self._processors[attempt.processor]
+        attempt.live = LiveAttempt(attempt.actions, self._engine)
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        if task is not None:
+            attempt.live.on_cancel(lambda: loop.call_soon_threadsafe(task.cancel))
+        try:
+            with self.live.running(attempt.live):
+                if proc.settings.transactional:
+                    done = await greenlet_spawn(self._in_transaction, proc, attempt)
+                else:
+                    try:
+                        value = await proc.fn(*self._args(proc, attempt.actions))
+                    except BaseException as exc:  # CancelledError too: its task was cancelled
+                        done = Done(self._raised(attempt.actions, exc))
+                    else:
+                        done = Done(self._returned(proc, attempt.actions, value))
+        except BaseException as exc:
+            done = self._broken(attempt, exc)
+        return self._measured(proc, started, done)
+
+    def _broken(self, attempt: Attempt, exc: BaseException) -> Done:
+        """Our own bookkeeping failed: still an outcome for each action."""
+        log.exception("recording the outcome of %s failed", _ids(attempt))
+        return Done(self.failed(attempt, exc))
+
+    def _measured(self, proc: Processor, started: float, done: Done) -> Done:
         if self._metrics is not None:
             self._metrics.attempt(proc.name, time.perf_counter() - started)
         return done
 
+    @staticmethod
+    def _args(proc: Processor, actions: list[Action], session: Any = None) -> tuple[Any, ...]:
+        args: tuple[Any, ...] = (actions if proc.settings.batch_size > 1 else actions[0],)
+        return args if session is None else (*args, session)
+
     def _call(self, proc: Processor, actions: list[Action],
               session: Any = None) -> tuple[list[Outcome], bool]:
         """Call the processor; returns the outcomes and whether it raised (then a
-        transactional processor's writes roll back)."""
-        batch = proc.settings.batch_size > 1
-        args: tuple[Any, ...] = (actions if batch else actions[0],)
-        if session is not None:
-            args += (session,)
+        transactional processor's writes roll back). In a greenlet (see run_async) an
+        async processor is awaited here."""
         try:
-            value = proc.fn(*args)
-        except Defer as defer:
-            return [self._outcome(a, defer) for a in actions], True
+            value = proc.fn(*self._args(proc, actions, session))
+            if proc.is_async:
+                value = await_only(value)
+            elif inspect.iscoroutine(value):  # a sync wrapper around an async def
+                value.close()
+                raise TypeError(f"processor {proc.name!r} returned a coroutine: register the "
+                                "async def itself (or a wrapper that is an async def too)")
         except BaseException as exc:  # SystemExit and the like end this attempt only
-            return [self._outcome(a, exc) for a in actions], True
-        if not batch:
-            return [self._outcome(actions[0], value)], False
-        return self._batch_outcomes(proc, actions, value), False
+            return self._raised(actions, exc), True
+        return self._returned(proc, actions, value), False
+
+    def _raised(self, actions: list[Action], exc: BaseException) -> list[Outcome]:
+        return [self._outcome(a, exc) for a in actions]
+
+    def _returned(self, proc: Processor, actions: list[Action], value: Any) -> list[Outcome]:
+        if proc.settings.batch_size == 1:
+            return [self._outcome(actions[0], value)]
+        return self._batch_outcomes(proc, actions, value)
 
     def _batch_outcomes(self, proc: Processor, actions: list[Action],
                         value: Any) -> list[Outcome]:
@@ -126,9 +182,13 @@ class Executor:
 
     def _in_transaction(self, proc: Processor, attempt: Attempt) -> Done:
         """The processor's writes and the outcomes commit together, or not at all."""
-        with Session(self._engine) as session:
+        # An async processor gets an AsyncSession; its sync facade records the outcomes.
+        given: Session | AsyncSession = (AsyncSession(self._async_engine)
+                                         if proc.is_async else Session(self._engine))
+        session = given.sync_session if isinstance(given, AsyncSession) else given
+        with session:
             session.begin()
-            outcomes, raised = self._call(proc, attempt.actions, session)
+            outcomes, raised = self._call(proc, attempt.actions, given)
             if raised:
                 session.rollback()
                 return Done(outcomes)

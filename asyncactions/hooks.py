@@ -9,6 +9,7 @@ something broke, the final one that it stayed broken) or "final".
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Literal
@@ -25,6 +26,9 @@ def report_exceptions(callback: Callable[[BaseException, Action], object] | None
                       when: Policy = "first_and_final") -> None:
     """Install (or, with None, remove) the exception reporter for this process."""
     global _reporter
+    if inspect.iscoroutinefunction(callback):
+        raise TypeError("report_exceptions needs a plain function, not an async def: it is "
+                        "called on the worker's threads, outside any event loop")
     if when not in ("every", "first_and_final", "final"):
         raise ValueError(f"when must be 'every', 'first_and_final' or 'final', not {when!r}")
     _reporter = None if callback is None else (callback, when)

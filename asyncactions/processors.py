@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -80,6 +82,11 @@ class Processor:
     fn: Callable[..., Any]
     settings: ProcessorSettings
 
+    @functools.cached_property
+    def is_async(self) -> bool:
+        """An `async def` processor: the worker awaits it on its event loop."""
+        return inspect.iscoroutinefunction(self.fn)
+
     def configured(self, overrides: dict[str, Any] | None) -> Processor:
         """These settings with a config file's [processors.NAME] (checked) on top."""
         return replace(self, settings=replace(self.settings, **overrides)) if overrides else self
@@ -117,6 +124,7 @@ def processor(name: str, *, retries: int = DEFAULTS.retries,
                                  on=_events(on, f"@processor({name!r}) on"))
     for key, check in PROCESSOR_SETTINGS.items():
         check(getattr(settings, key), f"@processor({name!r}) {key}")
+    _on_failure(on_failure, f"@processor({name!r}) on_failure")
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         existing = _registry.get(name)
@@ -211,6 +219,15 @@ def _duration(value: Any, what: str) -> timedelta:
 
 def _optional_duration(value: Any, what: str) -> timedelta | None:
     return None if value in (None, "none", "") else _duration(value, what)
+
+
+def _on_failure(value: Any, what: str) -> None:
+    """on_failure runs on the worker's hooks thread, outside any event loop."""
+    _callable_or_none(value, what)
+    if inspect.iscoroutinefunction(value):
+        raise ConfigError(f"{what}: must be a plain function, not an async def; make it a "
+                          "def (it runs on a thread of its own), or enqueue an action for an "
+                          "async processor from it")
 
 
 def _callable_or_none(value: Any, what: str) -> Any:

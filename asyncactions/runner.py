@@ -1,12 +1,17 @@
-"""Run attempts on a pool of threads, with per-attempt timeouts.
+"""Run attempts within the worker's concurrency, with per-attempt timeouts.
 
-A Python thread cannot be killed, so an attempt that outlives its timeout is
-abandoned: it is recorded as timed out at once, its thread is replaced so the
-worker keeps its full concurrency, and whatever the thread returns later is
-dropped. Threads are daemons, so a hung processor never keeps the process alive.
+`concurrency` is a number of slots, shared by both kinds of processor: a sync
+attempt takes a thread (threads are started as needed and kept), an async one a
+task on the worker's event loop, so hundreds of awaiting attempts cost no thread.
 
-No thread of the pool can die: the executor turns whatever a processor does into
-outcomes, and anything that still escapes is logged and the thread goes on.
+At its timeout an attempt is abandoned: recorded as timed out at once and its slot
+freed. An async attempt's task is also cancelled (its `finally` blocks run). A Python
+thread cannot be killed, so a sync attempt's thread runs on, whatever it returns
+later is dropped, and another thread takes up the slot's work. Threads are daemons,
+so a hung processor never keeps the process alive.
+
+Nothing here can die of a processor: the executor turns whatever a processor does
+into outcomes, and anything that still escapes is logged and the runner goes on.
 """
 
 from __future__ import annotations
@@ -19,21 +24,28 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from .eventloop import EventLoop
 from .executor import Attempt, Done, Executor
 
 log = logging.getLogger("asyncactions.runner")
 
 
 class Runner:
-    def __init__(self, size: int, executor: Executor, report: Callable[[Done], None]) -> None:
+    def __init__(self, size: int, executor: Executor, report: Callable[[Done], None], *,
+                 loop: EventLoop | None = None) -> None:
         self._size = size
         self._executor = executor
         self._report = report
-        self._waiting: deque[Attempt] = deque()
+        self._loop = loop  # for async processors' attempts; None when there are none
+        self._waiting: deque[Attempt] = deque()  # submitted, not started
+        self._ready: deque[Attempt] = deque()  # started sync attempts, for a thread
+        self._idle = 0  # threads waiting for a ready attempt
         self._lock = threading.Lock()
         self._work_ready = threading.Condition(self._lock)  # for the pool's threads
         self._changed = threading.Condition(self._lock)  # for the watchdog and shutdown
         self._running: set[Attempt] = set()
+        self._for_loop: list[Attempt] = []  # started async attempts, for the loop
+        self._loop_woken = False  # a call of _start_tasks is on its way
         self._deadlines: list[tuple[float, int, Attempt]] = []
         self._seq = itertools.count()
         self._closed = False
@@ -41,57 +53,131 @@ class Runner:
                                           daemon=True)
 
     def start(self) -> None:
-        for _ in range(self._size):
-            self._spawn()
         self._watchdog.start()
 
-    def submit(self, attempt: Attempt, first: bool = False) -> None:
-        """Queue an attempt for the next free thread (`first`: ahead of the others)."""
+    def submit(self, *attempts: Attempt, first: bool = False) -> None:
+        """Run these attempts once slots are free (all at once: the loop is woken once);
+        `first`: ahead of those already waiting."""
         with self._lock:
             if first:
-                self._waiting.appendleft(attempt)
+                self._waiting.extendleft(reversed(attempts))
             else:
-                self._waiting.append(attempt)
-            self._work_ready.notify()
+                self._waiting.extend(attempts)
+            started = self._start_waiting()
+        self._to_loop(started)
 
     def busy(self) -> int:
-        """Attempts running or waiting for a thread."""
+        """Attempts running or waiting for a slot."""
         return len(self._waiting) + len(self._running)
 
-    def _spawn(self) -> None:
-        threading.Thread(target=self._work, name="asyncactions-run", daemon=True).start()
+    def running(self) -> list[Attempt]:
+        """The attempts running now (to find one to cancel)."""
+        with self._lock:
+            return list(self._running)
+
+    def cancel(self, attempt: Attempt) -> bool:
+        """Cancel a running async attempt's task (its processor gets CancelledError, its
+        `finally` blocks run); whatever it then returns is recorded as usual, and fenced
+        out if the action no longer is this attempt's. False for a sync attempt, which
+        cannot be stopped."""
+        if self._loop is None or not self._executor.is_async(attempt):
+            return False
+        self._loop.call(_cancel_task, attempt)
+        return True
+
+    def _start_waiting(self) -> list[Attempt]:
+        """(Holding the lock.) Start waiting attempts while slots are free: sync ones
+        go to the threads (started if none is idle); returns the async ones, for the
+        loop."""
+        to_loop: list[Attempt] = []
+        while self._waiting and len(self._running) < self._size and not self._closed:
+            attempt = self._waiting.popleft()
+            self._running.add(attempt)
+            if attempt.timeout is not None:
+                deadline = time.monotonic() + attempt.timeout
+                heapq.heappush(self._deadlines, (deadline, next(self._seq), attempt))
+                if self._deadlines[0][2] is attempt:  # the watchdog's next wake-up
+                    self._changed.notify_all()
+            if self._executor.is_async(attempt):
+                to_loop.append(attempt)
+            else:
+                self._ready.append(attempt)
+                self._work_ready.notify()
+        for _ in range(len(self._ready) - self._idle):
+            threading.Thread(target=self._work, name="asyncactions-run", daemon=True).start()
+        return to_loop
+
+    def _to_loop(self, attempts: list[Attempt]) -> None:
+        """Hand started async attempts to the loop: one wake-up of the loop for all that
+        are handed over before it gets to them."""
+        if not attempts:
+            return
+        assert self._loop is not None, "an async attempt in a worker without a loop"
+        with self._lock:
+            self._for_loop += attempts
+            if self._loop_woken:
+                return
+            self._loop_woken = True
+        self._loop.call(self._start_tasks)
+
+    def _ended(self, attempt: Attempt, done: Done) -> bool:
+        """An attempt returned: free its slot, report it; true if it had been abandoned."""
+        with self._lock:
+            abandoned = attempt.finished
+            attempt.finished = True
+            self._running.discard(attempt)
+            started = self._start_waiting()
+            if self._closed:  # shutdown waits for the running ones
+                self._changed.notify_all()
+        self._to_loop(started)
+        if not abandoned:
+            self._reported(done)
+        return abandoned
+
+    # --- sync attempts: threads -----------------------------------------------------------
 
     def _work(self) -> None:
-        while True:
-            with self._lock:
-                self._work_ready.wait_for(lambda: self._waiting or self._closed)
-                if self._closed:
-                    return
-                attempt = self._waiting.popleft()
-                self._running.add(attempt)
-                if attempt.timeout is not None:
-                    deadline = time.monotonic() + attempt.timeout
-                    heapq.heappush(self._deadlines, (deadline, next(self._seq), attempt))
-                    self._changed.notify_all()
+        while (attempt := self._next_ready()) is not None:
             try:
                 done = self._executor.run(attempt)
             except BaseException as exc:  # the executor never raises; if it did, go on
                 log.exception("running an attempt failed unexpectedly")
                 done = Done(self._executor.failed(attempt, exc))
-            with self._lock:
-                abandoned = attempt.finished
-                attempt.finished = True
-                self._running.discard(attempt)
-                self._changed.notify_all()
-            if abandoned:
-                return  # timed out meanwhile: a replacement thread took this one's place
-            self._reported(done)
+            if self._ended(attempt, done):
+                return  # timed out meanwhile: another thread took up this one's work
+
+    def _next_ready(self) -> Attempt | None:
+        with self._lock:
+            self._idle += 1
+            self._work_ready.wait_for(lambda: self._ready or self._closed)
+            self._idle -= 1
+            return self._ready.popleft() if self._ready else None
+
+    # --- async attempts: tasks on the loop --------------------------------------------
+
+    def _start_tasks(self) -> None:
+        assert self._loop is not None
+        with self._lock:
+            attempts, self._for_loop = self._for_loop, []
+            self._loop_woken = False
+        for attempt in attempts:
+            if not attempt.finished:  # not abandoned before it could start
+                attempt.task = self._loop.spawn(self._run_async(attempt), _Label(attempt))
+
+    async def _run_async(self, attempt: Attempt) -> None:
+        try:
+            done = await self._executor.run_async(attempt)
+        except BaseException as exc:  # cancelled before the executor began
+            done = Done(self._executor.failed(attempt, exc))
+        self._ended(attempt, done)
 
     def _reported(self, done: Done) -> None:
         try:
             self._report(done)
         except BaseException:
             log.exception("reporting an outcome failed")
+
+    # --- timeouts -------------------------------------------------------------------------
 
     def _watch(self) -> None:
         while True:
@@ -120,12 +206,14 @@ class Runner:
                     wait = self._deadlines[0][0] - now if self._deadlines else None
                     self._changed.wait(wait)
                     continue
+                started = self._start_waiting()
                 self._changed.notify_all()
+            self._to_loop(started)
             for attempt in expired:
-                self._spawn()
+                self.cancel(attempt)
                 self._reported(Done(self._executor.timed_out(attempt)))
 
-    # --- shutdown ---------------------------------------------------------------------
+    # --- shutdown -------------------------------------------------------------------------
 
     def close(self) -> list[Attempt]:
         """Start no more attempts; return those that were submitted but never started."""
@@ -138,7 +226,8 @@ class Runner:
         return unstarted
 
     def wait_running(self, timeout: float) -> list[Attempt]:
-        """Wait up to `timeout` for running attempts; abandon and return the ones left."""
+        """Wait up to `timeout` for running attempts; abandon and return the ones left
+        (async ones are cancelled)."""
         with self._changed:
             self._changed.wait_for(lambda: not self._running, timeout)
             left = list(self._running)
@@ -146,4 +235,25 @@ class Runner:
                 attempt.finished = True
             self._running.clear()
             self._changed.notify_all()
+        for attempt in left:
+            self.cancel(attempt)
         return left
+
+
+def _cancel_task(attempt: Attempt) -> None:
+    if attempt.task is not None:
+        attempt.task.cancel()
+
+
+class _Label:
+    """What a task runs, for stall warnings."""
+
+    __slots__ = ("attempt",)
+
+    def __init__(self, attempt: Attempt) -> None:
+        self.attempt = attempt
+
+    def __str__(self) -> str:
+        actions = self.attempt.actions
+        ids = ", ".join(a.display_id for a in actions[:3])
+        return f"processor {self.attempt.processor!r} ({ids}{', …' if len(actions) > 3 else ''})"

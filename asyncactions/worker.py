@@ -2,8 +2,9 @@
 
 - claiming.Claimer (the caller's thread, which also listens for wake-ups on its
   connection) claims eligible actions for the free threads;
-- runner.Runner runs each attempt on its pool, through executor.Executor, which turns
-  however it ended into one outcome per action;
+- runner.Runner runs each attempt in one of `concurrency` slots (a thread for a sync
+  processor, a task on the worker's event loop for an async one), through
+  executor.Executor, which turns however it ended into one outcome per action;
 - completer.Completer writes the outcomes in batches, fenced on the attempt;
 - maintenance's services keep the worker registered and, on the elected leader,
   rescue, prune, fire schedules and wake listening workers.
@@ -35,9 +36,17 @@ from .action import Action
 from .claiming import Claimer, InFlight, WorkerFailed
 from .completer import Completer
 from .config import Config, check_concurrency, load_config
-from .database import busy_state, first_line, is_disconnect, make_engine, require_schema
+from .database import (
+    busy_state,
+    first_line,
+    is_disconnect,
+    make_async_engine,
+    make_engine,
+    require_schema,
+)
 from .durations import format_duration
 from .errors import ConfigError, DatabaseError
+from .eventloop import EventLoop
 from .executor import Done, Executor
 from .live import CancelWatch, LiveAttempts
 from .maintenance import (
@@ -109,14 +118,21 @@ class Worker:
                              pool_size=4 + self.concurrency)
         answered = threading.Event()  # the database has answered once
         event.listen(engine, "connect", lambda *_: answered.set())
+        # Async processors run on an event loop of the worker's own; async transactional
+        # ones get their AsyncSession from an asyncio engine on the same database.
+        loop = EventLoop() if any(p.is_async for p in self.processors.values()) else None
+        async_engine = (make_async_engine(self.config.effective_database_url,
+                                          pool_size=4 + self.concurrency)
+                        if any(p.is_async and p.settings.transactional
+                               for p in self.processors.values()) else None)
         try:
             self._starting(answered, lambda: self._prepare_schema(engine))
             executor = Executor(self.processors, self.id, engine,
                                 max_bytes=self.config.max_data_bytes, metrics=self.metrics,
-                                live=self._live)
+                                live=self._live, async_engine=async_engine)
             self._hooks = ThreadPoolExecutor(1, thread_name_prefix="asyncactions-hooks")
             self._completer = completer = Completer(engine, self._written)
-            runner = Runner(self.concurrency, executor, self._finished)
+            runner = Runner(self.concurrency, executor, self._finished, loop=loop)
             listens = engine.dialect.name == "postgresql" and settings.listen
             claimer = Claimer(
                 engine, self.id, self.processors, concurrency=self.concurrency,
@@ -138,7 +154,7 @@ class Worker:
             self._starting(answered, heartbeat.run_once)  # learn whether this worker leads
             self._rescue_now(rescuer)
             restore_signals = self._install_signal_handlers()
-            for part in (completer, runner, maintenance):
+            for part in (completer, runner, maintenance, *([loop] if loop else [])):
                 part.start()
             log.info("worker %s started: processors %s, concurrency %d, database %s", self.id,
                      ", ".join(sorted(self.processors)), self.concurrency,
@@ -150,6 +166,8 @@ class Worker:
                 self._hooks.shutdown(wait=True)
                 restore_signals()
         finally:
+            if loop is not None:
+                loop.close(cleanup=async_engine.dispose if async_engine else None)
             engine.dispose()
 
     def _services(self, engine: Engine, heartbeat: Heartbeat, rescuer: Rescuer,

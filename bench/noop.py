@@ -1,6 +1,8 @@
 """Processors the benchmark workers run (`--import bench.noop`).
 
 bench_noop does nothing, so S1 and the RSS check measure the queue, not the work.
+The *_async processors are the same as `async def` (the asyncio scenarios), and
+bench_sleep_async awaits asyncio.sleep(1): what threads cannot run 500 at a time.
 bench_pickup appends "i monotonic-time" to $BENCH_PICKUP_FILE when it starts (S3);
 CLOCK_MONOTONIC is system-wide on Linux, so the enqueuing process can compare.
 
@@ -11,6 +13,7 @@ their Python start-up before the drain clock starts, not inside it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -43,3 +46,18 @@ def bench_pickup(action: Action) -> None:
     if _pickup_fd is not None:
         # One write() on an O_APPEND file is atomic: no lock among the pool's threads.
         os.write(_pickup_fd, f"{action.data['i']} {started!r}\n".encode())
+
+
+@processor("bench_noop_async")
+async def bench_noop_async(action: Action) -> None:
+    pass
+
+
+@processor("bench_pickup_async")
+async def bench_pickup_async(action: Action) -> None:
+    bench_pickup(action)
+
+
+@processor("bench_sleep_async")
+async def bench_sleep_async(action: Action) -> None:
+    await asyncio.sleep(1)

@@ -25,9 +25,9 @@ if __package__ in (None, ""):  # `python bench/run.py`: make the `bench` package
 from bench import pg, scale, scenarios
 from bench.peers.pgqueuer_system import PgQueuer
 from bench.procs import log, wait_for_quiet
-from bench.systems import AsyncActions, System
+from bench.systems import AsyncActions, AsyncActionsAio, System
 
-SCENARIOS = ("s1", "s2", "s3", "scale")
+SCENARIOS = ("s1", "s2", "s3", "scale", "sleep")
 Figures = dict[str, Any]
 
 
@@ -149,6 +149,16 @@ class Bench:
             self.emit("scale_rss", system, *rss[system.name],
                       {"n": a.rss_n, "worker_processes": 1, "analyzed_before_drain": True})
 
+    def sleep(self) -> None:
+        a = self.args
+        system = AsyncActionsAio(a.sleep_concurrency)
+        results = self.repeat("sleep", a.runs, lambda s: scale.sleepers(
+            system, a.database_url, a.sleep_n, a.sleep_concurrency),
+            ("drain_s", "peak_rss_mb"), systems=[system])
+        self.emit("sleep_async", system, *results[system.name],
+                  {"n": a.sleep_n, "processor": "async def: await asyncio.sleep(1)",
+                   "worker_processes": 1})
+
 
 def median(runs: list[Figures]) -> Figures:
     """Per figure: the median of the runs (numbers), else the common value."""
@@ -191,7 +201,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenarios", type=_csv(str), default=list(SCENARIOS),
-                   help="comma-separated, from s1,s2,s3,scale (default: all)")
+                   help="comma-separated, from s1,s2,s3,scale,sleep (default: all)")
     p.add_argument("--runs", type=int, default=3, help="runs per scenario; the median is "
                    "reported (default 3)")
     p.add_argument("--workers", type=_csv(int), default=[1, 2],
@@ -201,6 +211,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="asyncactions worker --concurrency (default 10, the product default)")
     p.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
                    help="admin URL; each run creates and drops its own database there")
+    p.add_argument("--aio", action="store_true",
+                   help="also run S1-S3 from asyncio: asyncactions.aio on an AsyncEngine / "
+                   "AsyncSession, async def processors (system asyncactions-aio)")
+    p.add_argument("--sleep-n", type=int, default=2000,
+                   help="sleep: actions that await asyncio.sleep(1) (default 2000)")
+    p.add_argument("--sleep-concurrency", type=int, default=500,
+                   help="sleep: the worker's --concurrency (default 500)")
     p.add_argument("--peers", action="store_true",
                    help="also run pgqueuer (installed into bench/.venv-pgqueuer)")
     p.add_argument("--analyze", action="store_true",
@@ -242,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     # SIGTERM unwinds like Ctrl-C: workers are stopped and databases dropped on the way out.
     signal.signal(signal.SIGTERM, _terminated)
     systems: list[System] = [AsyncActions(args.concurrency)]
+    if args.aio:
+        systems.append(AsyncActionsAio(args.concurrency))
     if args.peers:
         systems += [PgQueuer(managers) for managers in args.pgq_managers]
     bench = Bench(args, systems)

@@ -11,13 +11,13 @@ from typing import Any
 
 from sqlalchemy import create_engine
 
-from asyncactions import queries
+from asyncactions import init_actions, queries
 from asyncactions.claiming import CLAIM_SESSION
 
 from . import pg
 from .procs import Workers, log, wait_until
-from .scenarios import DRAIN_TIMEOUT, percentile
-from .systems import AsyncActions
+from .scenarios import DRAIN_POLL, DRAIN_TIMEOUT, _drain_seconds, percentile
+from .systems import AsyncActions, AsyncActionsAio
 
 PENDING = 1_000
 CLAIM_BATCH = 10
@@ -157,3 +157,32 @@ def worker_rss(system: AsyncActions, admin_url: str, n: int) -> dict[str, Any]:
             "rss_mb_end": samples[-1], "rss_mb_midway": samples[len(samples) // 2],
             "drain_s": end - start, "drain_per_s": n / (end - start),
             "enqueue_per_s": n / enqueue_s}
+
+
+def sleepers(system: AsyncActionsAio, admin_url: str, n: int,
+             concurrency: int) -> dict[str, Any]:
+    """Concurrency that threads cannot give: one worker process with `concurrency` slots
+    drains n actions whose async processor awaits asyncio.sleep(1). Ideal: n / concurrency
+    seconds. Timed like S1's drain (gate to last completion); the worker's peak RSS."""
+    with pg.fresh_database(admin_url, "sleep") as url:
+        system.install(url)
+        engine = create_engine(pg.sqlalchemy_url(url))
+        try:
+            with engine.begin() as conn:
+                init_actions(conn, "bench_sleep_async", [{"i": i} for i in range(n)])
+        finally:
+            engine.dispose()
+        command, env = system.worker_command(url, "noop")
+        command = [*command[:command.index("--processors")], "--processors",
+                   "bench_sleep_async", "--concurrency", str(concurrency)]
+        with pg.connect(url) as conn, Workers(command, 1, env=env, gated=True) as procs:
+            procs.open_gate()
+            start, start_wall = time.monotonic(), time.time()
+            end = wait_until(lambda: not pg.scalar(conn, system.busy_sql), DRAIN_TIMEOUT,
+                             DRAIN_POLL, procs, "the drain")
+            peak = procs.memory_mb("VmHWM")
+            drain_s = _drain_seconds(end - start, start_wall,
+                                     pg.scalar(conn, system.last_finish_sql))
+            threads = round(procs.memory_mb("Threads") * 1024)  # a count, not kB
+    return {"n": n, "drain_s": drain_s, "ideal_s": n / concurrency,
+            "peak_rss_mb": peak, "worker_threads": threads}

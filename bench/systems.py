@@ -3,6 +3,7 @@ same way against asyncactions and against its peers (bench/peers/)."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -10,8 +11,9 @@ from importlib.metadata import version
 from typing import Any, Literal, Protocol
 
 from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from asyncactions import init_action, init_actions, migrate
+from asyncactions import aio, init_action, init_actions, migrate
 
 from .pg import ROOT, libpq_url, sqlalchemy_url
 
@@ -116,7 +118,7 @@ class AsyncActions:
             for first in range(0, n, chunk):
                 data = [{"i": i} for i in range(first, min(first + chunk, n))]
                 start = time.perf_counter()
-                init_actions(engine, "bench_noop", data)
+                init_actions(engine, self.processors["noop"], data)
                 elapsed += time.perf_counter() - start
             return elapsed
         finally:
@@ -137,7 +139,7 @@ class AsyncActions:
             with engine.begin() as conn:
                 order_id = conn.execute(insert, {"customer": "c42", "amount": 19.9}).scalar_one()
                 if with_enqueue:
-                    init_action(conn, "bench_noop", {"order_id": order_id})
+                    init_action(conn, self.processors["noop"], {"order_id": order_id})
 
         try:
             return interleaved(tx, blocks, per_block)
@@ -152,7 +154,80 @@ class AsyncActions:
             for k, i in enumerate(ids):
                 sleep_until(start + k * gap)
                 befores.append(time.monotonic())
-                init_action(engine, "bench_pickup", {"i": i})
+                init_action(engine, self.processors["pickup"], {"i": i})
             return befores
         finally:
             engine.dispose()
+
+
+class AsyncActionsAio(AsyncActions):
+    """asyncactions from asyncio: asyncactions.aio on SQLAlchemy's AsyncEngine and
+    AsyncSession (psycopg async), and `async def` processors on the worker's loop."""
+
+    name = "asyncactions-aio"
+    processors: dict[Kind, str] = {"noop": "bench_noop_async", "pickup": "bench_pickup_async"}
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(),
+                "enqueue": "asyncactions.aio.init_actions / init_action on a SQLAlchemy "
+                           "AsyncEngine or AsyncSession (psycopg async)",
+                "processors": "async def"}
+
+    def _run(self, url: str, main: Callable[[AsyncEngine], Any]) -> Any:
+        async def run() -> Any:
+            engine = create_async_engine(sqlalchemy_url(url))
+            try:
+                async with engine.connect() as conn:  # connect before anything is timed
+                    await conn.execute(text("SELECT 1"))
+                return await main(engine)
+            finally:
+                await engine.dispose()
+
+        return asyncio.run(run())
+
+    def bulk_enqueue(self, url: str, n: int, chunk: int = 20_000) -> float:
+        async def main(engine: AsyncEngine) -> float:
+            elapsed = 0.0
+            for first in range(0, n, chunk):
+                data = [{"i": i} for i in range(first, min(first + chunk, n))]
+                start = time.perf_counter()
+                await aio.init_actions(engine, self.processors["noop"], data)
+                elapsed += time.perf_counter() - start
+            return elapsed
+
+        return self._run(url, main)
+
+    def s2(self, url: str, blocks: int, per_block: int) -> dict[str, float]:
+        """The same interleaved loop, each transaction an AsyncSession's on one event
+        loop (run_until_complete per transaction: the same cost both ways)."""
+        insert = text("INSERT INTO orders (customer, amount) VALUES (:customer, :amount) "
+                      "RETURNING id")
+        loop = asyncio.new_event_loop()
+        engine = create_async_engine(sqlalchemy_url(url))
+
+        async def tx(with_enqueue: bool) -> None:
+            async with AsyncSession(engine) as session, session.begin():
+                order_id = (await session.execute(insert, {"customer": "c42",
+                                                           "amount": 19.9})).scalar_one()
+                if with_enqueue:
+                    await aio.init_action(session, self.processors["noop"],
+                                          {"order_id": order_id})
+
+        try:
+            return interleaved(lambda flag: loop.run_until_complete(tx(flag)), blocks,
+                               per_block)
+        finally:
+            loop.run_until_complete(engine.dispose())
+            loop.close()
+
+    def enqueue_paced(self, url: str, ids: Sequence[int], gap: float) -> list[float]:
+        async def main(engine: AsyncEngine) -> list[float]:
+            befores = []
+            start = time.monotonic()
+            for k, i in enumerate(ids):
+                await asyncio.sleep(max(start + k * gap - time.monotonic(), 0.0))
+                befores.append(time.monotonic())
+                await aio.init_action(engine, self.processors["pickup"], {"i": i})
+            return befores
+
+        return self._run(url, main)

@@ -31,6 +31,10 @@ ROWS: list[tuple[str, Callable[[Line], bool], Callable[[dict[str, Any]], str]]] 
      lambda m: f"{m['ratio']:.2f} ({m['claim_ms_full']:.2f} / {m['claim_ms_empty']:.2f} ms)"),
     ("scale: one worker's peak RSS over a long drain, MB", lambda d: d["scenario"] == "scale_rss",
      lambda m: f"{m['peak_rss_mb']:.0f} (n = {m['n']:,})"),
+    ("sleep: one worker drains N actions awaiting asyncio.sleep(1), s / peak RSS MB",
+     lambda d: d["scenario"] == "sleep_async",
+     lambda m: f"{m['drain_s']:.2f} (ideal {m['ideal_s']:.0f}) / {m['peak_rss_mb']:.0f} "
+               f"(n = {m['n']:,}, {m['worker_threads']} threads)"),
 ]
 
 

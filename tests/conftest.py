@@ -3,6 +3,7 @@ file per test. Tests marked with the `db` fixture run once on each backend."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -12,7 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
-from asyncactions import Worker, migrate
+from asyncactions import Worker, migrate, processor
 from asyncactions import processors as registry
 from asyncactions.config import Config, WorkerSettings
 from asyncactions.database import make_engine
@@ -66,6 +67,32 @@ def worker_config(db: Db, **kw: Any) -> Config:
 def drain(db: Db, concurrency: int = 4, **kw: Any) -> None:
     """Run a burst worker in this process until nothing is eligible."""
     Worker(config=worker_config(db, **kw), concurrency=concurrency).run(burst=True)
+
+
+@pytest.fixture(params=["sync", "async"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """The kind of processor a behavioural test registers (see processor_of)."""
+    return request.param
+
+
+def processor_of(kind: str, name: str, **settings: Any
+                 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """@processor(name, **settings) for a test's processor body: as written ("sync"),
+    or ("async") as an `async def` that yields to the worker's event loop and then runs
+    the same body, so one behavioural test checks both kinds."""
+
+    def register(body: Callable[..., Any]) -> Callable[..., Any]:
+        if kind == "sync":
+            return processor(name, **settings)(body)
+
+        async def run(*args: Any) -> Any:
+            await asyncio.sleep(0)
+            return body(*args)
+
+        run.__qualname__ = body.__qualname__
+        return processor(name, **settings)(run)
+
+    return register
 
 
 def _admin() -> Engine:

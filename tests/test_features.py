@@ -30,7 +30,7 @@ from asyncactions import (
 from asyncactions.outcomes import retry_delay
 from asyncactions.processors import ProcessorSettings
 
-from .conftest import Db, drain, start_worker, wait_until, worker_config, worker_log
+from .conftest import Db, drain, processor_of, start_worker, wait_until, worker_config, worker_log
 
 
 def statuses(db: Db) -> dict[str, int]:
@@ -39,10 +39,10 @@ def statuses(db: Db) -> dict[str, int]:
 
 # --- batches ------------------------------------------------------------------------
 
-def test_batch_processor_gets_lists_and_per_action_outcomes(db: Db) -> None:
+def test_batch_processor_gets_lists_and_per_action_outcomes(db: Db, kind: str) -> None:
     calls: list[list[int]] = []
 
-    @processor("sync_invoices", batch_size=10, retries=0)
+    @processor_of(kind, "sync_invoices", batch_size=10, retries=0)
     def sync_invoices(actions):
         calls.append([a.data for a in actions])
         outcomes = {}
@@ -70,8 +70,9 @@ def test_batch_processor_gets_lists_and_per_action_outcomes(db: Db) -> None:
         Status.COMPLETED, 2, 0)
 
 
-def test_a_raising_batch_applies_the_outcome_to_every_action(db: Db) -> None:
-    @processor("all_or_nothing", batch_size=5, retries=1, retry_interval=timedelta(hours=1))
+def test_a_raising_batch_applies_the_outcome_to_every_action(db: Db, kind: str) -> None:
+    @processor_of(kind, "all_or_nothing", batch_size=5, retries=1,
+                  retry_interval=timedelta(hours=1))
     def all_or_nothing(actions):
         raise ConnectionError("bulk API down")
 

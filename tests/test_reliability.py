@@ -24,7 +24,7 @@ from asyncactions.database import make_engine
 from .conftest import Cluster, Db, drain, start_worker, wait_until, worker_log
 
 FAULTS = textwrap.dedent("""
-    import os, time
+    import asyncio, os, time
     from datetime import timedelta
     from pathlib import Path
     from asyncactions import processor
@@ -45,6 +45,12 @@ FAULTS = textwrap.dedent("""
     def slow(action):
         note(action)
         time.sleep(action.data["seconds"])
+        return "finished"
+
+    @processor("slow_async", retries=3, retry_interval=timedelta(0))
+    async def slow_async(action):
+        note(action)
+        await asyncio.sleep(action.data["seconds"])
         return "finished"
 
     @processor("poison", retries=2, retry_interval=timedelta(0))
@@ -161,10 +167,11 @@ def test_a_lost_remote_workers_actions_return_when_its_lease_expires(db: Db) -> 
           f"claim (lease {lease}s)")
 
 
+@pytest.mark.parametrize("slow", ["slow", "slow_async"])
 def test_sigterm_finishes_in_flight_attempts_and_leaves_the_rest_untouched(
-        db: Db, tmp_path: Path) -> None:
+        db: Db, tmp_path: Path, slow: str) -> None:
     setup(tmp_path, concurrency=4)
-    init_actions(db.engine, "slow", [{"seconds": 0.5}] * 40)
+    init_actions(db.engine, slow, [{"seconds": 0.5}] * 40)
     worker = start_worker(tmp_path, db.url)
     wait_until(lambda: sum(runs(tmp_path).values()) >= 4, what="4 attempts started")
     signalled = time.monotonic()
@@ -186,9 +193,11 @@ def test_sigterm_finishes_in_flight_attempts_and_leaves_the_rest_untouched(
     assert "stopping gracefully" in worker_log(worker)
 
 
-def test_attempts_past_the_grace_are_recorded_as_interrupted(db: Db, tmp_path: Path) -> None:
+@pytest.mark.parametrize("slow", ["slow", "slow_async"])
+def test_attempts_past_the_grace_are_recorded_as_interrupted(db: Db, tmp_path: Path,
+                                                            slow: str) -> None:
     setup(tmp_path, shutdown_grace="1s")
-    action = init_action(db.engine, "slow", {"seconds": 60})
+    action = init_action(db.engine, slow, {"seconds": 60})
     worker = start_worker(tmp_path, db.url)
     wait_until(lambda: runs(tmp_path), what="the attempt to start")
     signalled = time.monotonic()

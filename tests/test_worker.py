@@ -29,15 +29,16 @@ from asyncactions.config import Config, WorkerSettings
 from asyncactions.database import KeptConnection
 from asyncactions.notifier import LISTEN, Wakeup
 
-from .conftest import Db, drain
+from .conftest import Db, drain, processor_of
 from .conftest import worker_config as config
 
 
-def test_every_committed_action_runs_exactly_once_and_completes_with_its_result(db: Db) -> None:
+def test_every_committed_action_runs_exactly_once_and_completes_with_its_result(
+        db: Db, kind: str) -> None:
     runs: Counter[int] = Counter()
     lock = threading.Lock()
 
-    @processor("double")
+    @processor_of(kind, "double")
     def double(action):
         with lock:
             runs[action.id] += 1
@@ -55,8 +56,9 @@ def test_every_committed_action_runs_exactly_once_and_completes_with_its_result(
     assert db.scalar("SELECT count(*) FROM async_action WHERE status <> 'completed'") == 0
 
 
-def test_failure_with_retries_left_goes_back_to_pending_after_the_interval(db: Db) -> None:
-    @processor("flaky", retries=3, retry_interval=timedelta(minutes=10))
+def test_failure_with_retries_left_goes_back_to_pending_after_the_interval(
+        db: Db, kind: str) -> None:
+    @processor_of(kind, "flaky", retries=3, retry_interval=timedelta(minutes=10))
     def flaky(action):
         raise ConnectionError("smtp server refused")
 
@@ -75,8 +77,8 @@ def test_failure_with_retries_left_goes_back_to_pending_after_the_interval(db: D
         datetime.now(UTC) + timedelta(minutes=11)
 
 
-def test_retries_are_spent_then_the_action_fails_with_its_history(db: Db) -> None:
-    @processor("broken", retries=2, retry_interval=timedelta(0))
+def test_retries_are_spent_then_the_action_fails_with_its_history(db: Db, kind: str) -> None:
+    @processor_of(kind, "broken", retries=2, retry_interval=timedelta(0))
     def broken(action):
         raise ValueError(f"bad input on attempt {action.attempts}")
 
@@ -90,8 +92,8 @@ def test_retries_are_spent_then_the_action_fails_with_its_history(db: Db) -> Non
     assert failed.finished_at is not None
 
 
-def test_success_after_failures_completes_and_keeps_the_history(db: Db) -> None:
-    @processor("third_time_lucky", retries=3, retry_interval=timedelta(0))
+def test_success_after_failures_completes_and_keeps_the_history(db: Db, kind: str) -> None:
+    @processor_of(kind, "third_time_lucky", retries=3, retry_interval=timedelta(0))
     def lucky(action):
         if action.attempts < 3:
             raise TimeoutError("upstream timed out")
@@ -105,8 +107,8 @@ def test_success_after_failures_completes_and_keeps_the_history(db: Db) -> None:
     assert [e["error"] for e in done.errors] == ["TimeoutError: upstream timed out"] * 2
 
 
-def test_permanent_failure_fails_now_without_spending_retries(db: Db) -> None:
-    @processor("no_email", retries=5)
+def test_permanent_failure_fails_now_without_spending_retries(db: Db, kind: str) -> None:
+    @processor_of(kind, "no_email", retries=5)
     def no_email(action):
         raise PermanentFailure("user has no email")
 
@@ -117,8 +119,8 @@ def test_permanent_failure_fails_now_without_spending_retries(db: Db) -> None:
     assert failed.error == "PermanentFailure: user has no email"
 
 
-def test_defer_reschedules_without_spending_a_retry(db: Db) -> None:
-    @processor("later", retries=1)
+def test_defer_reschedules_without_spending_a_retry(db: Db, kind: str) -> None:
+    @processor_of(kind, "later", retries=1)
     def later(action):
         if action.attempts < 3:
             raise Defer(timedelta(0))
@@ -131,8 +133,8 @@ def test_defer_reschedules_without_spending_a_retry(db: Db) -> None:
         Status.COMPLETED, 3, 1, [])
 
 
-def test_defer_with_a_delay_leaves_it_pending_until_then(db: Db) -> None:
-    @processor("snooze")
+def test_defer_with_a_delay_leaves_it_pending_until_then(db: Db, kind: str) -> None:
+    @processor_of(kind, "snooze")
     def snooze(action):
         raise Defer(timedelta(hours=1))
 
@@ -170,8 +172,8 @@ def test_lower_priority_value_runs_first(db: Db) -> None:
     assert order == [-1, 0, 3, 5]
 
 
-def test_unserializable_result_fails_the_action_clearly(db: Db) -> None:
-    @processor("returns_object")
+def test_unserializable_result_fails_the_action_clearly(db: Db, kind: str) -> None:
+    @processor_of(kind, "returns_object")
     def returns_object(action):
         return {"handle": object()}
 
