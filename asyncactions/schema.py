@@ -146,6 +146,9 @@ Index("async_action_started_idx", async_action.c.processor, async_action.c.start
       postgresql_where=text("started_at IS NOT NULL"),
       sqlite_where=text("started_at IS NOT NULL"))
 
+# Lists filtered by processor (newest first), and windows by creation (stats, bulk).
+Index("async_action_processor_id_idx", async_action.c.processor, async_action.c.id)
+Index("async_action_created_idx", async_action.c.created_at)
 Index("async_action_event_idx", async_action.c.event, async_action.c.id,
       postgresql_where=text("event IS NOT NULL"), sqlite_where=text("event IS NOT NULL"))
 
