@@ -120,7 +120,7 @@ def pool_exhaustion(short: bool) -> Figures:
     # four for three workers that each keep two open (claim, outcomes) and want more.
     with cluster("max_connections = 5", "superuser_reserved_connections = 1") as c:
         c.sql("CREATE ROLE app LOGIN")
-        run = Run(c.url(), lease="5s", concurrency=8,
+        run = Run(c.url(), lease="5s", concurrency=8, work=0.01,
                   worker_url=c.url().replace("postgres@", "app@"))
         c.sql("GRANT ALL ON ALL TABLES IN SCHEMA public TO app; "
               "GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app")
@@ -129,7 +129,8 @@ def pool_exhaustion(short: bool) -> Figures:
             workers = [run.start_worker() for _ in range(3)]
             run.drained(n, timeout=300)
             logs = [(run.dir / f"worker{i}.log").read_text() for i in range(len(workers))]
-            refused = sum("too many clients" in text for text in logs)
+            refused = sum("too many clients" in text or "connection slots are reserved" in text
+                          for text in logs)
             alive = run.survivors(workers)
             figures = verdict(run, n, 0, max_connections=5, workers=3,
                               workers_that_saw_refusals=refused, workers_survived=alive)
