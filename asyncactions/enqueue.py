@@ -33,13 +33,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.util import await_only
 
-from . import codec, tracing
+from . import codec, payloads, tracing
 from .action import Action, Status, row_to_action
 from .database import Database, HotStatement, connection, kept_cursor
 from .durations import check_duration
 from .errors import AsyncActionsError
 from .notifier import NOTIFY_CHANNEL
-from .processors import MAX_RETRIES
+from .processors import MAX_RETRIES, lookup
 from .schema import (
     ACTIVE_STATUSES,
     ID_SEQUENCE,
@@ -114,6 +114,7 @@ def init_action(db: Database, processor: str, data: Any = None, *,
     """
     options = _options(processor, delay, eligible_at, retries, priority)
     _check_key(ordering_key, "ordering_key")
+    data = payloads.for_enqueue(_schema(processor), data)
     text = None if data is None else codec.dumps(data, max_bytes=max_data_bytes)
     span = tracing.start_producer(processor)  # None unless the application traces
     params = {"processor": processor, "data": text, "related_id": related_id,
@@ -130,6 +131,12 @@ def init_action(db: Database, processor: str, data: Any = None, *,
     finally:
         tracing.end_producer(span, [action.id] if action else [])
     return action
+
+
+def _schema(processor: str) -> Any:
+    """The schema of `processor` where it is registered in this process, else None."""
+    registered = lookup(processor)
+    return None if registered is None else registered.settings.schema
 
 
 UniqueKeys = Callable[[Any], str | None] | Sequence[str | None]
@@ -152,6 +159,7 @@ def init_actions(db: Database, processor: str, data: Sequence[Any], *,
     `ordering_key` likewise: a function of the data, a list, or one str for them all.
     """
     options = _options(processor, delay, eligible_at, retries, priority)
+    data = payloads.many_for_enqueue(_schema(processor), data)
     with _gc_paused():
         texts = [None if d is None else codec.dumps(d, what=f"data[{i}]",
                                                     max_bytes=max_data_bytes)

@@ -32,3 +32,7 @@ class DatabaseError(AsyncActionsError):
 
 class ImportFailed(AsyncActionsError):
     """A module named with --import (or `imports`) could not be imported."""
+
+
+class InvalidData(AsyncActionsError):
+    """Data that does not fit its processor's schema (at enqueue or on the worker)."""

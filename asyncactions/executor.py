@@ -21,10 +21,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.util import await_only, greenlet_spawn
 
-from . import queries
+from . import payloads, queries
 from .action import Action
 from .database import first_line
 from .durations import format_duration
+from .errors import InvalidData
 from .live import LiveAttempt, LiveAttempts
 from .metrics import Metrics
 from .outcomes import Kind, Outcome, completed, deferred, error_line, failed_attempt
@@ -106,12 +107,14 @@ class Executor:
                 if proc.settings.transactional:
                     done = await greenlet_spawn(self._in_transaction, proc, attempt)
                 else:
+                    actions, refused = self._prepared(proc, attempt.actions)
                     try:
-                        value = await proc.fn(*self._args(proc, attempt.actions))
+                        value = await proc.fn(*self._args(proc, actions)) if actions else None
                     except BaseException as exc:  # CancelledError too: its task was cancelled
-                        done = Done(self._raised(attempt.actions, exc))
+                        done = Done(refused + self._raised(actions, exc))
                     else:
-                        done = Done(self._returned(proc, attempt.actions, value))
+                        done = Done(refused + (self._returned(proc, actions, value)
+                                               if actions else []))
         except BaseException as exc:
             done = self._broken(attempt, exc)
         return self._measured(proc, started, done)
@@ -136,6 +139,14 @@ class Executor:
         """Call the processor; returns the outcomes and whether it raised (then a
         transactional processor's writes roll back). In a greenlet (see run_async) an
         async processor is awaited here."""
+        actions, refused = self._prepared(proc, actions, session)
+        if not actions:
+            return refused, False
+        outcomes, raised = self._called(proc, actions, session)
+        return refused + outcomes, raised
+
+    def _called(self, proc: Processor, actions: list[Action],
+                session: Any = None) -> tuple[list[Outcome], bool]:
         try:
             value = proc.fn(*self._args(proc, actions, session))
             if proc.is_async:
@@ -147,6 +158,26 @@ class Executor:
         except BaseException as exc:  # SystemExit and the like end this attempt only
             return self._raised(actions, exc), True
         return self._returned(proc, actions, value), False
+
+    # --- typed payloads (payloads.py) ---------------------------------------------------
+
+    def _prepared(self, proc: Processor, actions: list[Action],
+                  session: Any = None) -> tuple[list[Action], list[Outcome]]:
+        """The actions as the processor sees them (data as its schema's model), and the
+        outcomes of those whose data does not fit: failed for good, the field named."""
+        schema = proc.settings.schema
+        if schema is None:
+            return actions, []
+        ready: list[Action] = []
+        refused: list[Outcome] = []
+        for action in actions:
+            try:
+                ready.append(action._replace(data=payloads.validate(schema, action.data)))
+            except InvalidData as exc:
+                refused.append(failed_attempt(action, exc, worker=self._worker,
+                                              settings=proc.settings, permanent=True,
+                                              with_traceback=False))
+        return ready, refused
 
     def _raised(self, actions: list[Action], exc: BaseException) -> list[Outcome]:
         return [self._outcome(a, exc) for a in actions]
