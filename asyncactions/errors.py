@@ -36,3 +36,8 @@ class ImportFailed(AsyncActionsError):
 
 class InvalidData(AsyncActionsError):
     """Data that does not fit its processor's schema (at enqueue or on the worker)."""
+
+
+class MissingReference(InvalidData):
+    """A referenced row (`{"$ref": …}` in data) that is gone, or a class that does not
+    import, on the worker."""

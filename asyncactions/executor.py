@@ -12,9 +12,10 @@ import asyncio
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -32,6 +33,7 @@ from .outcomes import Kind, Outcome, completed, deferred, error_line, failed_att
 from .processors import DEFAULTS, Defer, PermanentFailure, Processor
 
 log = logging.getLogger("asyncactions.executor")
+R = TypeVar("R")
 
 
 @dataclass(eq=False)
@@ -107,7 +109,11 @@ class Executor:
                 if proc.settings.transactional:
                     done = await greenlet_spawn(self._in_transaction, proc, attempt)
                 else:
-                    actions, refused = self._prepared(proc, attempt.actions)
+                    # Loading references is blocking I/O: off the event loop.
+                    prepare = (asyncio.to_thread if any(payloads.has_references(a.data)
+                                                        for a in attempt.actions)
+                               else _now)
+                    actions, refused = await prepare(self._prepared, proc, attempt.actions)
                     try:
                         value = await proc.fn(*self._args(proc, actions)) if actions else None
                     except BaseException as exc:  # CancelledError too: its task was cancelled
@@ -163,16 +169,26 @@ class Executor:
 
     def _prepared(self, proc: Processor, actions: list[Action],
                   session: Any = None) -> tuple[list[Action], list[Outcome]]:
-        """The actions as the processor sees them (data as its schema's model), and the
+        """The actions as the processor sees them (references loaded, in the processor's
+        session or a short one of their own; data as its schema's model), and the
         outcomes of those whose data does not fit: failed for good, the field named."""
         schema = proc.settings.schema
-        if schema is None:
+        refs = [payloads.has_references(a.data) for a in actions]
+        if schema is None and not any(refs):
             return actions, []
+        if any(refs) and session is None:
+            with Session(self._engine) as short:
+                return self._prepared(proc, actions, short)
+        if isinstance(session, AsyncSession):
+            session = session.sync_session
         ready: list[Action] = []
         refused: list[Outcome] = []
-        for action in actions:
+        for action, ref in zip(actions, refs, strict=True):
             try:
-                ready.append(action._replace(data=payloads.validate(schema, action.data)))
+                data = payloads.load_references(action.data, session) if ref else action.data
+                if schema is not None:
+                    data = payloads.validate(schema, data)
+                ready.append(action._replace(data=data))
             except InvalidData as exc:
                 refused.append(failed_attempt(action, exc, worker=self._worker,
                                               settings=proc.settings, permanent=True,
@@ -280,6 +296,10 @@ class Executor:
             return Outcome(action, Kind.FAILED, 0,
                            error="RecordingFailed: this attempt's outcome could not be "
                                  "recorded")
+
+
+async def _now(fn: Callable[..., R], *args: Any) -> R:
+    return fn(*args)
 
 
 def _ids(attempt: Attempt) -> str:

@@ -2,16 +2,23 @@
 dataclass. One module for both ends: enqueue turns model instances into plain JSON and
 checks data against a registered processor's schema; the worker checks it always and
 hands the processor the model instance. Errors name the field: `data["email"]: …`.
+
+References: the codec stores an ORM instance as {"$ref": "module:Class", "pk": …}; the
+worker loads each one again here, in the session it is given, before the schema check.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import ConfigError, InvalidData
+from sqlalchemy.orm import Session
+
+from .codec import REF, REF_KEYS
+from .errors import ConfigError, InvalidData, MissingReference
 
 
 def _pydantic_model(schema: Any) -> bool:
@@ -101,3 +108,59 @@ def many_for_enqueue(schema: Any, data: Sequence[Any]) -> Sequence[Any]:
     if schema is None and all(type(d) in _PLAIN for d in data):
         return data
     return [for_enqueue(schema, d, f"data[{i}]") for i, d in enumerate(data)]
+
+
+def _is_ref(node: Any) -> bool:
+    return type(node) is dict and len(node) == 2 and node.keys() == REF_KEYS
+
+
+def has_references(data: Any) -> bool:
+    """Whether `data` holds a reference (a walk of the decoded tree)."""
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        if type(node) is dict:
+            if _is_ref(node):
+                return True
+            stack.extend(v for v in node.values() if type(v) in (dict, list))
+        elif type(node) is list:
+            stack.extend(v for v in node if type(v) in (dict, list))
+    return False
+
+
+def load_references(data: Any, session: Session, what: str = "data") -> Any:
+    """`data` with each reference replaced by its row, loaded in `session`; a class
+    that does not import or a row that is gone is MissingReference, naming both."""
+    if _is_ref(data):
+        return _load(data, session, what)
+    if type(data) is dict:
+        return {k: load_references(v, session, f"{what}[{json.dumps(k)}]")
+                for k, v in data.items()}
+    if type(data) is list:
+        return [load_references(v, session, f"{what}[{i}]") for i, v in enumerate(data)]
+    return data
+
+
+def _load(ref: dict[str, Any], session: Session, what: str) -> Any:
+    target, pk = ref[REF], ref["pk"]
+    cls = _class(target, what)
+    row = session.get(cls, tuple(pk) if isinstance(pk, list) else pk)
+    if row is None:
+        raise MissingReference(f"{what}: {target} with pk {json.dumps(pk, default=str)} no "
+                               "longer exists; it was deleted after the action was enqueued")
+    return row
+
+
+def _class(target: Any, what: str) -> type:
+    module, _, name = target.partition(":") if isinstance(target, str) else ("", "", "")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    except Exception as exc:
+        raise MissingReference(f"{what}: the reference to {target!r} does not import "
+                               f"({type(exc).__name__}: {exc}); deploy the module on the "
+                               "worker or cancel the action") from None
+    if not isinstance(obj, type):
+        raise MissingReference(f"{what}: {target!r} is not a class")
+    return obj
