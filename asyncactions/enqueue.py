@@ -480,7 +480,8 @@ FANOUT_BATCH = 5000
 
 
 def enqueue_all(db: Database, processor: str, *, each: dict[str, Iterable[Any]],
-                static: dict[str, Any] | None = None, **options: Any) -> int:
+                static: dict[str, Any] | None = None, background: bool = False,
+                on_complete: str | None = None, **options: Any) -> int:
     """Fan out: one action per combination of the `each` iterables (their cross product),
     each action's data being that combination plus `static`. Returns the count.
 
@@ -488,6 +489,10 @@ def enqueue_all(db: Database, processor: str, *, each: dict[str, Iterable[Any]],
     combinations there are: the first iterable is streamed (it may be a generator of any
     length); the others are kept in memory, as they are gone through once per item of
     the first. The options are init_actions' (unique_key may be a function of the data).
+
+    With `background=True` it records one fan-out action instead (FANOUT, run by every
+    worker: fanout.py), so `each` must be stored: lists of JSON values or ranges. When
+    all are enqueued, `on_complete` (a processor name) gets {"count", "processor"}.
     """
     if not each:
         raise AsyncActionsError("enqueue_all needs at least one iterable in each={...}")
@@ -496,11 +501,66 @@ def enqueue_all(db: Database, processor: str, *, each: dict[str, Iterable[Any]],
     if overlap:
         raise AsyncActionsError(f"enqueue_all: {', '.join(overlap)} is both in each and in "
                                 "static; give every key once")
+    if background:
+        spec = _fanout_spec(processor, each, static, on_complete, options)
+        init_action(db, FANOUT, spec, related_id=options.get("related_id"))
+        return spec["total"]
+    if on_complete is not None:
+        raise AsyncActionsError("enqueue_all: on_complete needs background=True (without it "
+                                "the actions are all recorded when enqueue_all returns)")
     count = 0
     with connection(db) as conn:
         for batch in _batched(combinations(each, static), FANOUT_BATCH):
             count += len(init_actions(conn, processor, batch, **options))
     return count
+
+
+FANOUT = "asyncactions.fanout"  # the built-in processor of background fan-outs
+# What a fan-out can keep of init_actions' options (a function cannot be stored).
+FANOUT_OPTIONS = ("related_id", "delay", "eligible_at", "retries", "priority", "ordering_key",
+                  "max_data_bytes")
+
+
+def _fanout_spec(processor: str, each: dict[str, Iterable[Any]], static: dict[str, Any],
+                 on_complete: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """The fan-out action's data: all a worker needs to stream the cross product, and
+    `done`, how many combinations are enqueued so far (advanced with each batch)."""
+    where = "enqueue_all(background=True)"
+    other = sorted(set(options) - set(FANOUT_OPTIONS))
+    if other:
+        raise AsyncActionsError(f"{where}: {', '.join(other)} cannot be stored for the "
+                                f"worker; it takes {', '.join(FANOUT_OPTIONS)}")
+    if not isinstance(options.get("ordering_key"), str | None):
+        raise AsyncActionsError(f"{where}: ordering_key must be one str (a function or list "
+                                "cannot be stored for the worker)")
+    if on_complete is not None and (not isinstance(on_complete, str) or not on_complete):
+        raise AsyncActionsError(f"{where}: on_complete must be a processor name, got "
+                                f"{on_complete!r:.60}")
+    _options(processor, options.get("delay"), options.get("eligible_at"),
+             options.get("retries"), options.get("priority", 0))
+    stored: dict[str, Any] = {}
+    total = 1
+    for key, values in each.items():
+        if isinstance(values, range):
+            stored[key] = {"range": [values.start, values.stop, values.step]}
+        elif isinstance(values, list | tuple):
+            stored[key] = {"values": list(values)}
+        else:
+            raise AsyncActionsError(
+                f"{where}: each[{key!r}] is a {type(values).__name__}; give a list of JSON "
+                "values or a range (the worker reads them later), or drop background=True")
+        total *= len(values)
+    delay = options.get("delay")
+    return {"processor": processor, "each": stored, "static": static,
+            "options": {**options, **({"delay": delay.total_seconds()} if delay else {})},
+            "on_complete": on_complete, "batch": FANOUT_BATCH, "total": total, "done": 0,
+            "completed": False}
+
+
+def fanout_iterables(spec: dict[str, Any]) -> dict[str, Iterable[Any]]:
+    """`each` of a fan-out action's data, as enqueue_all was given it."""
+    return {key: range(*value["range"]) if "range" in value else value["values"]
+            for key, value in spec["each"].items()}
 
 
 def combinations(each: dict[str, Iterable[Any]],
