@@ -109,21 +109,24 @@ class Executor:
                 if proc.settings.transactional:
                     done = await greenlet_spawn(self._in_transaction, proc, attempt)
                 else:
-                    # Loading references is blocking I/O: off the event loop.
-                    prepare = (asyncio.to_thread if any(payloads.has_references(a.data)
-                                                        for a in attempt.actions)
-                               else _now)
-                    actions, refused = await prepare(self._prepared, proc, attempt.actions)
-                    try:
-                        value = await proc.fn(*self._args(proc, actions)) if actions else None
-                    except BaseException as exc:  # CancelledError too: its task was cancelled
-                        done = Done(refused + self._raised(actions, exc))
-                    else:
-                        done = Done(refused + (self._returned(proc, actions, value)
-                                               if actions else []))
+                    done = Done(await self._call_async(proc, attempt.actions))
         except BaseException as exc:
             done = self._broken(attempt, exc)
         return self._measured(proc, started, done)
+
+    async def _call_async(self, proc: Processor, actions: list[Action]) -> list[Outcome]:
+        """Await a plain async processor (a task on the worker's event loop)."""
+        # Loading references is blocking I/O: off the event loop.
+        prepare = (asyncio.to_thread if any(payloads.has_references(a.data) for a in actions)
+                   else _now)
+        actions, refused = await prepare(self._prepared, proc, actions)
+        if not actions:
+            return refused
+        try:
+            value = await proc.fn(*self._args(proc, actions))
+        except BaseException as exc:  # CancelledError too: its task was cancelled
+            return refused + self._raised(actions, exc)
+        return refused + self._returned(proc, actions, value)
 
     def _broken(self, attempt: Attempt, exc: BaseException) -> Done:
         """Our own bookkeeping failed: still an outcome for each action."""
