@@ -734,7 +734,8 @@ def schedules_cmd(state: State, fmt: str) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; another than loopback needs a token.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True,
+              help="Port to listen on.")
 @click.option("--read-only", is_flag=True, help="Refuse every change (403).")
 @click.pass_obj
 def web(state: State, host: str, port: int, read_only: bool) -> None:

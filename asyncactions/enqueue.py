@@ -217,14 +217,18 @@ def _unique_keys(unique_key: UniqueKeys | None, data: Sequence[Any]) -> list[str
     if inspect.iscoroutinefunction(unique_key):
         raise AsyncActionsError("unique_key must be a plain function data -> key, not an "
                                 "async def")
-    keys = ([unique_key(d) for d in data] if callable(unique_key) else list(unique_key))
+    return _one_per_item(unique_key, data, "unique_key")
+
+
+def _one_per_item(given: Callable[[Any], str | None] | Sequence[str | None],
+                  data: Sequence[Any], what: str) -> list[str | None]:
+    """A key per item of data: a function of its data, or a list as long as data."""
+    keys = [given(d) for d in data] if callable(given) else list(given)
     if len(keys) != len(data):
-        raise AsyncActionsError(f"unique_key has {len(keys)} keys for {len(data)} actions; "
+        raise AsyncActionsError(f"{what} has {len(keys)} keys for {len(data)} actions; "
                                 "give one per action (None for no key)")
     for i, key in enumerate(keys):
-        if key is not None and not isinstance(key, str):
-            raise AsyncActionsError(f"unique_key of data[{i}] must be a str or None, not "
-                                    f"{type(key).__name__}")
+        _check_key(key, f"{what} of data[{i}]")
     return keys
 
 
@@ -246,12 +250,7 @@ def _ordering_keys(ordering_key: OrderingKeys | None,
     if isinstance(ordering_key, bytes):
         raise AsyncActionsError("ordering_key must be a str, a list of str or a function "
                                 "data -> str, not bytes")
-    keys = ([ordering_key(d) for d in data] if callable(ordering_key) else list(ordering_key))
-    if len(keys) != len(data):
-        raise AsyncActionsError(f"ordering_key has {len(keys)} keys for {len(data)} actions; "
-                                "give one per action (None for no key)")
-    for i, key in enumerate(keys):
-        _check_key(key, f"ordering_key of data[{i}]")
+    keys = _one_per_item(ordering_key, data, "ordering_key")
     return keys if any(k is not None for k in keys) else None
 
 

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.util import await_only, greenlet_spawn
 
-from . import payloads, queries
+from . import payloads, queries, tracing
 from .action import Action
 from .database import first_line
 from .durations import format_duration
@@ -83,14 +83,16 @@ class Executor:
         proc = self._processors[attempt.processor]
         # The hook an asyncio runner needs to cancel a task: attempt.live.on_cancel().
         attempt.live = LiveAttempt(attempt.actions, self._engine)
-        try:
-            with self.live.running(attempt.live):
-                if proc.settings.transactional:
-                    done = self._in_transaction(proc, attempt)
-                else:
-                    done = Done(self._call(proc, attempt.actions)[0])
-        except BaseException as exc:
-            done = self._broken(attempt, exc)
+        with tracing.consuming(proc.name, attempt.actions) as span:
+            try:
+                with self.live.running(attempt.live):
+                    if proc.settings.transactional:
+                        done = self._in_transaction(proc, attempt)
+                    else:
+                        done = Done(self._call(proc, attempt.actions)[0])
+            except BaseException as exc:
+                done = self._broken(attempt, exc)
+            tracing.outcome(span, done.outcomes)
         return self._measured(proc, started, done)
 
     async def run_async(self, attempt: Attempt) -> Done:
@@ -104,14 +106,16 @@ class Executor:
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
         if task is not None:
             attempt.live.on_cancel(lambda: loop.call_soon_threadsafe(task.cancel))
-        try:
-            with self.live.running(attempt.live):
-                if proc.settings.transactional:
-                    done = await greenlet_spawn(self._in_transaction, proc, attempt)
-                else:
-                    done = Done(await self._call_async(proc, attempt.actions))
-        except BaseException as exc:
-            done = self._broken(attempt, exc)
+        with tracing.consuming(proc.name, attempt.actions) as span:
+            try:
+                with self.live.running(attempt.live):
+                    if proc.settings.transactional:
+                        done = await greenlet_spawn(self._in_transaction, proc, attempt)
+                    else:
+                        done = Done(await self._call_async(proc, attempt.actions))
+            except BaseException as exc:
+                done = self._broken(attempt, exc)
+            tracing.outcome(span, done.outcomes)
         return self._measured(proc, started, done)
 
     async def _call_async(self, proc: Processor, actions: list[Action]) -> list[Outcome]:

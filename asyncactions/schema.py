@@ -146,6 +146,9 @@ Index("async_action_started_idx", async_action.c.processor, async_action.c.start
       postgresql_where=text("started_at IS NOT NULL"),
       sqlite_where=text("started_at IS NOT NULL"))
 
+# Lists filtered by processor (newest first), and windows by creation (stats, bulk).
+Index("async_action_processor_id_idx", async_action.c.processor, async_action.c.id)
+Index("async_action_created_idx", async_action.c.created_at)
 Index("async_action_event_idx", async_action.c.event, async_action.c.id,
       postgresql_where=text("event IS NOT NULL"), sqlite_where=text("event IS NOT NULL"))
 
@@ -229,16 +232,6 @@ class statement_now(db_now):
     inherit_cache = True
 
 
-@compiles(statement_now, "postgresql")
-def _statement_now_pg(element: statement_now, compiler: Any, **kw: Any) -> str:
-    return _db_now_pg(element, compiler, **kw).replace("now()", "statement_timestamp()")
-
-
-@compiles(statement_now, "sqlite")
-def _statement_now_sqlite(element: statement_now, compiler: Any, **kw: Any) -> str:
-    return _db_now_sqlite(element, compiler, **kw)  # SQLite's 'now' is per statement
-
-
 class clock_now(db_now):
     """The time as the row is written (clock_timestamp() on PostgreSQL), after the
     statement's snapshot was taken: a claim's start is then later than the commit of
@@ -248,14 +241,21 @@ class clock_now(db_now):
     inherit_cache = True
 
 
-@compiles(clock_now, "postgresql")
-def _clock_now_pg(element: clock_now, compiler: Any, **kw: Any) -> str:
-    return _db_now_pg(element, compiler, **kw).replace("now()", "clock_timestamp()")
+def _another_clock(element: type[db_now], pg_clock: str) -> None:
+    """db_now read from another of PostgreSQL's clocks. SQLite's 'now' serves as both:
+    it is per statement, and its one writer runs statements in order."""
+
+    @compiles(element, "postgresql")
+    def _postgresql(element: db_now, compiler: Any, **kw: Any) -> str:
+        return _db_now_pg(element, compiler, **kw).replace("now()", f"{pg_clock}()")
+
+    @compiles(element, "sqlite")
+    def _sqlite(element: db_now, compiler: Any, **kw: Any) -> str:
+        return _db_now_sqlite(element, compiler, **kw)
 
 
-@compiles(clock_now, "sqlite")
-def _clock_now_sqlite(element: clock_now, compiler: Any, **kw: Any) -> str:
-    return _db_now_sqlite(element, compiler, **kw)  # one writer: statements run in order
+_another_clock(statement_now, "statement_timestamp")
+_another_clock(clock_now, "clock_timestamp")
 
 
 # The clock itself, with no offset to bind: a statement prepared with it plans like one
@@ -277,24 +277,21 @@ class largest(FunctionElement[int]):
     inherit_cache = True
 
 
-@compiles(smallest, "postgresql")
-def _smallest_pg(element: smallest, compiler: Any, **kw: Any) -> str:
-    return f"LEAST({compiler.process(element.clauses, **kw)})"
+def _named_by_dialect(element: type[FunctionElement[Any]], postgresql_name: str,
+                      sqlite_name: str) -> None:
+    """One function, spelled by each dialect its own way."""
+
+    @compiles(element, "postgresql")
+    def _postgresql(element: FunctionElement[Any], compiler: Any, **kw: Any) -> str:
+        return f"{postgresql_name}({compiler.process(element.clauses, **kw)})"
+
+    @compiles(element, "sqlite")
+    def _sqlite(element: FunctionElement[Any], compiler: Any, **kw: Any) -> str:
+        return f"{sqlite_name}({compiler.process(element.clauses, **kw)})"
 
 
-@compiles(smallest, "sqlite")
-def _smallest_sqlite(element: smallest, compiler: Any, **kw: Any) -> str:
-    return f"min({compiler.process(element.clauses, **kw)})"
-
-
-@compiles(largest, "postgresql")
-def _largest_pg(element: largest, compiler: Any, **kw: Any) -> str:
-    return f"GREATEST({compiler.process(element.clauses, **kw)})"
-
-
-@compiles(largest, "sqlite")
-def _largest_sqlite(element: largest, compiler: Any, **kw: Any) -> str:
-    return f"max({compiler.process(element.clauses, **kw)})"
+_named_by_dialect(smallest, "LEAST", "min")
+_named_by_dialect(largest, "GREATEST", "max")
 
 
 class as_payload(FunctionElement[Any]):

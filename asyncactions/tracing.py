@@ -90,10 +90,13 @@ def consuming(processor: str, actions: Sequence[Any]) -> Iterator[Any]:
         yield span if span.is_recording() else None
 
 
-def outcome(span: Any, kind: str, error: str | None = None) -> None:
-    """The attempt's outcome on its consumer span."""
+def outcome(span: Any, outcomes: Sequence[Any]) -> None:
+    """The attempt's outcome on its consumer span (a batch's kinds, joined), and the
+    error when one failed."""
     if span is None:
         return
-    span.set_attribute("asyncactions.outcome", kind)
-    if error is not None:
-        span.set_status(Status(StatusCode.ERROR, error))
+    span.set_attribute("asyncactions.outcome",
+                       ",".join(sorted({str(o.kind) for o in outcomes})))
+    errors = [o.error for o in outcomes if o.error]
+    if errors:
+        span.set_status(Status(StatusCode.ERROR, errors[0]))

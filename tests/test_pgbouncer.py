@@ -225,3 +225,50 @@ def test_a_prepare_threshold_that_is_neither_none_nor_a_count_is_one_line(value:
     with pytest.raises(ConfigError, match=r"prepare_threshold=.* must be none .* or a whole "
                                           "number"):
         make_engine(f"postgresql+psycopg://u:secret@127.0.0.1/db?prepare_threshold={value}")
+
+
+def test_async_enqueue_and_wait_for_work_through_the_pooler(pooled: str) -> None:
+    import asyncio
+
+    from asyncactions import aio
+    from asyncactions.database import make_async_engine
+
+    async def scenario() -> tuple[int, list[int]]:
+        engine = make_async_engine(pooled)
+        try:
+            async with engine.begin() as conn:
+                for i in range(20):  # psycopg would prepare from the fifth on
+                    await aio.init_action(conn, "pooled_async", {"i": i})
+            many = await aio.init_actions(engine, "pooled_async", [{}] * 1500)  # COPY
+            await aio.cancel(engine, many[0].id)
+            done = await aio.wait_for(engine, many[0].id, timeout=30)
+            return done.id, [a.id for a in many]
+        finally:
+            await engine.dispose()
+
+    canceled, ids = asyncio.run(scenario())
+    engine = make_engine(pooled)
+    assert admin.get_action(engine, canceled).status == Status.CANCELED
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM async_action")).scalar_one() == 1520
+    engine.dispose()
+    assert len(ids) == 1500
+
+
+def test_the_web_server_works_through_the_pooler(pooled: str, tmp_path: Path) -> None:
+    from .web_server import serve
+
+    with serve(pooled, tmp_path) as server, server.client() as api:
+        init_action_engine = make_engine(pooled)
+        init_action(init_action_engine, "via_web", {})  # known by its rows
+        init_action_engine.dispose()
+        for _ in range(10):  # past psycopg's prepare threshold on every connection
+            created = api.post("/api/v1/actions", json={"processor": "via_web"})
+            assert created.status_code == 202, created.text
+            assert api.get(f"/api/v1/actions/{created.json()['id']}").status_code == 200
+        listed = api.get("/api/v1/actions", params={"processor": "via_web"}).json()
+        assert len(listed["actions"]) == 11
+        assert api.get("/api/v1/stats").status_code == 200
+        # No request failed on the server's side.
+        assert "Traceback" not in (tmp_path / next(
+            p.name for p in tmp_path.iterdir() if p.name.startswith("web-"))).read_text()

@@ -6,6 +6,7 @@ in-memory exporter; without a provider that records, nothing is stored."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 from opentelemetry import trace
@@ -14,9 +15,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from asyncactions import admin, init_action, init_actions
+from asyncactions import admin, init_action, init_actions, processor
 
-from .conftest import Db
+from .conftest import Db, drain
 
 _exporter = InMemorySpanExporter()
 _provider = TracerProvider()
@@ -50,6 +51,27 @@ def test_an_enqueue_stores_its_producer_spans_traceparent(db: Db, spans) -> None
     assert many.attributes["messaging.batch.message_count"] == 3
     assert {admin.get_action(db.engine, a.id).trace_context for a in bulk} == {
         traceparent_of(many)}
+
+
+def test_each_attempt_runs_in_a_consumer_span_linked_to_its_enqueue(db: Db, spans) -> None:
+    @processor("traced", retries=1, retry_interval=timedelta(0))
+    def traced(action):
+        if action.attempts == 1:
+            raise RuntimeError("first attempt fails")
+        return "ok"
+
+    action = init_action(db.engine, "traced", {})
+    drain(db)
+    producer = next(s for s in spans.get_finished_spans() if s.kind == SpanKind.PRODUCER)
+    consumers = sorted((s for s in spans.get_finished_spans() if s.kind == SpanKind.CONSUMER),
+                       key=lambda s: s.attributes["asyncactions.attempt"])
+    assert [(c.attributes["asyncactions.action_id"], c.attributes["asyncactions.attempt"],
+             c.attributes["asyncactions.outcome"]) for c in consumers] == [
+        (action.id, 1, "retried"), (action.id, 2, "completed")]
+    for consumer in consumers:
+        assert consumer.attributes["asyncactions.processor"] == "traced"
+        assert [link.context.span_id for link in consumer.links] == [
+            producer.get_span_context().span_id]
 
 
 def test_without_a_recording_provider_nothing_is_stored(

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, text
 from asyncactions import cancel, init_action, migrate
 from asyncactions.database import make_engine
 
-from .conftest import cli, start_worker, track, wait_until
+from .conftest import TRUNCATE, cli, start_worker, track, wait_until
 from .web_server import TOKEN, Server, free_port, serve
 
 WRITES = [("POST", "/api/v1/actions", {"processor": "sync_invoice"}),
@@ -37,7 +37,12 @@ READS = ["/api/v1/actions", "/api/v1/actions/1", "/api/v1/stats", "/api/v1/worke
 def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                  ) -> str:
     if request.param == "postgresql":
-        return request.getfixturevalue("pg_database")
+        url = request.getfixturevalue("pg_database")
+        engine = make_engine(url)  # the session's database: what earlier tests left goes
+        with engine.begin() as conn:
+            conn.execute(text(TRUNCATE))
+        engine.dispose()
+        return url
     url = f"sqlite:///{tmp_path_factory.mktemp('web') / 'asyncactions.db'}"
     engine = make_engine(url)
     migrate.upgrade(engine)
