@@ -11,6 +11,7 @@ from .errors import (
     ConfigError,
     DatabaseError,
     ImportFailed,
+    InvalidData,
     UnknownProcessor,
     UnserializableData,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "DatabaseError",
     "Defer",
     "ImportFailed",
+    "InvalidData",
     "PermanentFailure",
     "Status",
     "UnknownProcessor",

@@ -24,13 +24,13 @@ from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.util import greenlet_spawn
 
-from . import admin, enqueue
+from . import admin, enqueue, events
 from .action import Action
 from .database import Database, NotADatabase
 from .notifier import OUTCOME_CHANNEL
 
-__all__ = ["cancel", "enqueue_all", "get_action", "init_action", "init_actions", "retry",
-           "wait_for"]
+__all__ = ["cancel", "enqueue_all", "get_action", "init_action", "init_actions", "publish",
+           "retry", "wait_for"]
 
 AsyncDatabase = AsyncSession | AsyncConnection | AsyncEngine
 P = ParamSpec("P")
@@ -71,6 +71,7 @@ def _coroutine_of(fn: Callable[Concatenate[Database, P], R]
 init_action = _coroutine_of(enqueue.init_action)
 init_actions = _coroutine_of(enqueue.init_actions)
 enqueue_all = _coroutine_of(enqueue.enqueue_all)
+publish = _coroutine_of(events.publish)
 get_action = _coroutine_of(admin.get_action)
 cancel = _coroutine_of(admin.cancel)
 retry = _coroutine_of(admin.retry)

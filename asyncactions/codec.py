@@ -7,6 +7,10 @@ an offset and come back naive. One-key objects with these keys are reserved: a v
 that holds one is refused, since it would be read back as something else.
 Payloads are trees at most MAX_DEPTH deep, so that reading one back never runs out of
 stack, wherever it is read.
+
+A SQLAlchemy ORM instance is stored as a reference, ``{"$ref": "module:Class", "pk": …}``
+(its primary key, never a copy of the row), which the worker loads again (payloads.py).
+Objects of exactly these two keys are reserved likewise.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
+
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.orm import InstanceState, object_session
 
 from .errors import UnserializableData
 
@@ -38,7 +45,10 @@ _DECODERS = {
 }
 
 
-def _tag(value: Any) -> dict[str, str]:
+REF, REF_KEYS = "$ref", frozenset({"$ref", "pk"})
+
+
+def _tag(value: Any) -> dict[str, Any]:
     # datetime before date: a datetime is a date too.
     if isinstance(value, datetime):
         return {"$datetime": value.isoformat()}
@@ -50,7 +60,25 @@ def _tag(value: Any) -> dict[str, str]:
         return {"$decimal": str(value)}
     if isinstance(value, UUID):
         return {"$uuid": str(value)}
+    state = sa_inspect(value, raiseerr=False)
+    if isinstance(state, InstanceState):
+        return reference(value, state)
     raise TypeError(type(value).__name__)
+
+
+def reference(value: Any, state: InstanceState[Any]) -> dict[str, Any]:
+    """An ORM instance as {"$ref": "module:Class", "pk": …}; one added to a session but
+    not yet written is flushed first, so that it has its primary key."""
+    if state.key is None and state.pending:
+        session = object_session(value)
+        if session is not None:
+            session.flush()
+    if state.key is None:
+        raise ValueError(f"a {type(value).__name__} that is not in the database yet has no "
+                         "primary key to refer to; add it to a session and flush first")
+    pk = state.key[1]
+    return {REF: f"{type(value).__module__}:{type(value).__qualname__}",
+            "pk": pk[0] if len(pk) == 1 else list(pk)}
 
 
 def dumps(value: Any, *, what: str = "data", max_bytes: int | None = None) -> str:
@@ -105,6 +133,11 @@ def _check_tree(value: Any, what: str) -> None:
             raise UnserializableData(f"{what}: nested more than {MAX_DEPTH} levels deep; "
                                      "store a flatter structure")
         if isinstance(node, dict):
+            if len(node) == 2 and node.keys() == REF_KEYS:
+                raise UnserializableData(
+                    f'{path}: {{"$ref": …, "pk": …}} is reserved (SQLAlchemy ORM instances are '
+                    'stored so, and it would be loaded back as a row); rename a key or add '
+                    "another one")
             if len(node) == 1 and next(iter(node)) in _DECODERS:
                 key = next(iter(node))
                 raise UnserializableData(
@@ -151,6 +184,13 @@ def _explain(value: Any, path: str, seen: frozenset[int] = frozenset()) -> str:
         return f"{path}: {value!r} is not a finite number; JSON has no NaN or infinity"
     if isinstance(value, Decimal | datetime | date | UUID):
         return f"{path}: {value!r} cannot be stored (a Decimal must be finite)"
+    state = sa_inspect(value, raiseerr=False)
+    if isinstance(state, InstanceState):
+        try:
+            reference(value, state)
+        except ValueError as exc:
+            return f"{path}: {exc}"
+        return f"{path}: a reference to a {type(value).__name__} cannot be stored"
     if id(value) in seen:
         return f"{path}: refers to itself; data must be a tree, not a cycle"
     seen = seen | {id(value)}

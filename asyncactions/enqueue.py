@@ -33,13 +33,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.util import await_only
 
-from . import codec, tracing
+from . import codec, payloads, tracing
 from .action import Action, Status, row_to_action
 from .database import Database, HotStatement, connection, kept_cursor
 from .durations import check_duration
 from .errors import AsyncActionsError
 from .notifier import NOTIFY_CHANNEL
-from .processors import MAX_RETRIES
+from .processors import MAX_RETRIES, lookup
 from .schema import (
     ACTIVE_STATUSES,
     ID_SEQUENCE,
@@ -114,6 +114,7 @@ def init_action(db: Database, processor: str, data: Any = None, *,
     """
     options = _options(processor, delay, eligible_at, retries, priority)
     _check_key(ordering_key, "ordering_key")
+    data = payloads.for_enqueue(_schema(processor), data)
     text = None if data is None else codec.dumps(data, max_bytes=max_data_bytes)
     span = tracing.start_producer(processor)  # None unless the application traces
     params = {"processor": processor, "data": text, "related_id": related_id,
@@ -130,6 +131,12 @@ def init_action(db: Database, processor: str, data: Any = None, *,
     finally:
         tracing.end_producer(span, [action.id] if action else [])
     return action
+
+
+def _schema(processor: str) -> Any:
+    """The schema of `processor` where it is registered in this process, else None."""
+    registered = lookup(processor)
+    return None if registered is None else registered.settings.schema
 
 
 UniqueKeys = Callable[[Any], str | None] | Sequence[str | None]
@@ -152,6 +159,7 @@ def init_actions(db: Database, processor: str, data: Sequence[Any], *,
     `ordering_key` likewise: a function of the data, a list, or one str for them all.
     """
     options = _options(processor, delay, eligible_at, retries, priority)
+    data = payloads.many_for_enqueue(_schema(processor), data)
     with _gc_paused():
         texts = [None if d is None else codec.dumps(d, what=f"data[{i}]",
                                                     max_bytes=max_data_bytes)
@@ -471,7 +479,8 @@ FANOUT_BATCH = 5000
 
 
 def enqueue_all(db: Database, processor: str, *, each: dict[str, Iterable[Any]],
-                static: dict[str, Any] | None = None, **options: Any) -> int:
+                static: dict[str, Any] | None = None, background: bool = False,
+                on_complete: str | None = None, **options: Any) -> int:
     """Fan out: one action per combination of the `each` iterables (their cross product),
     each action's data being that combination plus `static`. Returns the count.
 
@@ -479,6 +488,10 @@ def enqueue_all(db: Database, processor: str, *, each: dict[str, Iterable[Any]],
     combinations there are: the first iterable is streamed (it may be a generator of any
     length); the others are kept in memory, as they are gone through once per item of
     the first. The options are init_actions' (unique_key may be a function of the data).
+
+    With `background=True` it records one fan-out action instead (FANOUT, run by every
+    worker: fanout.py), so `each` must be stored: lists of JSON values or ranges. When
+    all are enqueued, `on_complete` (a processor name) gets {"count", "processor"}.
     """
     if not each:
         raise AsyncActionsError("enqueue_all needs at least one iterable in each={...}")
@@ -487,11 +500,66 @@ def enqueue_all(db: Database, processor: str, *, each: dict[str, Iterable[Any]],
     if overlap:
         raise AsyncActionsError(f"enqueue_all: {', '.join(overlap)} is both in each and in "
                                 "static; give every key once")
+    if background:
+        spec = _fanout_spec(processor, each, static, on_complete, options)
+        init_action(db, FANOUT, spec, related_id=options.get("related_id"))
+        return spec["total"]
+    if on_complete is not None:
+        raise AsyncActionsError("enqueue_all: on_complete needs background=True (without it "
+                                "the actions are all recorded when enqueue_all returns)")
     count = 0
     with connection(db) as conn:
         for batch in _batched(combinations(each, static), FANOUT_BATCH):
             count += len(init_actions(conn, processor, batch, **options))
     return count
+
+
+FANOUT = "asyncactions.fanout"  # the built-in processor of background fan-outs
+# What a fan-out can keep of init_actions' options (a function cannot be stored).
+FANOUT_OPTIONS = ("related_id", "delay", "eligible_at", "retries", "priority", "ordering_key",
+                  "max_data_bytes")
+
+
+def _fanout_spec(processor: str, each: dict[str, Iterable[Any]], static: dict[str, Any],
+                 on_complete: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """The fan-out action's data: all a worker needs to stream the cross product, and
+    `done`, how many combinations are enqueued so far (advanced with each batch)."""
+    where = "enqueue_all(background=True)"
+    other = sorted(set(options) - set(FANOUT_OPTIONS))
+    if other:
+        raise AsyncActionsError(f"{where}: {', '.join(other)} cannot be stored for the "
+                                f"worker; it takes {', '.join(FANOUT_OPTIONS)}")
+    if not isinstance(options.get("ordering_key"), str | None):
+        raise AsyncActionsError(f"{where}: ordering_key must be one str (a function or list "
+                                "cannot be stored for the worker)")
+    if on_complete is not None and (not isinstance(on_complete, str) or not on_complete):
+        raise AsyncActionsError(f"{where}: on_complete must be a processor name, got "
+                                f"{on_complete!r:.60}")
+    _options(processor, options.get("delay"), options.get("eligible_at"),
+             options.get("retries"), options.get("priority", 0))
+    stored: dict[str, Any] = {}
+    total = 1
+    for key, values in each.items():
+        if isinstance(values, range):
+            stored[key] = {"range": [values.start, values.stop, values.step]}
+        elif isinstance(values, list | tuple):
+            stored[key] = {"values": list(values)}
+        else:
+            raise AsyncActionsError(
+                f"{where}: each[{key!r}] is a {type(values).__name__}; give a list of JSON "
+                "values or a range (the worker reads them later), or drop background=True")
+        total *= len(values)
+    delay = options.get("delay")
+    return {"processor": processor, "each": stored, "static": static,
+            "options": {**options, **({"delay": delay.total_seconds()} if delay else {})},
+            "on_complete": on_complete, "batch": FANOUT_BATCH, "total": total, "done": 0,
+            "completed": False}
+
+
+def fanout_iterables(spec: dict[str, Any]) -> dict[str, Iterable[Any]]:
+    """`each` of a fan-out action's data, as enqueue_all was given it."""
+    return {key: range(*value["range"]) if "range" in value else value["values"]
+            for key, value in spec["each"].items()}
 
 
 def combinations(each: dict[str, Iterable[Any]],

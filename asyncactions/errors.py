@@ -32,3 +32,12 @@ class DatabaseError(AsyncActionsError):
 
 class ImportFailed(AsyncActionsError):
     """A module named with --import (or `imports`) could not be imported."""
+
+
+class InvalidData(AsyncActionsError):
+    """Data that does not fit its processor's schema (at enqueue or on the worker)."""
+
+
+class MissingReference(InvalidData):
+    """A referenced row (`{"$ref": …}` in data) that is gone, or a class that does not
+    import, on the worker."""

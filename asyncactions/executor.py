@@ -12,25 +12,28 @@ import asyncio
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.util import await_only, greenlet_spawn
 
-from . import queries, tracing
+from . import payloads, queries, tracing
 from .action import Action
 from .database import first_line
 from .durations import format_duration
+from .errors import InvalidData
 from .live import LiveAttempt, LiveAttempts
 from .metrics import Metrics
 from .outcomes import Kind, Outcome, completed, deferred, error_line, failed_attempt
 from .processors import DEFAULTS, Defer, PermanentFailure, Processor
 
 log = logging.getLogger("asyncactions.executor")
+R = TypeVar("R")
 
 
 @dataclass(eq=False)
@@ -109,16 +112,25 @@ class Executor:
                     if proc.settings.transactional:
                         done = await greenlet_spawn(self._in_transaction, proc, attempt)
                     else:
-                        try:
-                            value = await proc.fn(*self._args(proc, attempt.actions))
-                        except BaseException as exc:  # CancelledError too: task cancelled
-                            done = Done(self._raised(attempt.actions, exc))
-                        else:
-                            done = Done(self._returned(proc, attempt.actions, value))
+                        done = Done(await self._call_async(proc, attempt.actions))
             except BaseException as exc:
                 done = self._broken(attempt, exc)
             tracing.outcome(span, done.outcomes)
         return self._measured(proc, started, done)
+
+    async def _call_async(self, proc: Processor, actions: list[Action]) -> list[Outcome]:
+        """Await a plain async processor (a task on the worker's event loop)."""
+        # Loading references is blocking I/O: off the event loop.
+        prepare = (asyncio.to_thread if any(payloads.has_references(a.data) for a in actions)
+                   else _now)
+        actions, refused = await prepare(self._prepared, proc, actions)
+        if not actions:
+            return refused
+        try:
+            value = await proc.fn(*self._args(proc, actions))
+        except BaseException as exc:  # CancelledError too: its task was cancelled
+            return refused + self._raised(actions, exc)
+        return refused + self._returned(proc, actions, value)
 
     def _broken(self, attempt: Attempt, exc: BaseException) -> Done:
         """Our own bookkeeping failed: still an outcome for each action."""
@@ -140,6 +152,14 @@ class Executor:
         """Call the processor; returns the outcomes and whether it raised (then a
         transactional processor's writes roll back). In a greenlet (see run_async) an
         async processor is awaited here."""
+        actions, refused = self._prepared(proc, actions, session)
+        if not actions:
+            return refused, False
+        outcomes, raised = self._called(proc, actions, session)
+        return refused + outcomes, raised
+
+    def _called(self, proc: Processor, actions: list[Action],
+                session: Any = None) -> tuple[list[Outcome], bool]:
         try:
             value = proc.fn(*self._args(proc, actions, session))
             if proc.is_async:
@@ -151,6 +171,36 @@ class Executor:
         except BaseException as exc:  # SystemExit and the like end this attempt only
             return self._raised(actions, exc), True
         return self._returned(proc, actions, value), False
+
+    # --- typed payloads (payloads.py) ---------------------------------------------------
+
+    def _prepared(self, proc: Processor, actions: list[Action],
+                  session: Any = None) -> tuple[list[Action], list[Outcome]]:
+        """The actions as the processor sees them (references loaded, in the processor's
+        session or a short one of their own; data as its schema's model), and the
+        outcomes of those whose data does not fit: failed for good, the field named."""
+        schema = proc.settings.schema
+        refs = [payloads.has_references(a.data) for a in actions]
+        if schema is None and not any(refs):
+            return actions, []
+        if any(refs) and session is None:
+            with Session(self._engine) as short:
+                return self._prepared(proc, actions, short)
+        if isinstance(session, AsyncSession):
+            session = session.sync_session
+        ready: list[Action] = []
+        refused: list[Outcome] = []
+        for action, ref in zip(actions, refs, strict=True):
+            try:
+                data = payloads.load_references(action.data, session) if ref else action.data
+                if schema is not None:
+                    data = payloads.validate(schema, data)
+                ready.append(action._replace(data=data))
+            except InvalidData as exc:
+                refused.append(failed_attempt(action, exc, worker=self._worker,
+                                              settings=proc.settings, permanent=True,
+                                              with_traceback=False))
+        return ready, refused
 
     def _raised(self, actions: list[Action], exc: BaseException) -> list[Outcome]:
         return [self._outcome(a, exc) for a in actions]
@@ -253,6 +303,10 @@ class Executor:
             return Outcome(action, Kind.FAILED, 0,
                            error="RecordingFailed: this attempt's outcome could not be "
                                  "recorded")
+
+
+async def _now(fn: Callable[..., R], *args: Any) -> R:
+    return fn(*args)
 
 
 def _ids(attempt: Attempt) -> str:

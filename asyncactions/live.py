@@ -39,6 +39,11 @@ class LiveAttempt:
         self._on_cancel: list[Callable[[], None]] = []
 
     @property
+    def engine(self) -> Engine:
+        """The worker's engine (the built-in fan-out writes its batches with it)."""
+        return self._engine
+
+    @property
     def action(self) -> Action:
         """The action being run (a batch processor's first; all are in `actions`)."""
         return self.actions[0]

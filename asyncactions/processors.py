@@ -15,6 +15,7 @@ from typing import Any, Literal, NamedTuple
 
 from .durations import check_duration, parse_duration
 from .errors import ConfigError, ImportFailed, UnknownProcessor
+from .payloads import check_schema
 
 
 class PermanentFailure(Exception):
@@ -69,6 +70,7 @@ class ProcessorSettings:
     concurrency: int | None = None  # attempts running at once, across the cluster
     rate_limit: RateLimit | None = None  # attempts started per window, across the cluster
     on: tuple[str, ...] = ()  # events whose rules a worker serving it adds when it starts
+    schema: Any = None  # a Pydantic model or dataclass its data must fit (payloads.py)
 
     @property
     def flow_controlled(self) -> bool:
@@ -107,13 +109,14 @@ def processor(name: str, *, retries: int = DEFAULTS.retries,
               on_failure: Callable[[Any], None] | None = DEFAULTS.on_failure,
               max_retry_interval: timedelta = DEFAULTS.max_retry_interval,
               concurrency: int | None = None, rate_limit: str | None = None,
-              on: Iterable[str] = (),
+              on: Iterable[str] = (), schema: Any = None,
               ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register the decorated function as the processor called `name`.
 
     `concurrency=N` caps its attempts running at once across all workers;
     `rate_limit="5/s"` (or /m, /h) caps the attempts started in any such window;
-    `on=["order.placed"]` binds it to events (rules a worker serving it adds)."""
+    `on=["order.placed"]` binds it to events (rules a worker serving it adds);
+    `schema=Model` (Pydantic or dataclass) checks its data and hands it `Model`."""
     settings = ProcessorSettings(retries=retries, retry_interval=retry_interval,
                                  backoff=backoff, timeout=timeout, batch_size=batch_size,
                                  enabled=enabled, transactional=transactional,
@@ -121,7 +124,8 @@ def processor(name: str, *, retries: int = DEFAULTS.retries,
                                  concurrency=concurrency,
                                  rate_limit=parse_rate_limit(rate_limit,
                                                              f"@processor({name!r}) rate_limit"),
-                                 on=_events(on, f"@processor({name!r}) on"))
+                                 on=_events(on, f"@processor({name!r}) on"),
+                                 schema=check_schema(schema, f"@processor({name!r}) schema"))
     for key, check in PROCESSOR_SETTINGS.items():
         check(getattr(settings, key), f"@processor({name!r}) {key}")
     _on_failure(on_failure, f"@processor({name!r}) on_failure")

@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy import Engine, event
 from sqlalchemy import exc as sa_exc
 
-from . import events, hooks, migrate, queries
+from . import events, fanout, hooks, migrate, queries
 from . import processors as registry
 from .action import Action
 from .claiming import Claimer, InFlight, WorkerFailed
@@ -88,6 +88,7 @@ class Worker:
         if not self.processors:
             raise ConfigError("no enabled processors to run; name the modules that define them "
                               "with --import (or `imports` in the config file)")
+        self.processors[fanout.FANOUT] = fanout.PROCESSOR  # every worker runs fan-outs
         # The pid namespace tells a restarted worker on this host whether a registered
         # pid is one it can check for liveness.
         self.id = (f"{socket.gethostname()}:{os.getpid()}:"

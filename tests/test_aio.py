@@ -26,6 +26,7 @@ from asyncactions import (
 )
 from asyncactions.admin import listen_url
 from asyncactions.database import make_async_engine
+from asyncactions.events import add_rule
 from asyncactions.notifier import NOTIFY_CHANNEL
 
 from .conftest import Db, worker_config
@@ -187,3 +188,21 @@ def test_a_large_bulk_enqueue_from_asyncio_takes_the_copy_path(
     run(pg, test)
     assert len(copies) == 2 and copies[0].startswith("COPY async_action")
     assert pg.scalar("SELECT count(*) FROM async_action") == enqueue.COPY_FROM
+
+
+def test_publish_in_an_async_session_is_all_or_none(db: Db) -> None:
+    add_rule(db.engine, "order.placed", "send_receipt")
+    add_rule(db.engine, "order.placed", "sync_invoice")
+
+    async def test(engine: AsyncEngine) -> list[str]:
+        async with AsyncSession(engine) as session:
+            await session.begin()
+            assert len(await aio.publish(session, "order.placed", {"order": 1})) == 2
+            await session.rollback()
+            async with session.begin():
+                published = await aio.publish(session, "order.placed", {"order": 2})
+        return sorted(a.processor for a in published)
+
+    assert run(db, test) == ["send_receipt", "sync_invoice"]
+    assert sorted(db.rows("SELECT processor, event FROM async_action")) == [
+        ("send_receipt", "order.placed"), ("sync_invoice", "order.placed")]

@@ -361,7 +361,7 @@ def test_workers_shows_live_workers_and_what_they_hold(db: Db, tmp_path: Path) -
         release.set()
         thread.join(30)
     assert (live["id"], live["pid"], live["processors"], live["running"]) == (
-        worker.id, os.getpid(), ["hold"], 2)
+        worker.id, os.getpid(), ["asyncactions.fanout", "hold"], 2)  # fan-outs: every worker
     assert 0 <= live["heartbeat_age"] < 30
     assert (stale["id"], stale["hostname"], stale["processors"], stale["running"]) == (
         "stale", "elsewhere", ["mail", "sms"], 0)

@@ -1,0 +1,137 @@
+"""SPEC §3 background fan-out: `enqueue_all(..., background=True, on_complete=...)`
+records one fan-out action; a worker streams the cross product in batches, each batch
+its own transaction with the fan-out's progress, resumes after a crash without
+duplicates or gaps, and enqueues `on_complete` once with the count."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session
+
+from asyncactions import AsyncActionsError, Status, admin, aio, enqueue_all, processor
+from asyncactions import enqueue as enqueue_module
+from asyncactions.database import make_async_engine
+from asyncactions.enqueue import FANOUT
+
+from .conftest import Db, drain, start_worker, wait_until, worker_log
+
+
+def data_of(db: Db, processor: str) -> list[Any]:
+    return [json.loads(d) if isinstance(d, str) else d for (d,) in db.rows(
+        "SELECT data FROM async_action WHERE processor = :p ORDER BY id", p=processor)]
+
+
+def fanout_action(db: Db) -> Any:
+    (action_id,) = [r[0] for r in db.rows(f"SELECT id FROM async_action "
+                                          f"WHERE processor = '{FANOUT}'")]
+    return admin.get_action(db.engine, action_id)
+
+
+def test_a_background_fan_out_is_one_action_until_a_worker_streams_it(
+        db: Db, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(enqueue_module, "FANOUT_BATCH", 7)  # 20 combinations: 3 batches
+    with Session(db.engine) as session, session.begin():
+        count = enqueue_all(session, "visit", each={"city": ["a", "b", "c", "d"],
+                                                    "day": range(5)},
+                            static={"kind": "survey"}, background=True, on_complete="report",
+                            priority=3)
+    assert count == 20
+    assert db.rows("SELECT processor FROM async_action") == [(FANOUT,)]
+    reports: list[Any] = []
+    processor("report")(lambda action: reports.append(action.data))
+    drain(db)
+    visits = sorted((d["city"], d["day"], d["kind"]) for d in data_of(db, "visit"))
+    assert visits == [(c, d, "survey") for c in "abcd" for d in range(5)]
+    assert db.scalar("SELECT count(*) FROM async_action WHERE processor = 'visit' "
+                     "AND priority = 3") == 20
+    assert reports == [{"count": 20, "processor": "visit"}]
+    fan = fanout_action(db)
+    assert (fan.status, fan.result) == (Status.COMPLETED, {"count": 20, "processor": "visit"})
+    assert fan.data["done"] == 20
+
+
+def test_a_rolled_back_background_fan_out_leaves_nothing(db: Db) -> None:
+    with Session(db.engine) as session:
+        session.begin()
+        enqueue_all(session, "visit", each={"i": range(3)}, background=True)
+        session.rollback()
+    assert db.scalar("SELECT count(*) FROM async_action") == 0
+
+
+def test_aio_enqueue_all_records_a_background_fan_out(db: Db) -> None:
+    async def main() -> int:
+        engine = make_async_engine(db.url)
+        try:
+            return await aio.enqueue_all(engine, "visit", each={"i": range(4), "j": [1, 2]},
+                                         background=True)
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(main()) == 8
+    assert fanout_action(db).data["total"] == 8
+
+
+@pytest.mark.parametrize(("kwargs", "problem"), [
+    ({"each": {"i": (x for x in range(3))}, "background": True},
+     r"^enqueue_all\(background=True\): each\['i'\] is a generator; give a list of JSON "
+     r"values or a range"),
+    ({"each": {"i": {1, 2}}, "background": True}, r"each\['i'\] is a set"),
+    ({"each": {"i": [object()]}, "background": True}, r'data\["each"\]\["i"\]\["values"\]'
+                                                       r"\[0\]: object of type object"),
+    ({"each": {"i": [1]}, "background": True, "unique_key": str},
+     r"unique_key cannot be stored for the worker"),
+    ({"each": {"i": [1]}, "on_complete": "report"}, r"on_complete needs background=True"),
+])
+def test_what_a_background_fan_out_cannot_store_is_refused_in_one_line(
+        db: Db, kwargs: dict[str, Any], problem: str) -> None:
+    with pytest.raises(AsyncActionsError, match=problem) as refused:
+        enqueue_all(db.engine, "visit", **kwargs)
+    assert "\n" not in str(refused.value)
+    assert db.scalar("SELECT count(*) FROM async_action") == 0
+
+
+WORKER_MODULE = """
+from asyncactions import processor
+
+@processor("report")
+def report(action):
+    return action.data
+"""
+
+
+def test_a_fan_out_survives_a_kill_of_its_worker_with_every_combination_once(
+        db: Db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(enqueue_module, "FANOUT_BATCH", 1000)
+    (tmp_path / "fan_jobs.py").write_text(WORKER_MODULE)
+    (tmp_path / "asyncactions.toml").write_text(
+        'imports = ["fan_jobs"]\n[worker]\npoll_interval = "50ms"\nlease = "4s"\n')
+    total = enqueue_all(db.engine, "visit", each={"i": range(1000), "j": range(100)},
+                        background=True, on_complete="report")
+    assert total == 100_000
+    first = start_worker(tmp_path, db.url)
+    wait_until(lambda: fanout_action(db).data["done"] >= 2000, what="two batches")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(30)
+    # Mid-way, and what landed is exactly what its progress says.
+    done = fanout_action(db).data["done"]
+    assert 0 < done < total
+    assert db.scalar("SELECT count(*) FROM async_action WHERE processor = 'visit'") == done
+    second = start_worker(tmp_path, db.url)
+    wait_until(lambda: db.scalar("SELECT count(*) FROM async_action WHERE processor = "
+                                 "'report' AND status = 'completed'") == 1,
+               timeout=120, what="on_complete")
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(30) == 0, worker_log(second)
+    assert db.scalar("SELECT count(*) FROM async_action WHERE processor = 'visit'") == total
+    assert db.scalar("SELECT count(DISTINCT data) FROM async_action "
+                     "WHERE processor = 'visit'") == total
+    assert data_of(db, "report") == [{"count": total, "processor": "visit"}]
+    fan = fanout_action(db)
+    assert (fan.status, fan.attempts, fan.result["count"]) == (Status.COMPLETED, 2, total)
