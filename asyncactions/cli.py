@@ -38,7 +38,7 @@ from .database import (
 )
 from .durations import format_duration, parse_duration
 from .enqueue import init_action
-from .errors import AsyncActionsError, ConfigError
+from .errors import AsyncActionsError, ConfigError, UnknownProcessor
 from .output import FORMATS, emit
 
 
@@ -382,9 +382,14 @@ def rule() -> None:
               help="Module that registers processors (to check the name).")
 @click.pass_obj
 def rule_add(state: State, event: str, processor_name: str, imports: tuple[str, ...]) -> None:
-    """Bind PROCESSOR to EVENT: each publish of EVENT enqueues an action for it."""
+    """Bind PROCESSOR to EVENT: each publish of EVENT enqueues an action for it. A
+    processor not known here is bound anyway (producers may not know the processors)
+    with a warning naming it."""
     engine = state.checked_engine
-    _check_processor_known(state, engine, processor_name, imports)
+    try:
+        _check_processor_known(state, engine, processor_name, imports)
+    except UnknownProcessor as exc:
+        click.echo(f"warning: {exc}; the rule is added anyway: check the name", err=True)
     added = events.add_rule(engine, event, processor_name, created_by=admin.operator())
     click.echo(f"{event} -> {processor_name}: {'added' if added else 'already there'}")
 
