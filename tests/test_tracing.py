@@ -76,7 +76,7 @@ def test_each_attempt_runs_in_a_consumer_span_linked_to_its_enqueue(db: Db, span
 
 def test_without_a_recording_provider_nothing_is_stored(
         db: Db, monkeypatch: pytest.MonkeyPatch) -> None:
-    # An application that never configured a provider: OpenTelemetry's no-op tracer.
-    monkeypatch.setattr(trace, "get_tracer", trace.NoOpTracerProvider().get_tracer)
+    # An application that never configured a provider: the API's default one.
+    monkeypatch.setattr(trace, "get_tracer_provider", trace.ProxyTracerProvider)
     action = init_action(db.engine, "untraced", {})
     assert admin.get_action(db.engine, action.id).trace_context is None
