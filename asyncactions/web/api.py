@@ -28,7 +28,6 @@ from .app import BadInput, Caller, Conflict, Context, JSONAnswer, error
 
 MAX_LIST = 1000
 MAX_WAIT = timedelta(minutes=5)
-# Ordering keys arrive with flow control (another branch); until then they are refused.
 ENQUEUE_FIELDS = ("processor", "data", "related_id", "delay", "priority", "unique_key",
                   "ordering_key", "retries")
 
