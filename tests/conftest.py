@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +26,8 @@ from asyncactions import Worker, migrate, processor
 from asyncactions import processors as registry
 from asyncactions.config import Config, WorkerSettings
 from asyncactions.database import make_engine
+from bench.chaos.harness import Cluster
+from bench.chaos.harness import cluster as throwaway_cluster
 
 ADMIN_URL = os.environ.get("ASYNCACTIONS_TEST_PG_URL",
                            "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -247,55 +248,11 @@ def worker_log(process: subprocess.Popen[str]) -> str:
     return process.log_path.read_text()  # type: ignore[attr-defined]
 
 
-@dataclass
-class Cluster:
-    """A throwaway PostgreSQL server of our own, to restart at will."""
-
-    datadir: Path
-    port: int
-    bindir: Path
-    logfile: Path
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
-
-    def pg_ctl(self, *args: str) -> None:
-        _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l",
-                      str(self.logfile), "-w", *args])
-
-
-def _as_postgres(command: list[str]) -> None:
-    """initdb and pg_ctl refuse to run as root."""
-    if os.geteuid() == 0:
-        command = ["runuser", "-u", "postgres", "--", *command]
-    subprocess.run(command, check=True, capture_output=True, timeout=120)
-
-
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
-    bindir = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True)
-                  .stdout.strip() or "/usr/lib/postgresql/15/bin")
-    if not (bindir / "initdb").exists():
-        bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
-    base = Path(tempfile.mkdtemp(prefix="asyncactions-cluster-"))
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres", "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cluster = Cluster(base / "data", port, bindir, base / "log")
-    _as_postgres([str(bindir / "initdb"), "-D", str(cluster.datadir), "-U", "postgres",
-                  "--auth=trust", "--no-sync"])
-    with (cluster.datadir / "postgresql.conf").open("a") as conf:  # kept across restarts
-        conf.write(f"port = {port}\nlisten_addresses = '127.0.0.1'\n"
-                   f"unix_socket_directories = '{base}'\nlogging_collector = off\n")
-    cluster.pg_ctl("start")
-    try:
-        yield cluster
-    finally:
-        cluster.pg_ctl("-m", "immediate", "stop")
-        shutil.rmtree(base, ignore_errors=True)
+    """A throwaway PostgreSQL server of our own, to restart at will (the chaos suite's)."""
+    with throwaway_cluster() as server:
+        yield server
 
 
 def free_port() -> int:

@@ -309,12 +309,12 @@ def test_terminated_backends_do_not_stop_the_worker(pg: Db, tmp_path: Path) -> N
 
 
 def test_a_postgresql_restart_mid_run_loses_nothing(cluster: Cluster, tmp_path: Path) -> None:
-    engine = make_engine(cluster.url)
+    engine = make_engine(cluster.url())
     migrate.upgrade(engine)
-    db = Db(cluster.url, engine)
+    db = Db(cluster.url(), engine)
     setup(tmp_path)
     actions = init_actions(engine, "short", [{}] * 2000)
-    worker = start_worker(tmp_path, cluster.url)
+    worker = start_worker(tmp_path, cluster.url())
     wait_until(lambda: by_status(db).get("completed", 0) >= 300, what="300 completed")
     engine.dispose()
     cluster.pg_ctl("-m", "fast", "stop")
