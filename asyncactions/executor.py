@@ -84,14 +84,16 @@ class Executor:
         # The hook an asyncio runner needs to cancel a task: attempt.live.on_cancel().
         attempt.live = LiveAttempt(attempt.actions, self._engine)
         with tracing.consuming(proc.name, attempt.actions) as span:
+            token = self.live.begin(attempt.live)
             try:
-                with self.live.running(attempt.live):
-                    if proc.settings.transactional:
-                        done = self._in_transaction(proc, attempt)
-                    else:
-                        done = Done(self._call(proc, attempt.actions)[0])
+                if proc.settings.transactional:
+                    done = self._in_transaction(proc, attempt)
+                else:
+                    done = Done(self._call(proc, attempt.actions)[0])
             except BaseException as exc:
                 done = self._broken(attempt, exc)
+            finally:
+                self.live.end(attempt.live, token)
             tracing.outcome(span, done.outcomes)
         return self._measured(proc, started, done)
 
@@ -107,14 +109,16 @@ class Executor:
         if task is not None:
             attempt.live.on_cancel(lambda: loop.call_soon_threadsafe(task.cancel))
         with tracing.consuming(proc.name, attempt.actions) as span:
+            token = self.live.begin(attempt.live)
             try:
-                with self.live.running(attempt.live):
-                    if proc.settings.transactional:
-                        done = await greenlet_spawn(self._in_transaction, proc, attempt)
-                    else:
-                        done = Done(await self._call_async(proc, attempt.actions))
+                if proc.settings.transactional:
+                    done = await greenlet_spawn(self._in_transaction, proc, attempt)
+                else:
+                    done = Done(await self._call_async(proc, attempt.actions))
             except BaseException as exc:
                 done = self._broken(attempt, exc)
+            finally:
+                self.live.end(attempt.live, token)
             tracing.outcome(span, done.outcomes)
         return self._measured(proc, started, done)
 

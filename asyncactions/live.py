@@ -10,9 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,12 +30,16 @@ MAX_MESSAGE = 1000  # characters of a progress message kept
 class LiveAttempt:
     """The running attempt of one action (or of a batch of one processor's actions)."""
 
+    # One lock for every attempt: a cancel is rare, and an attempt's own lock and Event
+    # cost more than a no-op processor's whole call.
+    _lock = threading.Lock()
+    __slots__ = ("_canceled", "_engine", "_on_cancel", "actions")
+
     def __init__(self, actions: list[Action], engine: Engine) -> None:
         self.actions = actions
         self._engine = engine
-        self._canceled = threading.Event()
-        self._lock = threading.Lock()
-        self._on_cancel: list[Callable[[], None]] = []
+        self._canceled = False
+        self._on_cancel: list[Callable[[], None]] | None = None
 
     @property
     def engine(self) -> Engine:
@@ -52,23 +55,23 @@ class LiveAttempt:
     def cancel_requested(self) -> bool:
         """True once this attempt's action was canceled (or its claim was lost): its
         outcome will not be recorded, so a cooperative processor stops early."""
-        return self._canceled.is_set()
+        return self._canceled
 
     def on_cancel(self, callback: Callable[[], None]) -> None:
         """Call `callback` (from another thread) once a cancel is seen: the hook an
         asyncio runner uses to cancel the attempt's task. At once if already canceled."""
         with self._lock:
-            if not self._canceled.is_set():
-                self._on_cancel.append(callback)
+            if not self._canceled:
+                self._on_cancel = [*(self._on_cancel or ()), callback]
                 return
         callback()
 
     def request_cancel(self) -> None:
         with self._lock:
-            if self._canceled.is_set():
+            if self._canceled:
                 return
-            self._canceled.set()
-            callbacks, self._on_cancel = self._on_cancel, []
+            self._canceled = True
+            callbacks, self._on_cancel = self._on_cancel or [], None
         for callback in callbacks:
             try:
                 callback()
@@ -123,18 +126,19 @@ class LiveAttempts:
         self._lock = threading.Lock()
         self._running: set[LiveAttempt] = set()
 
-    @contextmanager
-    def running(self, attempt: LiveAttempt) -> Iterator[None]:
-        """Run the body as `attempt`: current_attempt() returns it, the watch sees it."""
+    def begin(self, attempt: LiveAttempt) -> Token[LiveAttempt | None]:
+        """From here on (until end), current_attempt() returns `attempt` in this thread or
+        task, and the cancel watch sees it. Not a context manager: on a no-op processor's
+        path its generator would cost more than the rest of the bookkeeping."""
         token = _current.set(attempt)
         with self._lock:
             self._running.add(attempt)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._running.discard(attempt)
-            _current.reset(token)
+        return token
+
+    def end(self, attempt: LiveAttempt, token: Token[LiveAttempt | None]) -> None:
+        with self._lock:
+            self._running.discard(attempt)
+        _current.reset(token)
 
     def snapshot(self) -> list[LiveAttempt]:
         with self._lock:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -115,16 +115,20 @@ def _is_ref(node: Any) -> bool:
 
 
 def has_references(data: Any) -> bool:
-    """Whether `data` holds a reference (a walk of the decoded tree)."""
-    stack = [data]
-    while stack:
-        node = stack.pop()
-        if type(node) is dict:
-            if _is_ref(node):
-                return True
-            stack.extend(v for v in node.values() if type(v) in (dict, list))
-        elif type(node) is list:
-            stack.extend(v for v in node if type(v) in (dict, list))
+    """Whether `data` holds a reference (a walk of the decoded tree). Called for every
+    action a worker runs: plain loops, no generators."""
+    kind = type(data)
+    if kind is dict:
+        if _is_ref(data):
+            return True
+        values: Iterable[Any] = data.values()
+    elif kind is list:
+        values = data
+    else:
+        return False
+    for value in values:
+        if (type(value) is dict or type(value) is list) and has_references(value):
+            return True
     return False
 
 

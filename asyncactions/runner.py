@@ -85,11 +85,13 @@ class Runner:
         self._loop.call(_cancel_task, attempt)
         return True
 
-    def _start_waiting(self) -> list[Attempt]:
+    def _start_waiting(self, keep: int = 0) -> list[Attempt]:
         """(Holding the lock.) Start waiting attempts while slots are free: sync ones
-        go to the threads (started if none is idle); returns the async ones, for the
-        loop."""
+        go to the threads (started if none is idle), except the first `keep`, which the
+        calling thread takes itself (waking another would cost a thread switch per
+        attempt); returns the async ones, for the loop."""
         to_loop: list[Attempt] = []
+        kept = keep
         while self._waiting and len(self._running) < self._size and not self._closed:
             attempt = self._waiting.popleft()
             self._running.add(attempt)
@@ -100,10 +102,13 @@ class Runner:
                     self._changed.notify_all()
             if self._executor.is_async(attempt):
                 to_loop.append(attempt)
+                continue
+            self._ready.append(attempt)
+            if keep:
+                keep -= 1
             else:
-                self._ready.append(attempt)
                 self._work_ready.notify()
-        for _ in range(len(self._ready) - self._idle):
+        for _ in range(len(self._ready) - self._idle - kept):
             threading.Thread(target=self._work, name="asyncactions-run", daemon=True).start()
         return to_loop
 
@@ -120,31 +125,39 @@ class Runner:
             self._loop_woken = True
         self._loop.call(self._start_tasks)
 
-    def _ended(self, attempt: Attempt, done: Done) -> bool:
-        """An attempt returned: free its slot, report it; true if it had been abandoned."""
+    def _ended(self, attempt: Attempt, done: Done, *, thread: bool = False,
+               ) -> tuple[bool, Attempt | None]:
+        """An attempt returned: free its slot, report it. Returns whether it had been
+        abandoned and, for the `thread` that ran it to its end, its next attempt."""
         with self._lock:
             abandoned = attempt.finished
             attempt.finished = True
             self._running.discard(attempt)
-            started = self._start_waiting()
+            takes = thread and not abandoned
+            started = self._start_waiting(keep=int(takes))
+            after = self._ready.popleft() if takes and self._ready else None
             if self._closed:  # shutdown waits for the running ones
                 self._changed.notify_all()
         self._to_loop(started)
         if not abandoned:
             self._reported(done)
-        return abandoned
+        return abandoned, after
 
     # --- sync attempts: threads -----------------------------------------------------------
 
     def _work(self) -> None:
-        while (attempt := self._next_ready()) is not None:
+        attempt = self._next_ready()
+        while attempt is not None:
             try:
                 done = self._executor.run(attempt)
             except BaseException as exc:  # the executor never raises; if it did, go on
                 log.exception("running an attempt failed unexpectedly")
                 done = Done(self._executor.failed(attempt, exc))
-            if self._ended(attempt, done):
+            abandoned, attempt = self._ended(attempt, done, thread=True)
+            if abandoned:
                 return  # timed out meanwhile: another thread took up this one's work
+            if attempt is None:
+                attempt = self._next_ready()
 
     def _next_ready(self) -> Attempt | None:
         with self._lock:

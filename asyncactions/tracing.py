@@ -9,7 +9,7 @@ is recorded or stored, and it costs one check per call.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 try:
@@ -83,14 +83,19 @@ def _link(value: str | None) -> Any:
     return Link(ctx) if ctx.is_valid else None
 
 
-@contextmanager
-def consuming(processor: str, actions: Sequence[Any]) -> Iterator[Any]:
+_OFF = nullcontext()  # the consumer "span" when nothing records: enters as None
+
+
+def consuming(processor: str, actions: Sequence[Any]) -> AbstractContextManager[Any]:
     """The consumer span of one attempt (of one action, or of a batch), linked to the
-    spans that enqueued its actions; yields the span, or None when nothing records."""
+    spans that enqueued its actions, as a context manager whose value is the span, or
+    None when nothing records (then a shared one that costs nothing to enter)."""
     tracer = _tracer()
-    if tracer is None:
-        yield None
-        return
+    return _OFF if tracer is None else _consuming(tracer, processor, actions)
+
+
+@contextmanager
+def _consuming(tracer: Any, processor: str, actions: Sequence[Any]) -> Iterator[Any]:
     links = [link for link in (_link(a.trace_context) for a in actions) if link is not None]
     attributes: dict[str, Any] = {"messaging.system": SYSTEM,
                                   "messaging.operation.type": "process",
