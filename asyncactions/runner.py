@@ -40,6 +40,7 @@ class Runner:
         self._waiting: deque[Attempt] = deque()  # submitted, not started
         self._ready: deque[Attempt] = deque()  # started sync attempts, for a thread
         self._idle = 0  # threads waiting for a ready attempt
+        self._starting = 0  # threads started that have not yet asked for one
         self._lock = threading.Lock()
         self._work_ready = threading.Condition(self._lock)  # for the pool's threads
         self._changed = threading.Condition(self._lock)  # for the watchdog and shutdown
@@ -108,7 +109,8 @@ class Runner:
                 keep -= 1
             else:
                 self._work_ready.notify()
-        for _ in range(len(self._ready) - self._idle - kept):
+        for _ in range(len(self._ready) - self._idle - self._starting - kept):
+            self._starting += 1
             threading.Thread(target=self._work, name="asyncactions-run", daemon=True).start()
         return to_loop
 
@@ -146,7 +148,7 @@ class Runner:
     # --- sync attempts: threads -----------------------------------------------------------
 
     def _work(self) -> None:
-        attempt = self._next_ready()
+        attempt = self._next_ready(starting=True)
         while attempt is not None:
             try:
                 done = self._executor.run(attempt)
@@ -159,8 +161,9 @@ class Runner:
             if attempt is None:
                 attempt = self._next_ready()
 
-    def _next_ready(self) -> Attempt | None:
+    def _next_ready(self, starting: bool = False) -> Attempt | None:
         with self._lock:
+            self._starting -= starting
             self._idle += 1
             self._work_ready.wait_for(lambda: self._ready or self._closed)
             self._idle -= 1
