@@ -218,6 +218,12 @@ class Claimer:
         with conn.begin() as connection:
             return queries.any_eligible(connection, sorted(self._processors))
 
+    def wants_more(self) -> bool:
+        """Whether a freed slot is worth waking the claim loop for: a plain claim waits
+        until half the slots it fills are free (see claim_round), so waking it for every
+        attempt that ends would only spin it; capped processors claim on regardless."""
+        return self._capped or self._runner.busy() <= self._concurrency
+
     def claim_round(self, conn: KeptConnection) -> tuple[int, bool]:
         """Claim for the free threads, and as many again to wait for one (so threads
         never idle while a claim is in flight); returns how many actions, and whether

@@ -135,7 +135,7 @@ class Worker:
             self._completer = completer = Completer(engine, self._written)
             runner = Runner(self.concurrency, executor, self._finished, loop=loop)
             listens = engine.dialect.name == "postgresql" and settings.listen
-            claimer = Claimer(
+            self._claimer = claimer = Claimer(
                 engine, self.id, self.processors, concurrency=self.concurrency,
                 lease=settings.lease, poll_interval=settings.poll_interval.total_seconds(),
                 listens=listens,
@@ -274,7 +274,8 @@ class Worker:
             self._completer.add(done.outcomes)
         else:
             self._written(done.outcomes, done.applied)
-        self._wake.set()  # a thread is free: worth a claim
+        if self._claimer.wants_more():
+            self._wake.set()  # enough slots are free: worth a claim
 
     def _written(self, written: Sequence[Outcome], applied: set[int]) -> None:
         """Outcomes written (or fenced out, or given up on): their capacity is free."""
