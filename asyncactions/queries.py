@@ -27,6 +27,7 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    insert,
     literal,
     literal_column,
     null,
@@ -48,6 +49,7 @@ from .schema import (
     as_payload,
     async_action,
     async_action_processor,
+    async_action_start,
     async_action_worker,
     clock_now,
     db_now,
@@ -108,7 +110,8 @@ def _allowed(name: str, flow: Flow) -> ColumnElement[int]:
         room.append(literal(flow.concurrency, Integer) - running.scalar_subquery())
     if flow.rate_count is not None:
         since = statement_now(literal(-(flow.rate_seconds or 0.0), Float))
-        started = select(func.count()).where(mine, t.c.started_at > since)
+        started = select(func.count()).where(_starts.c.processor == literal(name, Text),
+                                             _starts.c.started_at > since)
         room.append(literal(flow.rate_count, Integer) - started.scalar_subquery())
     return largest(smallest(bindparam("free", type_=Integer), *room), literal(0, Integer))
 
@@ -182,6 +185,9 @@ def claim(conn: Connection, worker: str, processors: Sequence[tuple[str, int]], 
             malformed.append((row_to_action(row, payloads=False), exc))
     # RETURNING has no order: put them back in claim order.
     actions.sort(key=lambda a: (a.priority, a.next_eligible_at, a.id))
+    if flow is not None and flow.rate_count is not None and flow.rate_seconds:
+        _note_starts(conn, processors[0][0],
+                     [a.id for a in (*actions, *(a for a, _ in malformed))], flow.rate_seconds)
     return actions, malformed
 
 
@@ -192,14 +198,29 @@ def any_eligible(conn: Connection, processors: Sequence[str]) -> bool:
         select(t.c.id).where(*_runnable(processors)).exists())).scalar_one()
 
 
+_starts = async_action_start
+
+
+def _note_starts(conn: Connection, name: str, ids: Sequence[int], seconds: float) -> None:
+    """Log the starts a rate-limited processor's claim just made (in its transaction,
+    under its lock), and drop those its window no longer counts."""
+    conn.execute(delete(_starts).where(_starts.c.processor == name,
+                                       _starts.c.started_at <= db_now(literal(-seconds, Float))))
+    if ids:  # the stamps as the claim wrote them, in the database's own format
+        conn.execute(insert(_starts).from_select(
+            ["processor", "started_at"],
+            select(t.c.processor, t.c.started_at).where(t.c.id.in_(ids))))
+
+
 def rate_window_opens(conn: Connection, name: str, count: int,
                       seconds: float) -> float | None:
     """Seconds until a start of `name` ages out of its full rate window, letting another
     start (the count-th latest start, plus the window); None if the window is not full."""
     at = conn.execute(
-        select(elapsed_seconds(NOW, t.c.started_at))
-        .where(t.c.processor == name, t.c.started_at > db_now(literal(-seconds, Float)))
-        .order_by(t.c.started_at.desc()).offset(count - 1).limit(1)).scalar()
+        select(elapsed_seconds(NOW, _starts.c.started_at))
+        .where(_starts.c.processor == name,
+               _starts.c.started_at > db_now(literal(-seconds, Float)))
+        .order_by(_starts.c.started_at.desc()).offset(count - 1).limit(1)).scalar()
     return None if at is None else max(at + seconds, 0.0)
 
 

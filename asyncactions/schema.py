@@ -141,14 +141,15 @@ Index("async_action_ordering_idx", async_action.c.ordering_key, async_action.c.i
       postgresql_where=LIVE_ORDERED, sqlite_where=LIVE_ORDERED)
 Index("async_action_ordering_running_idx", async_action.c.ordering_key, unique=True,
       postgresql_where=RUNNING_ORDERED, sqlite_where=RUNNING_ORDERED)
-# Rate limits count the attempts a processor started within their window.
-Index("async_action_started_idx", async_action.c.processor, async_action.c.started_at,
-      postgresql_where=text("started_at IS NOT NULL"),
-      sqlite_where=text("started_at IS NOT NULL"))
 
-# Lists filtered by processor (newest first), and windows by creation (stats, bulk).
-Index("async_action_processor_id_idx", async_action.c.processor, async_action.c.id)
-Index("async_action_created_idx", async_action.c.created_at)
+# Lists filtered by processor (newest first; running rows, few, are read apart: see
+# audit.list_actions), and windows by creation (stats, bulk: recent rows, at the end of
+# the table, so a BRIN index). Every claim and outcome write adds an entry to each index
+# whose predicate its new row meets: these two stay off the claim (see migration 0008).
+NOT_RUNNING = text("status <> 'running'")
+Index("async_action_processor_id_idx", async_action.c.processor, async_action.c.id,
+      postgresql_where=NOT_RUNNING, sqlite_where=NOT_RUNNING)
+Index("async_action_created_idx", async_action.c.created_at, postgresql_using="brin")
 Index("async_action_event_idx", async_action.c.event, async_action.c.id,
       postgresql_where=text("event IS NOT NULL"), sqlite_where=text("event IS NOT NULL"))
 
@@ -171,6 +172,18 @@ async_action_processor = Table(
     Column("paused_at", UtcDateTime),
     Column("paused_by", Text),
 )
+
+# The starts of rate-limited processors within their window, which their claims count
+# (and trim). A table of its own: an index of starts on async_action would cost every
+# claim and outcome write of every processor an entry (see migration 0008).
+async_action_start = Table(
+    "async_action_start",
+    metadata,
+    Column("processor", Text, nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+)
+Index("async_action_start_idx", async_action_start.c.processor,
+      async_action_start.c.started_at)
 
 # Rules bind events to processors: publish(event) creates one action per rule.
 async_action_rule = Table(
