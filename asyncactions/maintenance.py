@@ -166,6 +166,20 @@ class Pruner:
         return deleted
 
 
+class StartsTrimmer:
+    """Drop the logged starts of rate-limited processors that no window counts any more
+    (claims only add to the log, so that a capped claim stays one statement)."""
+
+    interval = 60.0
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def run_once(self) -> int:
+        with self._engine.begin() as conn:
+            return queries.trim_starts(conn)
+
+
 class ScheduleFirer:
     """Enqueue each schedule's fire times. Each schedule's next fire time is known here,
     so between fire times this touches no table."""

@@ -41,6 +41,7 @@ from .action import Action, Status, read_action, row_to_action
 from .database import HotStatement
 from .notifier import NOTIFY_CHANNEL, OUTCOME_CHANNEL
 from .outcomes import Outcome
+from .processors import PERIODS
 from .schema import (
     NOW,
     PAUSED,
@@ -122,7 +123,7 @@ def _allowed(name: str, flow: Flow) -> ColumnElement[int]:
 # makes the statement atomic anyway.)
 @functools.cache
 def claim_statement(processors: tuple[tuple[str, int], ...],
-                    flow: Flow | None = None) -> HotStatement:
+                    flow: Flow | None = None, *, log_starts: bool = False) -> HotStatement:
     """The claim for these (processor, retries) pairs. The worker's processors are
     fixed: one statement for them, with a bound value each (an expanding IN would be
     re-rendered on every claim). An action enqueued without retries gets its
@@ -130,7 +131,8 @@ def claim_statement(processors: tuple[tuple[str, int], ...],
 
     With `flow` (one processor with a concurrency cap or a rate limit) the statement
     counts what the cluster runs and started, and claims no more than the caps allow;
-    its caller serialises such claims per processor (lock_processor)."""
+    its caller serialises such claims per processor (lock_processor). `log_starts`
+    (PostgreSQL, with a rate limit): the same statement logs the starts it makes."""
     names = [name for name, _ in processors]
     limit = bindparam("free") if flow is None else _allowed(names[0], flow)
     picked = (
@@ -142,7 +144,7 @@ def claim_statement(processors: tuple[tuple[str, int], ...],
         .cte("picked")
         .prefix_with("MATERIALIZED")
     )
-    return HotStatement(
+    claim = (
         update(t)
         .where(t.c.id.in_(select(picked.c.id)))
         .values(status=Status.RUNNING.value, attempts=t.c.attempts + 1, started_at=clock_now(),
@@ -154,6 +156,19 @@ def claim_statement(processors: tuple[tuple[str, int], ...],
                 lease_expires_at=db_now(bindparam("lease", type_=Float)))
         .returning(*action_columns())
     )
+    if log_starts:
+        return HotStatement(_with_starts_logged(claim))
+    return HotStatement(claim)
+
+
+def _with_starts_logged(claim: Any) -> Any:
+    """The claim, logging the starts it makes in async_action_start in the same
+    statement (a data-modifying CTE: PostgreSQL). The leader trims the log (trim_starts)."""
+    claimed = claim.cte("claimed")
+    logged = insert(_starts).from_select(
+        ["processor", "started_at"], select(claimed.c.processor, claimed.c.started_at),
+    ).cte("logged")
+    return select(*claimed.c).add_cte(logged)
 
 
 def lock_processor(conn: Connection, name: str) -> None:
@@ -161,11 +176,13 @@ def lock_processor(conn: Connection, name: str) -> None:
     transaction ends (PostgreSQL; SQLite has one writer). Processors without caps
     never take it, so they never wait on each other."""
     if conn.dialect.name == "postgresql":
-        conn.execute(LOCK_PROCESSOR, {"key": f"asyncactions.processor:{name}"})
+        LOCK_PROCESSOR.rows(conn, {"key": f"asyncactions.processor:{name}"})
 
 
-LOCK_PROCESSOR = select(func.pg_advisory_xact_lock(
-    func.hashtextextended(bindparam("key", type_=Text), 0)))
+# Taken before every capped claim: hot, like the claim (SQLAlchemy's own execution of
+# it cost more than the round trip).
+LOCK_PROCESSOR = HotStatement(select(func.pg_advisory_xact_lock(
+    func.hashtextextended(bindparam("key", type_=Text), 0))))
 
 
 def claim(conn: Connection, worker: str, processors: Sequence[tuple[str, int]], free: int,
@@ -175,7 +192,9 @@ def claim(conn: Connection, worker: str, processors: Sequence[tuple[str, int]], 
     them in claim order, and apart the ones whose stored data does not decode (with
     why), to be failed on their own. With `flow`, call lock_processor first, in the
     same transaction."""
-    rows = claim_statement(tuple(processors), flow).rows(
+    rated = flow is not None and flow.rate_count is not None and bool(flow.rate_seconds)
+    in_one = rated and conn.dialect.name == "postgresql"
+    rows = claim_statement(tuple(processors), flow, log_starts=in_one).rows(
         conn, {"free": free, "worker": worker, "lease": lease.total_seconds()})
     actions, malformed = [], []
     for row in rows:
@@ -185,9 +204,8 @@ def claim(conn: Connection, worker: str, processors: Sequence[tuple[str, int]], 
             malformed.append((row_to_action(row, payloads=False), exc))
     # RETURNING has no order: put them back in claim order.
     actions.sort(key=lambda a: (a.priority, a.next_eligible_at, a.id))
-    if flow is not None and flow.rate_count is not None and flow.rate_seconds:
-        _note_starts(conn, processors[0][0],
-                     [a.id for a in (*actions, *(a for a, _ in malformed))], flow.rate_seconds)
+    if rated and not in_one:
+        _note_starts(conn, [a.id for a in (*actions, *(a for a, _ in malformed))])
     return actions, malformed
 
 
@@ -201,15 +219,24 @@ def any_eligible(conn: Connection, processors: Sequence[str]) -> bool:
 _starts = async_action_start
 
 
-def _note_starts(conn: Connection, name: str, ids: Sequence[int], seconds: float) -> None:
-    """Log the starts a rate-limited processor's claim just made (in its transaction,
-    under its lock), and drop those its window no longer counts."""
-    conn.execute(delete(_starts).where(_starts.c.processor == name,
-                                       _starts.c.started_at <= db_now(literal(-seconds, Float))))
+def _note_starts(conn: Connection, ids: Sequence[int]) -> None:
+    """Log the starts a rate-limited processor's claim just made, in its transaction
+    (where the claim itself cannot: SQLite)."""
     if ids:  # the stamps as the claim wrote them, in the database's own format
         conn.execute(insert(_starts).from_select(
             ["processor", "started_at"],
             select(t.c.processor, t.c.started_at).where(t.c.id.in_(ids))))
+
+
+# No rate window is longer than this: older starts count for none.
+LONGEST_WINDOW = max(PERIODS.values())
+
+
+def trim_starts(conn: Connection) -> int:
+    """Drop the logged starts no rate window counts any more."""
+    result = conn.execute(delete(_starts).where(
+        _starts.c.started_at <= db_now(literal(-LONGEST_WINDOW, Float))))
+    return result.rowcount
 
 
 def rate_window_opens(conn: Connection, name: str, count: int,

@@ -58,6 +58,7 @@ from .maintenance import (
     Rescuer,
     ScheduleFirer,
     Service,
+    StartsTrimmer,
     Waker,
     pid_namespace,
 )
@@ -177,7 +178,7 @@ class Worker:
         everywhere: list[Service] = [heartbeat, CancelWatch(engine, self._live)]
         if self.metrics is not None:
             everywhere.append(BacklogSampler(engine, self.metrics, self.processors))
-        leading: list[Service] = [rescuer]
+        leading: list[Service] = [rescuer, StartsTrimmer(engine)]
         retention = {k: v for k, v in self.config.retention.items() if v is not None}
         if retention:
             leading.append(Pruner(engine, retention))

@@ -33,7 +33,7 @@ ADMIN_URL = os.environ.get("ASYNCACTIONS_TEST_PG_URL",
                            "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 ROOT = Path(__file__).resolve().parent.parent
 TRUNCATE = ("TRUNCATE async_action, async_action_worker, async_action_schedule, async_action_rule, "
-            "async_action_processor "
+            "async_action_start, async_action_processor "
             "RESTART IDENTITY")
 
 

@@ -9,8 +9,8 @@ import threading
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import Float, insert, literal, select, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import text
 
 import asyncactions
 from asyncactions import (
@@ -26,7 +26,9 @@ from asyncactions import (
 from asyncactions.action import Action, Status
 from asyncactions.config import load_config
 from asyncactions.live import LiveAttempt
+from asyncactions.maintenance import StartsTrimmer
 from asyncactions.outcomes import Kind, Outcome
+from asyncactions.schema import async_action_start, db_now
 
 from .conftest import Db, cli, wait_until, worker_config
 
@@ -202,6 +204,19 @@ def test_a_rate_limit_starts_no_more_than_its_count_within_the_window(db: Db) ->
         opens = queries.rate_window_opens(conn, "rated", 3, 3600.0)
     assert opens is not None and 3590 < opens <= 3600
     assert len(claim(db, ["rated"], 10, queries.Flow(None, 5, 3600.0))) == 2
+
+
+def test_the_leader_trims_logged_starts_that_no_rate_window_counts(db: Db) -> None:
+    init_actions(db.engine, "rated", [{}] * 4)
+    assert len(claim(db, ["rated"], 4, queries.Flow(None, 10, 1.0))) == 4
+    assert db.scalar("SELECT count(*) FROM async_action_start") == 4
+    with db.engine.begin() as conn:  # and two from longer ago than the longest window
+        for ago in (3601.0, 7200.0):
+            conn.execute(insert(async_action_start).from_select(
+                ["processor", "started_at"],
+                select(literal("rated"), db_now(literal(-ago, Float)))))
+    assert StartsTrimmer(db.engine).run_once() == 2
+    assert db.scalar("SELECT count(*) FROM async_action_start") == 4
 
 
 def test_processor_caps_come_from_the_decorator_and_the_config_file(tmp_path) -> None:
