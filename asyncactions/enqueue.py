@@ -52,9 +52,14 @@ from .schema import (
     upsert,
 )
 
+# _options' answer when every option is left at its default: the common enqueue.
+_DEFAULT_OPTIONS = {"retries": None, "priority": 0, "delay": 0.0, "eligible_at": None}
+
 
 def _options(processor: str, delay: timedelta | None, eligible_at: datetime | None,
              retries: int | None, priority: int) -> dict[str, Any]:
+    if delay is None and eligible_at is None and retries is None and priority == 0:
+        return _DEFAULT_OPTIONS
     if delay is not None and eligible_at is not None:
         raise AsyncActionsError("give either delay or eligible_at, not both")
     # None stays NULL: the worker that first claims the action sets it from the
@@ -119,17 +124,23 @@ def init_action(db: Database, processor: str, data: Any = None, *,
     span = tracing.start_producer(processor)  # None unless the application traces
     params = {"processor": processor, "data": text, "related_id": related_id,
               "unique_key": unique_key, "ordering_key": ordering_key,
-              "trace_context": tracing.traceparent(span), "event": _event, **options}
+              "trace_context": None if span is None else tracing.traceparent(span),
+              "event": _event, **options}
     # One statement, unless a unique_key is taken: then each look-up and retry is a
     # statement of its own anyway (see _insert_one).
     action: Action | None = None
     try:
-        with connection(db, one_statement=True) as conn:
-            stmt = _insert_stmt(conn.dialect.name, eligible_at is not None,
-                                unique_key is not None)
-            action = _insert_one(conn, stmt, data, params)
+        if type(db) is Connection:  # the common case, without a generator's set-up
+            action = _insert_one(db, _insert_stmt(db.dialect.name, eligible_at is not None,
+                                                  unique_key is not None), data, params)
+        else:
+            with connection(db, one_statement=True) as conn:
+                stmt = _insert_stmt(conn.dialect.name, eligible_at is not None,
+                                    unique_key is not None)
+                action = _insert_one(conn, stmt, data, params)
     finally:
-        tracing.end_producer(span, [action.id] if action else [])
+        if span is not None:
+            tracing.end_producer(span, [action.id] if action else [])
     return action
 
 

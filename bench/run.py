@@ -231,6 +231,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--pgq-managers", type=_csv(int), default=[1],
                    help="pgqueuer QueueManagers per worker process, comma-separated: 1 is "
                    "`pgq run`, 5 what pgqueuer's own benchmark runs (default 1)")
+    p.add_argument("--pgq-tuned", action="store_true",
+                   help="with --peers, also run pgqueuer-tuned: batch_size 50, "
+                   "max_concurrent_tasks 100, uvloop (issue 17); --pgq-managers= with "
+                   "nothing after it runs the tuned variant alone")
     p.add_argument("--s2-blocks", type=int, default=10)
     p.add_argument("--s2-per-block", type=int, default=300)
     p.add_argument("--s3-count", type=int, default=200)
@@ -263,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         systems.append(AsyncActionsAio(args.concurrency))
     if args.peers:
         systems += [PgQueuer(managers) for managers in args.pgq_managers]
+        if args.pgq_tuned:
+            systems.append(PgQueuer(tuned=True))
     bench = Bench(args, systems)
     log(f"PostgreSQL {bench.context['postgres']}")
     bench.prepare()

@@ -1,0 +1,129 @@
+"""S2 on one kept connection (issue 17): the outbox's cost where no pool checkout
+dilutes it, next to raw psycopg sending the very statement asyncactions sends.
+
+Every variant runs on a connection of its own, opened once; the variants take turns in
+blocks, so drift on the machine hits them alike. The ratios compare each stack with its
+own order-only baseline:
+
+- `sa_enqueue` / `sa_order`: a SQLAlchemy `Connection`, `conn.begin()` per transaction,
+  the order insert and `init_action(conn, …)` against the order insert alone;
+- `sa_nowait` / `sa_order`: the same with `init_action(conn, …, wait=False)`, whose
+  statement rides the commit's round trip;
+- `pg_enqueue` / `pg_order`: psycopg, the order insert then the enqueue statement
+  asyncactions renders (row and notification in one statement), one round trip each;
+- `pg_pipeline` / `pg_order`: the same two statements, the enqueue and the COMMIT sent
+  together in one pipeline (the order's id is needed first, so its insert waits).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from sqlalchemy import create_engine, text
+
+from asyncactions import init_action
+from asyncactions.enqueue import _insert_stmt
+
+from .pg import libpq_url, sqlalchemy_url
+
+ORDER_SQL = "INSERT INTO orders (customer, amount) VALUES (%s, %s) RETURNING id"
+WARMUP = 50
+PROCESSOR = "bench_noop"
+
+
+def interleaved_many(variants: dict[str, Callable[[], None]], blocks: int,
+                     per_block: int) -> dict[str, float]:
+    """tx/s of each variant, the variants taking turns block by block."""
+    for _ in range(WARMUP):
+        for tx in variants.values():
+            tx()
+    elapsed = dict.fromkeys(variants, 0.0)
+    for _ in range(blocks):
+        for name, tx in variants.items():
+            start = time.perf_counter()
+            for _ in range(per_block):
+                tx()
+            elapsed[name] += time.perf_counter() - start
+    return {name: blocks * per_block / seconds for name, seconds in elapsed.items()}
+
+
+def s2_kept(url: str, blocks: int, per_block: int, nowait: bool = True) -> dict[str, float]:
+    engine = create_engine(sqlalchemy_url(url))
+    sa = engine.connect()
+    order = text("INSERT INTO orders (customer, amount) VALUES (:customer, :amount) "
+                 "RETURNING id")
+    pg_conns = [psycopg.connect(libpq_url(url)) for _ in range(3)]
+    enqueue_sql, _ = _insert_stmt("postgresql", False, False).render(
+        engine.dialect, _params(0))
+
+    def sa_tx(with_enqueue: bool, wait: bool = True) -> Callable[[], None]:
+        def tx() -> None:
+            with sa.begin():
+                order_id = sa.execute(order, {"customer": "c42",
+                                              "amount": Decimal("19.90")}).scalar_one()
+                if with_enqueue:
+                    init_action(sa, PROCESSOR, {"order_id": order_id},
+                                **({} if wait else {"wait": False}))
+        return tx
+
+    def pg_tx(conn: psycopg.Connection[Any], mode: str) -> Callable[[], None]:
+        cur, enqueue_cur = conn.cursor(), conn.cursor()
+
+        def tx() -> None:
+            order_id = cur.execute(ORDER_SQL, ("c42", Decimal("19.90"))).fetchone()[0]
+            if mode == "enqueue":
+                cur.execute(enqueue_sql, _args(engine, order_id)).fetchall()
+                conn.commit()
+            elif mode == "pipeline":
+                with conn.pipeline():
+                    enqueue_cur.execute(enqueue_sql, _args(engine, order_id))
+                    cur.execute("COMMIT")
+                enqueue_cur.fetchall()
+            else:
+                conn.commit()
+        return tx
+
+    variants = {"sa_order": sa_tx(False), "sa_enqueue": sa_tx(True),
+                **({"sa_nowait": sa_tx(True, wait=False)} if nowait else {}),
+                "pg_order": pg_tx(pg_conns[0], "order"),
+                "pg_enqueue": pg_tx(pg_conns[1], "enqueue"),
+                "pg_pipeline": pg_tx(pg_conns[2], "pipeline")}
+    try:
+        rates = interleaved_many(variants, blocks, per_block)
+    finally:
+        sa.close()
+        engine.dispose()
+        for conn in pg_conns:
+            conn.close()
+    out = {f"tx_per_s_{name}": rate for name, rate in rates.items()}
+    # What the enqueue adds to a transaction, in ms: the ratios also depend on how fast
+    # each stack's own order-only transaction is.
+    for name, base in (("sa_enqueue", "sa_order"), ("sa_nowait", "sa_order"),
+                       ("pg_enqueue", "pg_order"), ("pg_pipeline", "pg_order")):
+        if name in rates:
+            out[f"added_ms_{name}"] = 1000 / rates[name] - 1000 / rates[base]
+    out["ratio_sa_enqueue"] = rates["sa_enqueue"] / rates["sa_order"]
+    if nowait:
+        out["ratio_sa_nowait"] = rates["sa_nowait"] / rates["sa_order"]
+    out["ratio_pg_enqueue"] = rates["pg_enqueue"] / rates["pg_order"]
+    out["ratio_pg_pipeline"] = rates["pg_pipeline"] / rates["pg_order"]
+    # Item 2 of issue 17: init_action within 0.03 of its own statement's ratio.
+    out["gap_sa_vs_pg_enqueue"] = out["ratio_pg_enqueue"] - out["ratio_sa_enqueue"]
+    return out
+
+
+def _params(order_id: int) -> dict[str, Any]:
+    return {"processor": PROCESSOR, "data": json.dumps({"order_id": order_id}),
+            "related_id": None, "unique_key": None, "ordering_key": None,
+            "trace_context": None, "event": None, "retries": None, "priority": 0,
+            "delay": 0.0, "eligible_at": None}
+
+
+def _args(engine: Any, order_id: int) -> Any:
+    return _insert_stmt("postgresql", False, False).render(engine.dialect,
+                                                           _params(order_id))[1]
