@@ -358,9 +358,14 @@ class HotStatement:
         except dialect.loaded_dbapi.Error as exc:
             raise sa_exc.DBAPIError.instance(sql, args, exc,
                                              dialect.loaded_dbapi.Error) from exc
-        if compiled.results is not None:
-            rows = [tuple(v if p is None else p(v) for p, v in zip(compiled.results, row,
-                                                                   strict=True))
+        return self.process(dialect, rows)
+
+    def process(self, dialect: Dialect, rows: list[Any]) -> list[tuple[Any, ...]]:
+        """The driver's rows with SQLAlchemy's result conversions, as rows() returns them
+        (for rows fetched elsewhere: a statement sent in a pipeline)."""
+        results = self._for(dialect).results
+        if results is not None:
+            rows = [tuple(v if p is None else p(v) for p, v in zip(results, row, strict=True))
                     for row in rows]
         return rows
 

@@ -31,9 +31,10 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import Session
 from sqlalchemy.util import await_only
 
-from . import codec, payloads, tracing
+from . import codec, payloads, pipelined, tracing
 from .action import Action, Status, row_to_action
 from .database import Database, HotStatement, connection, kept_cursor
 from .durations import check_duration
@@ -109,16 +110,26 @@ def init_action(db: Database, processor: str, data: Any = None, *,
                 eligible_at: datetime | None = None, retries: int | None = None,
                 priority: int = 0, unique_key: str | None = None,
                 ordering_key: str | None = None,
-                max_data_bytes: int = codec.MAX_DATA_BYTES, _event: str | None = None,
-                ) -> Action:
+                max_data_bytes: int = codec.MAX_DATA_BYTES, wait: bool = True,
+                _event: str | None = None) -> Action:
     """Record one action in the caller's transaction and return it with its id.
 
     With a `unique_key` held by a pending or running action, nothing is inserted and
     that action is returned instead. Actions sharing an `ordering_key` run one at a
     time, in id order.
+
+    `wait=False` saves the statement's round trip: on PostgreSQL (psycopg, a Session or
+    Connection in a transaction) the row and its notification are sent with the
+    transaction's COMMIT, in one pipeline, or before the caller's next statement on that
+    connection, whichever comes first. The returned action's id, created_at and
+    next_eligible_at are known from then on. Elsewhere (SQLite, an Engine, autocommit,
+    asyncio) it is the plain enqueue.
     """
     options = _options(processor, delay, eligible_at, retries, priority)
     _check_key(ordering_key, "ordering_key")
+    if not wait and unique_key is not None:
+        raise AsyncActionsError("init_action(wait=False) cannot take a unique_key: which action "
+                                "holds the key is only known by waiting; drop one of them")
     data = payloads.for_enqueue(_schema(processor), data)
     text = None if data is None else codec.dumps(data, max_bytes=max_data_bytes)
     span = tracing.start_producer(processor)  # None unless the application traces
@@ -130,9 +141,15 @@ def init_action(db: Database, processor: str, data: Any = None, *,
     # statement of its own anyway (see _insert_one).
     action: Action | None = None
     try:
-        if type(db) is Connection:  # the common case, without a generator's set-up
-            action = _insert_one(db, _insert_stmt(db.dialect.name, eligible_at is not None,
-                                                  unique_key is not None), data, params)
+        conn = db.connection() if isinstance(db, Session) else db
+        if type(conn) is Connection:  # the common case, without a generator's set-up
+            stmt = _insert_stmt(conn.dialect.name, eligible_at is not None,
+                                unique_key is not None)
+            if wait or not pipelined.usable(conn):
+                action = _insert_one(conn, stmt, data, params)
+            else:
+                action = pipelined.queue(conn, stmt, params,
+                                         _new_action((None, None, None), data, params))
         else:
             with connection(db, one_statement=True) as conn:
                 stmt = _insert_stmt(conn.dialect.name, eligible_at is not None,
@@ -197,6 +214,7 @@ def _insert_many(db: Database, data: Sequence[Any], texts: list[str | None],
                  params: dict[str, Any], *, explicit_time: bool) -> list[Action]:
     ordered = okeys is not None
     with connection(db) as conn:
+        pipelined.send(conn)
         if conn.dialect.name != "postgresql":
             # SQLite has no round trips to save: the single-row statement, many times.
             stmt = _insert_stmt(conn.dialect.name, explicit_time, keys is not None)
@@ -295,6 +313,7 @@ def _resolve_unique(conn: Connection, explicit_time: bool, rows: Sequence[Row[An
 
 def _insert_one(conn: Connection, stmt: HotStatement, data: Any, params: dict[str, Any]) -> Action:
     """Insert one action, or return the live action that holds its unique_key."""
+    pipelined.send(conn)  # actions queued before this one get the smaller ids
     while True:
         rows = stmt.rows(conn, params)
         if rows:
