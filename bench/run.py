@@ -27,7 +27,7 @@ from bench.peers.pgqueuer_system import PgQueuer
 from bench.procs import log, wait_for_quiet
 from bench.systems import AsyncActions, AsyncActionsAio, System
 
-SCENARIOS = ("s1", "s2", "s3", "scale", "sleep")
+SCENARIOS = ("s1", "s2", "s2kept", "s3", "scale", "sleep")
 Figures = dict[str, Any]
 
 
@@ -124,6 +124,22 @@ class Bench:
                        "tx_each_way": a.s2_blocks * a.s2_per_block,
                        "tx": "INSERT INTO orders … RETURNING id (+ one enqueue), commit"})
 
+    def s2kept(self) -> None:
+        """S2 on one kept connection (issue 17): asyncactions' SQLAlchemy Connection with
+        raw psycopg sending the same statement beside it (bench/kept.py); pgqueuer's S2
+        is already on one kept asyncpg connection."""
+        a = self.args
+        systems = [s for s in self.systems if not isinstance(s, AsyncActionsAio)]
+        results = self.repeat("s2kept", a.runs, lambda s: scenarios.s2(
+            s, a.database_url, a.s2_blocks, a.s2_per_block, kept=True), ("ratio",),
+            systems=systems)
+        for system in systems:
+            self.emit("s2_kept", system, *results[system.name],
+                      {"blocks": a.s2_blocks, "tx_per_block": a.s2_per_block,
+                       "tx_each_way": a.s2_blocks * a.s2_per_block,
+                       "tx": "INSERT INTO orders … RETURNING id (+ one enqueue), commit, "
+                             "on one connection opened before the timing"})
+
     def s3(self) -> None:
         a = self.args
         results = self.repeat("s3", a.runs, lambda s: scenarios.s3(
@@ -201,7 +217,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenarios", type=_csv(str), default=list(SCENARIOS),
-                   help="comma-separated, from s1,s2,s3,scale,sleep (default: all)")
+                   help="comma-separated, from s1,s2,s2kept,s3,scale,sleep (default: all)")
     p.add_argument("--runs", type=int, default=3, help="runs per scenario; the median is "
                    "reported (default 3)")
     p.add_argument("--workers", type=_csv(int), default=[1, 2],

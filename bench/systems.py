@@ -40,6 +40,7 @@ class System(Protocol):
     def bulk_enqueue(self, url: str, n: int) -> float: ...
     def worker_command(self, url: str, kind: Kind) -> tuple[list[str], dict[str, str]]: ...
     def s2(self, url: str, blocks: int, per_block: int) -> dict[str, float]: ...
+    def s2_kept(self, url: str, blocks: int, per_block: int) -> dict[str, float]: ...
     def enqueue_paced(self, url: str, ids: Sequence[int], gap: float) -> list[float]: ...
 
 
@@ -145,6 +146,11 @@ class AsyncActions:
             return interleaved(tx, blocks, per_block)
         finally:
             engine.dispose()
+
+    def s2_kept(self, url: str, blocks: int, per_block: int) -> dict[str, float]:
+        from . import kept  # psycopg-level reference code, only for this scenario
+
+        return kept.s2_kept(url, blocks, per_block)
 
     def enqueue_paced(self, url: str, ids: Sequence[int], gap: float) -> list[float]:
         engine = self._engine(url)

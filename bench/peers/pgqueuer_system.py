@@ -103,6 +103,11 @@ class PgQueuer:
         return self._peer("s2", "--dsn", libpq_url(url), "--blocks", str(blocks),
                           "--per-block", str(per_block))
 
+    def s2_kept(self, url: str, blocks: int, per_block: int) -> dict[str, float]:
+        """pgqueuer's S2 is already on one asyncpg connection kept for the whole run,
+        conn.transaction() per transaction."""
+        return self.s2(url, blocks, per_block)
+
     def enqueue_paced(self, url: str, ids: Sequence[int], gap: float) -> list[float]:
         return self._peer("paced", "--dsn", libpq_url(url), f"--ids={','.join(map(str, ids))}",
                           "--gap", str(gap))["befores"]
