@@ -112,11 +112,12 @@ def compare(a: str, b: str, scenarios: str, rounds: int, extra: Sequence[str],
                     seen.setdefault(key, [[], []])[side].append(value)
     rows = []
     for (scenario, system, figure), (va, vb) in sorted(seen.items()):
-        if not va or not vb:
-            continue
-        ma, mb = statistics.median(va), statistics.median(vb)
+        # A figure only one side has (a variant the other commit lacks) is shown alone.
+        ma = statistics.median(va) if va else None
+        mb = statistics.median(vb) if vb else None
         rows.append({"scenario": scenario, "system": system, "figure": figure,
-                     "a": ma, "b": mb, "b_over_a": mb / ma if ma else None,
+                     "a": ma, "b": mb,
+                     "b_over_a": mb / ma if ma and mb is not None else None,
                      "a_runs": va, "b_runs": vb, "a_commit": commits[0],
                      "b_commit": commits[1]})
     return rows
@@ -131,7 +132,8 @@ def print_table(rows: list[dict[str, Any]], a: str, b: str) -> None:
     for r in rows:
         name = f"{r['scenario']} {r['system']} {r['figure']}"
         ratio = "-" if r["b_over_a"] is None else f"{r['b_over_a']:.3f}"
-        print(f"{name:<{width}}  {r['a']:>12.4g}  {r['b']:>12.4g}  {ratio:>6}")
+        a, b = ("-" if v is None else f"{v:.4g}" for v in (r["a"], r["b"]))
+        print(f"{name:<{width}}  {a:>12}  {b:>12}  {ratio:>6}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
