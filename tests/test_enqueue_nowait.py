@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from asyncactions import AsyncActionsError, admin, aio, init_action, init_actions
-from asyncactions.database import make_async_engine
+from asyncactions.database import make_async_engine, make_engine
 from asyncactions.pipelined import QueuedAction
 
 from .conftest import Db
@@ -185,3 +185,36 @@ def test_asyncio_waits_as_before(pg: Db) -> None:
 def test_a_unique_key_cannot_wait(db: Db) -> None:
     with db.engine.connect() as conn, pytest.raises(AsyncActionsError, match="unique_key"):
         init_action(conn, "p", unique_key="k", wait=False)
+
+
+def test_awkward_data_arrives_exactly_as_given(pg: Db) -> None:
+    # The values travel bound as literals: quotes, backslashes, semicolons, comments,
+    # dollar quotes and non-ASCII must all arrive as they were.
+    data = {"s": "it's \\ \"q\" ; COMMIT; -- $$ $1 %s %(x)s \u00fc\u4e2d", "n": [1.5, None, True]}
+    with pg.engine.connect() as conn, conn.begin():
+        action = init_action(conn, "p", data, related_id="o'clock", priority=-3, wait=False)
+    stored = admin.get_action(pg.engine, action.id)
+    assert (stored.data, stored.related_id, stored.priority) == (data, "o'clock", -3)
+
+
+def test_it_prepares_again_after_deallocate_all(pg: Db) -> None:
+    with pg.engine.connect() as conn:
+        for i in range(2):
+            with conn.begin():
+                init_action(conn, "p", i, wait=False)
+            conn.execute(text("DEALLOCATE ALL"))
+            conn.commit()
+    assert [r[0] for r in pg.rows("SELECT data FROM async_action ORDER BY id")] == [0, 1]
+
+
+def test_behind_a_transaction_pooler_it_is_the_plain_enqueue(pg: Db) -> None:
+    # ?prepare_threshold=none: PgBouncer in transaction mode, where a prepared statement
+    # is missing on the next server connection.
+    engine = make_engine(f"{pg.url}?prepare_threshold=none")
+    try:
+        with engine.connect() as conn, conn.begin():
+            action = init_action(conn, "p", 1, wait=False)
+            assert not isinstance(action, QueuedAction)
+    finally:
+        engine.dispose()
+    assert admin.get_action(pg.engine, action.id).data == 1
