@@ -20,18 +20,20 @@ from __future__ import annotations
 import inspect
 import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
 import psycopg
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
 from asyncactions import init_action
 from asyncactions.enqueue import _insert_stmt
 
-from .pg import libpq_url, sqlalchemy_url
+from .pg import ROOT, libpq_url, sqlalchemy_url
 
 ORDER_SQL = "INSERT INTO orders (customer, amount) VALUES (%s, %s) RETURNING id"
 WARMUP = 50
@@ -55,10 +57,38 @@ def interleaved_many(variants: dict[str, Callable[[], None]], blocks: int,
     return elapsed
 
 
-def s2_kept(url: str, blocks: int, per_block: int, nowait: bool | None = None
-            ) -> dict[str, float]:
+def s2_kept(url: str, blocks: int, per_block: int, nowait: bool | None = None,
+            delay_ms: float | None = None) -> dict[str, float]:
+    """The variants above; with `delay_ms` (0 too), every connection goes through
+    bench/latency_proxy.py, which holds each chunk that long each way (a server on
+    another host), and the measured round trip is reported as `round_trip_ms`."""
     if nowait is None:  # bench.compare runs this harness against older commits too
         nowait = "wait" in inspect.signature(init_action).parameters
+    if delay_ms is None:
+        return _s2_kept(url, blocks, per_block, nowait)
+    proxy = subprocess.Popen([sys.executable, "-m", "bench.latency_proxy", "--port", "0",
+                              "--to", f"{make_url(url).host}:{make_url(url).port or 5432}",
+                              "--delay-ms", str(delay_ms)], cwd=ROOT, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        port = int(proxy.stdout.readline())  # type: ignore[union-attr]
+        proxied = make_url(libpq_url(url)).set(host="127.0.0.1", port=port)
+        out = _s2_kept(proxied.render_as_string(hide_password=False), blocks, per_block,
+                       nowait)
+        with psycopg.connect(libpq_url(proxied.render_as_string(hide_password=False)),
+                             autocommit=True) as conn:
+            start = time.perf_counter()
+            for _ in range(100):
+                conn.execute("SELECT 1").fetchall()
+            out["round_trip_ms"] = (time.perf_counter() - start) * 10
+        out["proxy_delay_ms"] = delay_ms
+        return out
+    finally:
+        proxy.terminate()
+        proxy.wait()
+
+
+def _s2_kept(url: str, blocks: int, per_block: int, nowait: bool) -> dict[str, float]:
     engine = create_engine(sqlalchemy_url(url))
     sa = engine.connect()
     order = text("INSERT INTO orders (customer, amount) VALUES (:customer, :amount) "

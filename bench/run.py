@@ -253,6 +253,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "nothing after it runs the tuned variant alone")
     p.add_argument("--s2-blocks", type=int, default=10)
     p.add_argument("--s2-per-block", type=int, default=300)
+    p.add_argument("--s2kept-proxy-ms", type=float, default=None, dest="s2kept_delay_ms",
+                   help="s2kept: connect through a TCP proxy (bench/latency_proxy.py) that "
+                   "holds every chunk this long each way, as for a server on another host; "
+                   "0 is the proxy alone (a round trip of about 0.15 ms here)")
     p.add_argument("--s3-count", type=int, default=200)
     p.add_argument("--s3-gap-ms", type=float, default=20.0)
     p.add_argument("--scale-rows", type=int, default=2_000_000,
@@ -278,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     # SIGTERM unwinds like Ctrl-C: workers are stopped and databases dropped on the way out.
     signal.signal(signal.SIGTERM, _terminated)
-    systems: list[System] = [AsyncActions(args.concurrency)]
+    systems: list[System] = [AsyncActions(args.concurrency, args.s2kept_delay_ms)]
     if args.aio:
         systems.append(AsyncActionsAio(args.concurrency))
     if args.peers:

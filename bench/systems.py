@@ -85,8 +85,9 @@ class AsyncActions:
     }
     processors: dict[Kind, str] = {"noop": "bench_noop", "pickup": "bench_pickup"}
 
-    def __init__(self, concurrency: int) -> None:
+    def __init__(self, concurrency: int, s2kept_delay_ms: float | None = None) -> None:
         self.concurrency = concurrency
+        self.s2kept_delay_ms = s2kept_delay_ms  # see bench/latency_proxy.py
 
     def describe(self) -> dict[str, Any]:
         return {"version": version("asyncactions"),
@@ -150,7 +151,7 @@ class AsyncActions:
     def s2_kept(self, url: str, blocks: int, per_block: int) -> dict[str, float]:
         from . import kept  # psycopg-level reference code, only for this scenario
 
-        return kept.s2_kept(url, blocks, per_block)
+        return kept.s2_kept(url, blocks, per_block, delay_ms=self.s2kept_delay_ms)
 
     def enqueue_paced(self, url: str, ids: Sequence[int], gap: float) -> list[float]:
         engine = self._engine(url)
