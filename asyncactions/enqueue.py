@@ -120,10 +120,10 @@ def init_action(db: Database, processor: str, data: Any = None, *,
 
     `wait=False` saves the statement's round trip: on PostgreSQL (psycopg, a Session or
     Connection in a transaction) the row and its notification are sent with the
-    transaction's COMMIT, in one pipeline, or before the caller's next statement on that
-    connection, whichever comes first. The returned action's id, created_at and
-    next_eligible_at are known from then on. Elsewhere (SQLite, an Engine, autocommit,
-    asyncio) it is the plain enqueue.
+    transaction's COMMIT, in one message, or just before the next statement on that
+    connection, whichever comes first (pipelined.py). The returned action's id,
+    created_at and next_eligible_at are known from then on. Elsewhere (SQLite, an Engine,
+    autocommit, asyncio, a transaction pooler) it is the plain enqueue.
     """
     options = _options(processor, delay, eligible_at, retries, priority)
     _check_key(ordering_key, "ordering_key")
