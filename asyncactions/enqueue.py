@@ -31,9 +31,10 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import Session
 from sqlalchemy.util import await_only
 
-from . import codec, payloads, tracing
+from . import codec, payloads, pipelined, tracing
 from .action import Action, Status, row_to_action
 from .database import Database, HotStatement, connection, kept_cursor
 from .durations import check_duration
@@ -52,9 +53,14 @@ from .schema import (
     upsert,
 )
 
+# _options' answer when every option is left at its default: the common enqueue.
+_DEFAULT_OPTIONS = {"retries": None, "priority": 0, "delay": 0.0, "eligible_at": None}
+
 
 def _options(processor: str, delay: timedelta | None, eligible_at: datetime | None,
              retries: int | None, priority: int) -> dict[str, Any]:
+    if delay is None and eligible_at is None and retries is None and priority == 0:
+        return _DEFAULT_OPTIONS
     if delay is not None and eligible_at is not None:
         raise AsyncActionsError("give either delay or eligible_at, not both")
     # None stays NULL: the worker that first claims the action sets it from the
@@ -104,32 +110,54 @@ def init_action(db: Database, processor: str, data: Any = None, *,
                 eligible_at: datetime | None = None, retries: int | None = None,
                 priority: int = 0, unique_key: str | None = None,
                 ordering_key: str | None = None,
-                max_data_bytes: int = codec.MAX_DATA_BYTES, _event: str | None = None,
-                ) -> Action:
+                max_data_bytes: int = codec.MAX_DATA_BYTES, wait: bool = True,
+                _event: str | None = None) -> Action:
     """Record one action in the caller's transaction and return it with its id.
 
     With a `unique_key` held by a pending or running action, nothing is inserted and
     that action is returned instead. Actions sharing an `ordering_key` run one at a
     time, in id order.
+
+    `wait=False` saves the statement's round trip: on PostgreSQL (psycopg, a Session or
+    Connection in a transaction) the row and its notification are sent with the
+    transaction's COMMIT, in one message, or just before the next statement on that
+    connection, whichever comes first (pipelined.py). The returned action's id,
+    created_at and next_eligible_at are known from then on. Elsewhere (SQLite, an Engine,
+    autocommit, asyncio, a transaction pooler) it is the plain enqueue.
     """
     options = _options(processor, delay, eligible_at, retries, priority)
     _check_key(ordering_key, "ordering_key")
+    if not wait and unique_key is not None:
+        raise AsyncActionsError("init_action(wait=False) cannot take a unique_key: which action "
+                                "holds the key is only known by waiting; drop one of them")
     data = payloads.for_enqueue(_schema(processor), data)
     text = None if data is None else codec.dumps(data, max_bytes=max_data_bytes)
     span = tracing.start_producer(processor)  # None unless the application traces
     params = {"processor": processor, "data": text, "related_id": related_id,
               "unique_key": unique_key, "ordering_key": ordering_key,
-              "trace_context": tracing.traceparent(span), "event": _event, **options}
+              "trace_context": None if span is None else tracing.traceparent(span),
+              "event": _event, **options}
     # One statement, unless a unique_key is taken: then each look-up and retry is a
     # statement of its own anyway (see _insert_one).
     action: Action | None = None
     try:
-        with connection(db, one_statement=True) as conn:
+        conn = db.connection() if isinstance(db, Session) else db
+        if type(conn) is Connection:  # the common case, without a generator's set-up
             stmt = _insert_stmt(conn.dialect.name, eligible_at is not None,
                                 unique_key is not None)
-            action = _insert_one(conn, stmt, data, params)
+            if wait or not pipelined.usable(conn):
+                action = _insert_one(conn, stmt, data, params)
+            else:
+                action = pipelined.queue(conn, stmt, params,
+                                         _new_action((None, None, None), data, params))
+        else:
+            with connection(db, one_statement=True) as conn:
+                stmt = _insert_stmt(conn.dialect.name, eligible_at is not None,
+                                    unique_key is not None)
+                action = _insert_one(conn, stmt, data, params)
     finally:
-        tracing.end_producer(span, [action.id] if action else [])
+        if span is not None:
+            tracing.end_producer(span, [action.id] if action else [])
     return action
 
 
@@ -186,6 +214,7 @@ def _insert_many(db: Database, data: Sequence[Any], texts: list[str | None],
                  params: dict[str, Any], *, explicit_time: bool) -> list[Action]:
     ordered = okeys is not None
     with connection(db) as conn:
+        pipelined.send(conn)
         if conn.dialect.name != "postgresql":
             # SQLite has no round trips to save: the single-row statement, many times.
             stmt = _insert_stmt(conn.dialect.name, explicit_time, keys is not None)
@@ -284,6 +313,7 @@ def _resolve_unique(conn: Connection, explicit_time: bool, rows: Sequence[Row[An
 
 def _insert_one(conn: Connection, stmt: HotStatement, data: Any, params: dict[str, Any]) -> Action:
     """Insert one action, or return the live action that holds its unique_key."""
+    pipelined.send(conn)  # actions queued before this one get the smaller ids
     while True:
         rows = stmt.rows(conn, params)
         if rows:

@@ -27,7 +27,7 @@ from bench.peers.pgqueuer_system import PgQueuer
 from bench.procs import log, wait_for_quiet
 from bench.systems import AsyncActions, AsyncActionsAio, System
 
-SCENARIOS = ("s1", "s2", "s3", "scale", "sleep")
+SCENARIOS = ("s1", "s2", "s2kept", "s3", "scale", "sleep")
 Figures = dict[str, Any]
 
 
@@ -124,6 +124,22 @@ class Bench:
                        "tx_each_way": a.s2_blocks * a.s2_per_block,
                        "tx": "INSERT INTO orders … RETURNING id (+ one enqueue), commit"})
 
+    def s2kept(self) -> None:
+        """S2 on one kept connection (issue 17): asyncactions' SQLAlchemy Connection with
+        raw psycopg sending the same statement beside it (bench/kept.py); pgqueuer's S2
+        is already on one kept asyncpg connection."""
+        a = self.args
+        systems = [s for s in self.systems if not isinstance(s, AsyncActionsAio)]
+        results = self.repeat("s2kept", a.runs, lambda s: scenarios.s2(
+            s, a.database_url, a.s2_blocks, a.s2_per_block, kept=True), ("ratio",),
+            systems=systems)
+        for system in systems:
+            self.emit("s2_kept", system, *results[system.name],
+                      {"blocks": a.s2_blocks, "tx_per_block": a.s2_per_block,
+                       "tx_each_way": a.s2_blocks * a.s2_per_block,
+                       "tx": "INSERT INTO orders … RETURNING id (+ one enqueue), commit, "
+                             "on one connection opened before the timing"})
+
     def s3(self) -> None:
         a = self.args
         results = self.repeat("s3", a.runs, lambda s: scenarios.s3(
@@ -201,7 +217,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenarios", type=_csv(str), default=list(SCENARIOS),
-                   help="comma-separated, from s1,s2,s3,scale,sleep (default: all)")
+                   help="comma-separated, from s1,s2,s2kept,s3,scale,sleep (default: all)")
     p.add_argument("--runs", type=int, default=3, help="runs per scenario; the median is "
                    "reported (default 3)")
     p.add_argument("--workers", type=_csv(int), default=[1, 2],
@@ -231,8 +247,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--pgq-managers", type=_csv(int), default=[1],
                    help="pgqueuer QueueManagers per worker process, comma-separated: 1 is "
                    "`pgq run`, 5 what pgqueuer's own benchmark runs (default 1)")
+    p.add_argument("--pgq-tuned", action="store_true",
+                   help="with --peers, also run pgqueuer-tuned: batch_size 50, "
+                   "max_concurrent_tasks 100, uvloop (issue 17); --pgq-managers= with "
+                   "nothing after it runs the tuned variant alone")
     p.add_argument("--s2-blocks", type=int, default=10)
     p.add_argument("--s2-per-block", type=int, default=300)
+    p.add_argument("--s2kept-proxy-ms", type=float, default=None, dest="s2kept_delay_ms",
+                   help="s2kept: connect through a TCP proxy (bench/latency_proxy.py) that "
+                   "holds every chunk this long each way, as for a server on another host; "
+                   "0 is the proxy alone (a round trip of about 0.15 ms here)")
     p.add_argument("--s3-count", type=int, default=200)
     p.add_argument("--s3-gap-ms", type=float, default=20.0)
     p.add_argument("--scale-rows", type=int, default=2_000_000,
@@ -258,11 +282,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     # SIGTERM unwinds like Ctrl-C: workers are stopped and databases dropped on the way out.
     signal.signal(signal.SIGTERM, _terminated)
-    systems: list[System] = [AsyncActions(args.concurrency)]
+    systems: list[System] = [AsyncActions(args.concurrency, args.s2kept_delay_ms)]
     if args.aio:
         systems.append(AsyncActionsAio(args.concurrency))
     if args.peers:
         systems += [PgQueuer(managers) for managers in args.pgq_managers]
+        if args.pgq_tuned:
+            systems.append(PgQueuer(tuned=True))
     bench = Bench(args, systems)
     log(f"PostgreSQL {bench.context['postgres']}")
     bench.prepare()

@@ -64,15 +64,16 @@ def _drain_seconds(polled: float, start_wall: float, last_finish: Any) -> float:
     return exact if exact is not None and -DRAIN_POLL <= polled - exact <= 1.0 else polled
 
 
-def s2(system: System, admin_url: str, blocks: int, per_block: int) -> dict[str, Any]:
+def s2(system: System, admin_url: str, blocks: int, per_block: int,
+       kept: bool = False) -> dict[str, Any]:
     """Outbox cost: tx/s of "insert an order" with and without one enqueue in the same
-    transaction, interleaved in blocks."""
+    transaction, interleaved in blocks (`kept`: on one connection kept open)."""
     with pg.fresh_database(admin_url, "s2") as url:
         system.install(url)
         with pg.connect(url) as conn:
             conn.execute(ORDERS_DDL)
         pg.checkpoint(url)
-        return system.s2(url, blocks, per_block)
+        return (system.s2_kept if kept else system.s2)(url, blocks, per_block)
 
 
 def s3(system: System, admin_url: str, count: int, gap: float) -> dict[str, Any]:

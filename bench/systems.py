@@ -40,6 +40,7 @@ class System(Protocol):
     def bulk_enqueue(self, url: str, n: int) -> float: ...
     def worker_command(self, url: str, kind: Kind) -> tuple[list[str], dict[str, str]]: ...
     def s2(self, url: str, blocks: int, per_block: int) -> dict[str, float]: ...
+    def s2_kept(self, url: str, blocks: int, per_block: int) -> dict[str, float]: ...
     def enqueue_paced(self, url: str, ids: Sequence[int], gap: float) -> list[float]: ...
 
 
@@ -84,8 +85,9 @@ class AsyncActions:
     }
     processors: dict[Kind, str] = {"noop": "bench_noop", "pickup": "bench_pickup"}
 
-    def __init__(self, concurrency: int) -> None:
+    def __init__(self, concurrency: int, s2kept_delay_ms: float | None = None) -> None:
         self.concurrency = concurrency
+        self.s2kept_delay_ms = s2kept_delay_ms  # see bench/latency_proxy.py
 
     def describe(self) -> dict[str, Any]:
         return {"version": version("asyncactions"),
@@ -145,6 +147,11 @@ class AsyncActions:
             return interleaved(tx, blocks, per_block)
         finally:
             engine.dispose()
+
+    def s2_kept(self, url: str, blocks: int, per_block: int) -> dict[str, float]:
+        from . import kept  # psycopg-level reference code, only for this scenario
+
+        return kept.s2_kept(url, blocks, per_block, delay_ms=self.s2kept_delay_ms)
 
     def enqueue_paced(self, url: str, ids: Sequence[int], gap: float) -> list[float]:
         engine = self._engine(url)

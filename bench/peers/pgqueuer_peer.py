@@ -3,6 +3,7 @@ library, pgqueuer and asyncpg), so nothing here may import asyncactions or SQLAl
 
     python bench/peers/pgqueuer_peer.py enqueue|s2|paced --dsn URL ...  (prints one JSON line)
     python bench/peers/pgqueuer_peer.py worker --dsn URL [--batch-size 10] [--managers 1]
+                                               [--max-concurrent-tasks N]
 
 The worker is what `pgq run` does, through pgqueuer.run() (its documented Python entry
 point): `pgq run` itself fails at start with typer 0.29 ('str' object has no attribute
@@ -79,12 +80,14 @@ async def create_worker() -> AsyncIterator[QueueManager]:
         await conn.close()
 
 
-async def worker(batch_size: int, managers: int) -> None:
+async def worker(batch_size: int, managers: int, max_concurrent_tasks: int | None) -> None:
     shutdown = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, shutdown.set)
-    await asyncio.gather(*(pgqueuer.run(create_worker, batch_size=batch_size, shutdown=shutdown)
+    await asyncio.gather(*(pgqueuer.run(create_worker, batch_size=batch_size,
+                                        max_concurrent_tasks=max_concurrent_tasks,
+                                        shutdown=shutdown)
                            for _ in range(managers)))
 
 
@@ -161,10 +164,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--gap", type=float, default=0.02)
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--managers", type=int, default=1)
+    parser.add_argument("--max-concurrent-tasks", type=int, default=None)
     args = parser.parse_args(argv)
     if args.command == "worker":
         os.environ["BENCH_DSN"] = args.dsn
-        _run(worker(args.batch_size, args.managers))
+        _run(worker(args.batch_size, args.managers, args.max_concurrent_tasks))
         return
     if args.command == "enqueue":
         result = _run(enqueue(args.dsn, args.n))

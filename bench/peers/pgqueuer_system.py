@@ -20,6 +20,9 @@ REQUIREMENTS = ROOT / "bench" / "peers" / "requirements-pgqueuer.txt"
 PEER = ROOT / "bench" / "peers" / "pgqueuer_peer.py"
 VERSION = "1.6.0"
 BATCH_SIZE = 10  # pgqueuer.run(batch_size=…), its default
+# "Tuned": the settings pgqueuer's docs suggest for throughput (issue 17), on uvloop
+# (which the peer always uses when installed, as pgqueuer's own CLI does).
+TUNED_BATCH_SIZE, TUNED_MAX_CONCURRENT_TASKS = 50, 100
 
 
 class PeerFailed(RuntimeError):
@@ -39,7 +42,9 @@ def _run(args: list[str], timeout: float = 600.0, **kwargs: Any) -> str:
 
 
 class PgQueuer:
-    """`managers` QueueManagers per worker process: 1 is what `pgq run` runs."""
+    """`managers` QueueManagers per worker process: 1 is what `pgq run` runs. `tuned`:
+    batch_size 50 and max_concurrent_tasks 100 instead of pgqueuer.run's defaults (10,
+    unlimited)."""
 
     name = "pgqueuer"
     queue_table = "pgqueuer"
@@ -49,15 +54,19 @@ class PgQueuer:
     drain_sql: dict[str, str] = {}
     entrypoints: dict[Kind, str] = {"noop": "noop", "pickup": "pickup"}
 
-    def __init__(self, managers: int = 1) -> None:
+    def __init__(self, managers: int = 1, tuned: bool = False) -> None:
         self.managers = managers
+        self.batch_size = TUNED_BATCH_SIZE if tuned else BATCH_SIZE
+        self.max_concurrent_tasks = TUNED_MAX_CONCURRENT_TASKS if tuned else None
         if managers != 1:
             self.name = f"pgqueuer-{managers}qm"
+        if tuned:
+            self.name += "-tuned"
 
     def describe(self) -> dict[str, Any]:
         return {"version": VERSION, "driver": "asyncpg (+uvloop)",
-                "worker": {"command": "pgqueuer.run(factory)", "batch_size": BATCH_SIZE,
-                           "max_concurrent_tasks": None,
+                "worker": {"command": "pgqueuer.run(factory)", "batch_size": self.batch_size,
+                           "max_concurrent_tasks": self.max_concurrent_tasks,
                            "queue_managers_per_process": self.managers},
                 "enqueue": "Queries.enqueue (lists for the bulk insert)"}
 
@@ -86,11 +95,18 @@ class PgQueuer:
 
     def worker_command(self, url: str, kind: Kind) -> tuple[list[str], dict[str, str]]:
         return ([str(PYTHON), str(PEER), "worker", "--dsn", libpq_url(url),
-                 "--batch-size", str(BATCH_SIZE), "--managers", str(self.managers)], {})
+                 "--batch-size", str(self.batch_size), "--managers", str(self.managers),
+                 *(["--max-concurrent-tasks", str(self.max_concurrent_tasks)]
+                   if self.max_concurrent_tasks else [])], {})
 
     def s2(self, url: str, blocks: int, per_block: int) -> dict[str, float]:
         return self._peer("s2", "--dsn", libpq_url(url), "--blocks", str(blocks),
                           "--per-block", str(per_block))
+
+    def s2_kept(self, url: str, blocks: int, per_block: int) -> dict[str, float]:
+        """pgqueuer's S2 is already on one asyncpg connection kept for the whole run,
+        conn.transaction() per transaction."""
+        return self.s2(url, blocks, per_block)
 
     def enqueue_paced(self, url: str, ids: Sequence[int], gap: float) -> list[float]:
         return self._peer("paced", "--dsn", libpq_url(url), f"--ids={','.join(map(str, ids))}",
