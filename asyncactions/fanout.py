@@ -8,12 +8,12 @@ attempt starts at combination `done`, so none is enqueued twice and none is miss
 `on_complete` is enqueued in a last transaction that marks the fan-out completed, so it
 runs once.
 
-On PostgreSQL (psycopg) the combinations never become Python objects: every value of
-`each` is encoded once, and a batch's COPY text is joined from those pieces (one
-combination costs a string join in C, not a dict, a JSON encoding and an Action), and
-is sent while the next lines are built, so the server writes rows while Python works.
-Elsewhere, with a schema registered for the processor, or while tracing, each batch
-goes through init_actions.
+The combinations never become Python objects: every value of `each` is encoded once,
+and a batch's text is joined from those pieces (one combination costs a string join in
+C, not a dict, a JSON encoding and an Action). On PostgreSQL (psycopg) it goes by COPY,
+sent while the next lines are built, so the server writes rows while Python works; on
+SQLite as one JSON array to one INSERT … SELECT. With a schema registered for the
+processor, or while tracing, each batch goes through init_actions instead.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Text, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, Text, bindparam, func, insert, select, update
 
 from . import codec, tracing
 from .action import Action, Status
@@ -35,6 +35,7 @@ from .enqueue import (
     FANOUT,
     _batched,
     _copy_field,
+    _insert_values,
     _options,
     _schema,
     combinations,
@@ -82,8 +83,8 @@ def fan_out(action: Action) -> dict[str, Any]:
     if options.get("delay") is not None:
         options["delay"] = timedelta(seconds=options["delay"])
     if spec["done"] < total:
-        write = _copy_writer(engine, spec, options)
-        # COPY streams its lines, so its batches can be larger at no cost in memory.
+        write = _text_writer(engine, spec, options)
+        # Text costs far less memory than items, so its batches can be larger.
         batch = COPY_BATCH if write else spec["batch"]
         write = write or _init_actions_writer(spec, options)
     while spec["done"] < total:
@@ -151,22 +152,37 @@ SUFFIXES = 100_000
 LINES_PER_WRITE = 2000  # sent to the server while the next ones are built
 
 
-def _copy_writer(engine: Engine, spec: dict[str, Any], options: dict[str, Any]
+def _text_writer(engine: Engine, spec: dict[str, Any], options: dict[str, Any]
                  ) -> Writer | None:
-    """Combinations [start, stop) by COPY, joined from their encoded values; None where
-    init_actions must see each item (a schema here, tracing) or COPY is not at hand."""
+    """Combinations [start, stop) joined from their encoded values: by COPY on
+    PostgreSQL, as one JSON array on SQLite. None where init_actions must see each item
+    (a schema registered here, tracing)."""
     processor = spec["processor"]
-    if (engine.dialect.name != "postgresql" or engine.dialect.driver != "psycopg"
-            or _schema(processor) is not None or tracing._tracer() is not None):
+    if _schema(processor) is not None or tracing._tracer() is not None:
         return None
-    texts = _Product(fanout_iterables(spec), spec["static"],
-                     options.get("max_data_bytes", codec.MAX_DATA_BYTES))
+    copy = engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+    if not copy and engine.dialect.name != "sqlite":
+        return None
+    max_bytes = options.get("max_data_bytes", codec.MAX_DATA_BYTES)
+    texts = _Product(fanout_iterables(spec), spec["static"], max_bytes,
+                     _escape if copy else str)
     opts = _options(processor, options.get("delay"), options.get("eligible_at"),
                     options.get("retries"), options.get("priority", 0))
     shared = {"processor": processor, "related_id": options.get("related_id"),
               "priority": opts["priority"], "retries": opts["retries"]}
     if options.get("ordering_key") is not None:
         shared["ordering_key"] = options["ordering_key"]
+    if not copy:
+        params = {**opts, **shared, "ordering_key": options.get("ordering_key"),
+                  "unique_key": None, "trace_context": None, "event": None}
+        explicit_time = opts["eligible_at"] is not None
+
+        def insert(conn: Connection, start: int, stop: int, _now: datetime) -> None:
+            datas = "".join(texts.lines(start, stop, ","))
+            conn.execute(_json_each_insert(explicit_time), {**params,
+                                                            "datas": f"[{datas[:-1]}]"})
+
+        return insert
     delay, eligible_at = timedelta(seconds=opts["delay"]), opts["eligible_at"]
     if eligible_at is not None:
         eligible_at = t.c.next_eligible_at.type.process_bind_param(eligible_at, engine.dialect)
@@ -185,6 +201,15 @@ def _copy_writer(engine: Engine, spec: dict[str, Any], options: dict[str, Any]
     return write
 
 
+@functools.cache
+def _json_each_insert(explicit_time: bool) -> Any:
+    """SQLite: one INSERT … SELECT of a JSON array's items, in order."""
+    items = func.json_each(bindparam("datas", type_=Text)).table_valued("key", "value")
+    values = _insert_values(explicit_time, items.c.value)
+    return insert(t).from_select(list(values), select(*values.values())
+                                 .select_from(items).order_by(items.c.key))
+
+
 def _escape(text: str) -> str:
     """JSON text in COPY's text format: it holds no tab or newline, only backslashes."""
     return text.replace("\\", "\\\\") if "\\" in text else text
@@ -197,12 +222,12 @@ class _Product:
     """
 
     def __init__(self, each: dict[str, Sequence[Any]], static: dict[str, Any],
-                 max_bytes: int) -> None:
+                 max_bytes: int, escape: Callable[[str], str]) -> None:
         keys, self.values = list(each), list(each.values())
         # The same checks as encoding a whole item: its structure (reserved one-key
         # objects) is every item's; each value is checked as it is encoded.
         codec.dumps(dict(zip(keys, (v[0] for v in self.values), strict=True)) | static)
-        self.max_bytes = max_bytes
+        self.max_bytes, self.escape = max_bytes, escape
         split = len(keys)  # the suffix is built from keys[split:]
         self.per_prefix = 1
         while split > 1 and self.per_prefix * len(self.values[split - 1]) <= SUFFIXES:
@@ -218,14 +243,14 @@ class _Product:
         self.suffixes = ["".join(p) + closing for p in itertools.product(
             *([self._piece(d, v) for v in self.values[d]] for d in range(split, len(keys))))]
         self.longest = max(len(s) for s in self.suffixes)
-        self.escaped = [_escape(s) for s in self.suffixes]
+        self.escaped = [escape(s) for s in self.suffixes]
         self._ends: tuple[str, list[str]] = ("", [])
 
     def _piece(self, d: int, value: Any) -> str:
         return "," + self.labels[d] + codec.dumps(value, what=f"data[{self.labels[d][:-1]}]")
 
     def lines(self, start: int, stop: int, end: str) -> Iterator[str]:
-        """COPY lines of items [start, stop), each `<data>` + `end`, a few thousand at a
+        """Items [start, stop), each as its escaped text + `end`, a few thousand at a
         time."""
         if self._ends[0] != end:  # changes only with a delay (from the batch's time)
             self._ends = (end, [s + end for s in self.escaped])
@@ -250,7 +275,7 @@ class _Product:
                                              strict=True))
         if len(text) + self.longest > self.max_bytes:
             self._check_size(text)
-        return _escape(text)
+        return self.escape(text)
 
     def _check_size(self, prefix: str) -> None:
         for i, suffix in enumerate(self.suffixes):
