@@ -247,6 +247,8 @@ class _Product:
         self._ends: tuple[str, list[str]] = ("", [])
 
     def _piece(self, d: int, value: Any) -> str:
+        if type(value) is int:  # a range's: nothing to check
+            return f",{self.labels[d]}{value}"
         return "," + self.labels[d] + codec.dumps(value, what=f"data[{self.labels[d][:-1]}]")
 
     def lines(self, start: int, stop: int, end: str) -> Iterator[str]:
@@ -255,13 +257,19 @@ class _Product:
         if self._ends[0] != end:  # changes only with a delay (from the batch's time)
             self._ends = (end, [s + end for s in self.escaped])
         ends = self._ends[1]
-        at = start
+        at, parts, count = start, [], 0
         while at < stop:
             lead, first = divmod(at, self.per_prefix)
             last = min(self.per_prefix, first + stop - at, first + LINES_PER_WRITE)
             prefix = self._prefix(lead)
-            yield prefix + prefix.join(ends[first:last])
+            parts.append(prefix + prefix.join(ends[first:last]))
+            count += last - first
             at += last - first
+            if count >= LINES_PER_WRITE:  # few suffixes: many prefixes to one write
+                yield "".join(parts)
+                parts, count = [], 0
+        if parts:
+            yield "".join(parts)
 
     def _prefix(self, lead: int) -> str:
         """`{"a":1,"b":"x"` of the `lead`-th combination of the prefix's iterables."""

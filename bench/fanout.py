@@ -42,15 +42,17 @@ ROOT = Path(__file__).resolve().parent.parent
 STATIC = {"survey": "q3"}
 
 
-def each_for(n: int) -> dict[str, range]:
-    width = 1000 if n >= 1000 and n % 1000 == 0 else 1
+def each_for(n: int, width: int) -> dict[str, range]:
+    """i x j, j of `width` values; one iterable of n with width 1."""
+    if width == 1 or n % width:
+        return {"i": range(n)}
     return {"i": range(n // width), "j": range(width)}
 
 
-def bulk(url: str, n: int, chunk: int) -> dict[str, Any]:
+def bulk(url: str, n: int, width: int, chunk: int) -> dict[str, Any]:
     engine = make_engine(url)
     migrate.upgrade(engine)
-    items = combinations(each_for(n), STATIC)
+    items = combinations(each_for(n, width), STATIC)
     spent = 0.0
     while batch := list(itertools.islice(items, chunk)):
         started = time.perf_counter()
@@ -67,10 +69,11 @@ def _status_kb(pid: int, field: str) -> int:
     raise LookupError(field)
 
 
-def fan_out(url: str, n: int) -> dict[str, Any]:
+def fan_out(url: str, n: int, width: int) -> dict[str, Any]:
     engine = make_engine(url)
     migrate.upgrade(engine)
-    assert enqueue_all(engine, "visit", each=each_for(n), static=STATIC, background=True) == n
+    each = each_for(n, width)
+    assert enqueue_all(engine, "visit", each=each, static=STATIC, background=True) == n
     with engine.connect() as conn:
         fan_id = conn.execute(text("SELECT id FROM async_action WHERE processor = :p"),
                               {"p": FANOUT}).scalar_one()
@@ -119,6 +122,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--width", type=int, default=1000,
+                   help="combinations are i x j with j of this many values; 1: one iterable")
     p.add_argument("--bulk-chunk", type=int, default=FANOUT_BATCH)
     p.add_argument("--admin-url", default=ADMIN_URL)
     p.add_argument("--sqlite", action="store_true", help="on a SQLite file instead")
@@ -127,7 +132,8 @@ def main() -> None:
     for run in range(a.runs):
         for name in ("bulk", "fan-out"):
             with _database(a) as url:
-                got = bulk(url, a.n, a.bulk_chunk) if name == "bulk" else fan_out(url, a.n)
+                got = (bulk(url, a.n, a.width, a.bulk_chunk) if name == "bulk"
+                       else fan_out(url, a.n, a.width))
             results[name].append(got)
             print(f"run {run + 1} {name}: " + ", ".join(
                 f"{k} {v:,.1f}" for k, v in got.items()), flush=True)
