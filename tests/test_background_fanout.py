@@ -11,19 +11,23 @@ import os
 import signal
 import sqlite3
 from contextlib import closing
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Text, bindparam, update
 from sqlalchemy.orm import Session
 
 from asyncactions import AsyncActionsError, Status, admin, aio, codec, enqueue_all, processor
 from asyncactions import enqueue as enqueue_module
 from asyncactions import fanout as fanout_module
+from asyncactions.admin import pause
 from asyncactions.database import make_async_engine
 from asyncactions.enqueue import FANOUT, combinations
+from asyncactions.schema import as_payload, async_action
 
 from .conftest import Db, drain, start_worker, wait_until, worker_log
 
@@ -217,3 +221,37 @@ def test_a_value_too_large_fails_the_fan_out_naming_the_limit(pg: Db) -> None:
     assert (fan.status, fan.attempts) == (Status.PENDING, 1)
     assert "bytes encoded, over the limit of 64" in fan.error
     assert pg.scalar("SELECT count(*) FROM async_action WHERE processor = 'visit'") == 0
+
+
+@dataclass
+class Visit:
+    a: int
+    b: int
+
+
+@pytest.mark.parametrize("path", ["text", "init_actions"])
+def test_a_resumed_fan_out_starts_at_the_combination_it_had_reached(
+        db: Db, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    monkeypatch.setattr(enqueue_module, "FANOUT_BATCH", 7)
+    monkeypatch.setattr(fanout_module, "COPY_BATCH", 7)
+    each = {"a": range(4), "b": [0, 1, 2, 3, 4]}
+    enqueue_all(db.engine, "visit", each=each, background=True)
+    fan = fanout_action(db)
+    with db.engine.begin() as conn:  # as if an attempt had died after 9 combinations
+        conn.execute(update(async_action).where(async_action.c.id == fan.id).values(
+            data=as_payload(bindparam("d", type_=Text))), {"d": codec.dumps(
+                {**fan.data, "done": 9})})
+    if path == "init_actions":  # a schema registered here: each item is checked
+        processor("visit", schema=Visit)(lambda action: None)
+        pause(db.engine, "visit")  # recorded, not run
+    processor("report")(lambda action: None)
+    drain(db)
+    assert data_of(db, "visit") == list(combinations(each, {}))[9:]
+
+
+def test_a_schema_registered_on_the_worker_checks_each_combination(db: Db) -> None:
+    processor("visit", schema=Visit)(lambda action: None)
+    enqueue_all(db.engine, "visit", each={"a": [1], "b": ["two"]}, background=True)
+    drain(db)
+    assert 'data[0]["b"]: Input should be a valid integer' in fanout_action(db).error
+    assert db.scalar("SELECT count(*) FROM async_action WHERE processor = 'visit'") == 0
