@@ -127,8 +127,8 @@ def _advance(conn: Connection, action: Action, spec: dict[str, Any], done: int) 
 
 
 def _init_actions_writer(spec: dict[str, Any], options: dict[str, Any]) -> Writer:
-    """Combinations [start, stop) as dicts through init_actions (schema checks, tracing,
-    SQLite)."""
+    """Combinations [start, stop) as dicts through init_actions: for the schema checks
+    of a processor registered here, tracing, or a driver without the text path."""
     each = fanout_iterables(spec)
     (first_key, first), *_ = each.items()
 
