@@ -11,16 +11,23 @@ import os
 import signal
 import sqlite3
 from contextlib import closing
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Text, bindparam, update
 from sqlalchemy.orm import Session
 
-from asyncactions import AsyncActionsError, Status, admin, aio, enqueue_all, processor
+from asyncactions import AsyncActionsError, Status, admin, aio, codec, enqueue_all, processor
 from asyncactions import enqueue as enqueue_module
+from asyncactions import fanout as fanout_module
+from asyncactions.admin import pause
 from asyncactions.database import make_async_engine
-from asyncactions.enqueue import FANOUT
+from asyncactions.enqueue import FANOUT, combinations
+from asyncactions.schema import as_payload, async_action
 
 from .conftest import Db, drain, start_worker, wait_until, worker_log
 
@@ -50,7 +57,9 @@ def done_so_far(db: Db) -> int:
 
 def test_a_background_fan_out_is_one_action_until_a_worker_streams_it(
         db: Db, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(enqueue_module, "FANOUT_BATCH", 7)  # 20 combinations: 3 batches
+    # 20 combinations: 3 batches on either path
+    monkeypatch.setattr(enqueue_module, "FANOUT_BATCH", 7)
+    monkeypatch.setattr(fanout_module, "COPY_BATCH", 7)
     with Session(db.engine) as session, session.begin():
         count = enqueue_all(session, "visit", each={"city": ["a", "b", "c", "d"],
                                                     "day": range(5)},
@@ -112,7 +121,26 @@ def test_what_a_background_fan_out_cannot_store_is_refused_in_one_line(
 
 
 WORKER_MODULE = """
-from asyncactions import processor
+import os
+import threading
+from pathlib import Path
+
+from asyncactions import fanout, processor
+
+fanout.COPY_BATCH = 1000
+write_batch = fanout._write_batch
+
+
+def hang_in_the_third_batch(conn, action, spec, stop, write):
+    write_batch(conn, action, spec, stop, write)
+    if stop == 3000 and os.environ.get("HANG_FILE"):
+        # The third batch's rows are written, not committed: say so, and never return.
+        Path(os.environ["HANG_FILE"]).touch()
+        threading.Event().wait()
+
+
+fanout._write_batch = hang_in_the_third_batch
+
 
 @processor("report")
 def report(action):
@@ -129,14 +157,16 @@ def test_a_fan_out_survives_a_kill_of_its_worker_with_every_combination_once(
     total = enqueue_all(db.engine, "visit", each={"i": range(1000), "j": range(100)},
                         background=True, on_complete="report")
     assert total == 100_000
+    hang = tmp_path / "hanging"
+    monkeypatch.setenv("HANG_FILE", str(hang))
     first = start_worker(tmp_path, db.url)
-    wait_until(lambda: done_so_far(db) >= 2000, what="two batches")
+    wait_until(hang.exists, what="the third batch")
     os.kill(first.pid, signal.SIGKILL)
     first.wait(30)
-    # Mid-way, and what landed is exactly what its progress says.
-    done = fanout_action(db).data["done"]
-    assert 0 < done < total
-    assert db.scalar("SELECT count(*) FROM async_action WHERE processor = 'visit'") == done
+    # Mid-way: the two committed batches landed, the open one did not.
+    assert fanout_action(db).data["done"] == 2000
+    assert db.scalar("SELECT count(*) FROM async_action WHERE processor = 'visit'") == 2000
+    monkeypatch.delenv("HANG_FILE")
     second = start_worker(tmp_path, db.url)
     wait_until(lambda: db.scalar("SELECT count(*) FROM async_action WHERE processor = "
                                  "'report' AND status = 'completed'") == 1,
@@ -149,3 +179,79 @@ def test_a_fan_out_survives_a_kill_of_its_worker_with_every_combination_once(
     assert data_of(db, "report") == [{"count": total, "processor": "visit"}]
     fan = fanout_action(db)
     assert (fan.status, fan.attempts, fan.result["count"]) == (Status.COMPLETED, 2, total)
+
+
+AWKWARD = ['say "hi"', "back\\slash", "tab\there", "é 😀", None, True, 1.5, -7,
+           {"nested": [1, {"deep": "x"}]}, [], datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+           Decimal("19.90")]
+
+
+def test_each_combination_is_stored_as_its_encoding_once_in_order(
+        db: Db, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Suffixes of at most 2 combinations: the last iterable alone, so the prefix holds
+    # three values; batches of 50 end inside a prefix.
+    monkeypatch.setattr(fanout_module, "SUFFIXES", 2)
+    monkeypatch.setattr(fanout_module, "COPY_BATCH", 50)
+    monkeypatch.setattr(enqueue_module, "FANOUT_BATCH", 50)
+    each = {"a": AWKWARD, "b": range(3), "c": AWKWARD[:5], "d": [False, "z"]}
+    static = {"kind": "awk\\ward", "when": date(2026, 12, 6)}
+    total = enqueue_all(db.engine, "visit", each=each, static=static, background=True,
+                        related_id="order:1", retries=4, priority=-2, ordering_key="k",
+                        delay=timedelta(hours=1))
+    assert total == 12 * 3 * 5 * 2
+    processor("report")(lambda action: None)  # a worker needs one; "visit" is not run
+    drain(db)
+    expected = [json.loads(codec.dumps(c)) for c in combinations(each, static)]
+    assert data_of(db, "visit") == expected
+    assert db.rows("SELECT DISTINCT related_id, retries, priority, ordering_key, event, status "
+                   "FROM async_action WHERE processor = 'visit'") == [
+        ("order:1", 4, -2, "k", None, "pending")]
+    early = db.scalar("SELECT min(next_eligible_at) FROM async_action "
+                      "WHERE processor = 'visit'")
+    early = early if isinstance(early, datetime) else datetime.fromisoformat(str(early))
+    assert early.replace(tzinfo=UTC) > datetime.now(UTC) + timedelta(minutes=59)
+
+
+def test_a_value_too_large_fails_the_fan_out_naming_the_limit(pg: Db) -> None:
+    enqueue_all(pg.engine, "visit", each={"i": range(3), "text": ["x" * 100]},
+                background=True, max_data_bytes=64)
+    processor("report")(lambda action: None)
+    drain(pg)
+    fan = fanout_action(pg)  # retried later, to the same end
+    assert (fan.status, fan.attempts) == (Status.PENDING, 1)
+    assert "bytes encoded, over the limit of 64" in fan.error
+    assert pg.scalar("SELECT count(*) FROM async_action WHERE processor = 'visit'") == 0
+
+
+@dataclass
+class Visit:
+    a: int
+    b: int
+
+
+@pytest.mark.parametrize("path", ["text", "init_actions"])
+def test_a_resumed_fan_out_starts_at_the_combination_it_had_reached(
+        db: Db, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    monkeypatch.setattr(enqueue_module, "FANOUT_BATCH", 7)
+    monkeypatch.setattr(fanout_module, "COPY_BATCH", 7)
+    each = {"a": range(4), "b": [0, 1, 2, 3, 4]}
+    enqueue_all(db.engine, "visit", each=each, background=True)
+    fan = fanout_action(db)
+    with db.engine.begin() as conn:  # as if an attempt had died after 9 combinations
+        conn.execute(update(async_action).where(async_action.c.id == fan.id).values(
+            data=as_payload(bindparam("d", type_=Text))), {"d": codec.dumps(
+                {**fan.data, "done": 9})})
+    if path == "init_actions":  # a schema registered here: each item is checked
+        processor("visit", schema=Visit)(lambda action: None)
+        pause(db.engine, "visit")  # recorded, not run
+    processor("report")(lambda action: None)
+    drain(db)
+    assert data_of(db, "visit") == list(combinations(each, {}))[9:]
+
+
+def test_a_schema_registered_on_the_worker_checks_each_combination(db: Db) -> None:
+    processor("visit", schema=Visit)(lambda action: None)
+    enqueue_all(db.engine, "visit", each={"a": [1], "b": ["two"]}, background=True)
+    drain(db)
+    assert 'data[0]["b"]: Input should be a valid integer' in fanout_action(db).error
+    assert db.scalar("SELECT count(*) FROM async_action WHERE processor = 'visit'") == 0

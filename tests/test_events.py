@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import json
 import signal
+import tempfile
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
+from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
-from asyncactions import AsyncActionsError, Status, admin, publish
+from asyncactions import AsyncActionsError, InvalidData, Status, admin, processor, publish
 from asyncactions.events import add_rule, list_rules, remove_rule
+from asyncactions.notifier import NOTIFY_CHANNEL
 
 from .conftest import Db, cli, start_worker, wait_until, worker_log
 
@@ -52,6 +59,90 @@ def test_rules_are_added_once_and_removed(db: Db) -> None:
     assert remove_rule(db.engine, "e", "p") is True
     assert remove_rule(db.engine, "e", "p") is False
     assert list_rules(db.engine) == []
+
+
+@contextmanager
+def round_trips(conn: Connection) -> Iterator[list[int]]:
+    """Counts what `conn` sends to the server, at the driver (SQLAlchemy's statement
+    events do not see the hot statements, run on the driver's cursor): on PostgreSQL
+    libpq's protocol trace, one ReadyForQuery per round trip; on SQLite each statement
+    run (SQLite has no round trips)."""
+    driver = conn.connection.driver_connection
+    counted = [0]
+    if conn.dialect.name == "sqlite":
+        driver.set_trace_callback(lambda _sql: counted.__setitem__(0, counted[0] + 1))
+        try:
+            yield counted
+        finally:
+            driver.set_trace_callback(None)
+        return
+    with tempfile.TemporaryFile() as trace:
+        driver.pgconn.trace(trace.fileno())
+        driver.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            yield counted
+        finally:
+            driver.pgconn.untrace()
+            trace.seek(0)
+            counted[0] = sum(line.split(b"\t")[:3:2] == [b"B", b"ReadyForQuery"]
+                             for line in trace.read().splitlines())
+
+
+def test_publish_to_three_processors_is_one_round_trip_in_the_callers_transaction(
+        db: Db) -> None:
+    for name in ("invoice", "receipt", "warehouse"):
+        add_rule(db.engine, "order.placed", name)
+    with db.engine.connect() as conn, conn.begin():
+        conn.execute(text("SELECT 1"))  # the transaction has begun
+        with round_trips(conn) as sent:
+            actions = publish(conn, "order.placed", {"order": 1}, priority=2)
+        assert sent == [1]
+        assert [a.processor for a in actions] == ["invoice", "receipt", "warehouse"]
+        assert [a.id for a in actions] == sorted(a.id for a in actions)
+    stored = [admin.get_action(db.engine, a.id) for a in actions]
+    assert [(s.processor, s.event, s.data, s.priority, s.retries) for s in stored] == [
+        (name, "order.placed", {"order": 1}, 2, None)
+        for name in ("invoice", "receipt", "warehouse")]
+    assert [(s.created_at, s.next_eligible_at) for s in stored] == [
+        (a.created_at, a.next_eligible_at) for a in actions]
+
+
+@dataclass
+class Shipment:
+    order: int
+    carrier: str
+
+
+def test_a_registered_schema_refuses_only_when_its_processor_is_bound(db: Db) -> None:
+    processor("ship", schema=Shipment)(print)  # registered here, bound to another event
+    add_rule(db.engine, "order.placed", "receipt")
+    add_rule(db.engine, "order.shipped", "ship")
+    assert [a.processor for a in publish(db.engine, "order.placed", {"order": 1})] == [
+        "receipt"]
+    add_rule(db.engine, "order.placed", "ship")
+    with db.engine.connect() as conn, conn.begin():
+        with pytest.raises(InvalidData, match=r'^data\["carrier"\]: Field required$'):
+            publish(conn, "order.placed", {"order": 2})
+        # Nothing was inserted, and the caller's transaction is still usable.
+        assert conn.execute(text("SELECT count(*) FROM async_action")).scalar() == 1
+    assert len(publish(db.engine, "order.placed", {"order": 3, "carrier": "ups"})) == 2
+
+
+def test_publish_wakes_each_bound_processor_at_commit(pg: Db) -> None:
+    for name in ("invoice", "receipt"):
+        add_rule(pg.engine, "order.placed", name)
+    listener = psycopg.connect(pg.engine.url.set(drivername="postgresql")
+                               .render_as_string(hide_password=False), autocommit=True)
+    listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+    with Session(pg.engine) as session:
+        session.begin()
+        publish(session, "order.placed", {})
+        session.rollback()
+    publish(pg.engine, "order.placed", {})
+    notes = list(listener.notifies(timeout=10, stop_after=2))
+    assert sorted(n.payload for n in notes) == ["invoice", "receipt"]
+    assert list(listener.notifies(timeout=0.2)) == []
+    listener.close()
 
 
 @pytest.mark.parametrize("event", ["", "   ", "x" * 201, "a\x00b"])
