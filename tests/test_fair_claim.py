@@ -67,12 +67,11 @@ def test_concurrent_fair_claims_skip_each_others_rows_and_still_fill(
         pytest.skip("SQLite has one writer: claims cannot overlap")
     init_actions(db.engine, "a", list(range(20)), eligible_at=HOUR_AGO)
     init_actions(db.engine, "b", list(range(20)))
-    with db.engine.connect() as first, db.engine.connect() as second:
-        with first.begin():
-            mine, _ = queries.claim(first, "w1", [("a", 3), ("b", 3)], 4, LEASE)
-            # The first claim's transaction is still open: its rows are locked.
-            with second.begin():
-                theirs, _ = queries.claim(second, "w2", [("a", 3), ("b", 3)], 4, LEASE)
+    with db.engine.connect() as first, db.engine.connect() as second, first.begin():
+        mine, _ = queries.claim(first, "w1", [("a", 3), ("b", 3)], 4, LEASE)
+        # The first claim's transaction is still open: its rows are locked.
+        with second.begin():
+            theirs, _ = queries.claim(second, "w2", [("a", 3), ("b", 3)], 4, LEASE)
     assert len(mine) == len(theirs) == 4
     assert not {x.id for x in mine} & {x.id for x in theirs}
     for claimed in (mine, theirs):
