@@ -373,11 +373,21 @@ def unregister_worker(conn: Connection, worker: str) -> None:
 
 
 # Only the actions the worker knows it holds: a claim whose reply was lost (connection
-# cut after commit) is not extended, so its lease runs out and it comes back.
+# cut after commit) is not extended, so its lease runs out and it comes back. Rows
+# another transaction has locked are skipped, not waited for: mostly the completer
+# writing their outcomes (no lease needed any more), and the two lock the same rows in
+# no common order. Waiting made them deadlock under a retry storm, stalling the whole
+# worker for PostgreSQL's deadlock_timeout (1 s); a row skipped now is extended by the
+# next heartbeat, a third of a lease later.
+_mine = t.alias("mine")
 EXTEND_LEASES = (
     update(t)
-    .where(t.c.claimed_by == bindparam("worker"), t.c.status == Status.RUNNING.value,
-           t.c.id.in_(bindparam("held", expanding=True)))
+    .where(t.c.id.in_(
+        select(_mine.c.id)
+        .where(_mine.c.claimed_by == bindparam("worker"),
+               _mine.c.status == Status.RUNNING.value,
+               _mine.c.id.in_(bindparam("held", expanding=True)))
+        .with_for_update(skip_locked=True)))
     .values(lease_expires_at=db_now(bindparam("lease", type_=Float)))
 )
 
