@@ -8,9 +8,11 @@ A claim for several processors walked one index of every pending action, oldest
 eligibility first, so a backlog of one processor (a retry storm: 10,000 actions failing
 with a zero retry interval) stood in front of every other processor's actions (a healthy
 processor's pickup p99: 1.8 s). With the processor first, the claim walks each
-processor's part apart and shares the free slots round robin (queries._fair). Same
-name, same predicate, same number of index entries per row: enqueues and outcome
-writes keep their cost; the table's storage settings are untouched.
+processor's part apart and shares the free slots round robin (queries._fair), and a
+claim of one processor no longer walks past another's backlog (15 ms -> 0.25 ms behind
+90,000 pending actions of another processor). Same name, same predicate, so an action
+costs no more index entries (see 0008); each is wider by the processor's name (a bulk
+enqueue of 20,000: about 8% slower). The table's storage settings are untouched.
 """
 
 import sqlalchemy as sa
