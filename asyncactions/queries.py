@@ -32,9 +32,10 @@ from sqlalchemy import (
     literal_column,
     null,
     select,
+    union_all,
     update,
 )
-from sqlalchemy.sql.expression import ColumnElement
+from sqlalchemy.sql.expression import ColumnElement, Select
 
 from . import codec
 from .action import Action, Status, read_action, row_to_action
@@ -121,29 +122,74 @@ def _allowed(name: str, flow: Flow) -> ColumnElement[int]:
 # optimisation fence: the planner cannot run the LIMITed, SKIP LOCKED select more than
 # once or lock more rows than asked. (SQLite ignores FOR UPDATE; its single writer
 # makes the statement atomic anyway.)
+def _walk(name: str, limit: Any) -> Select[Any]:
+    """One processor's claimable actions in claim order, locked as they are taken: a walk
+    of the claim index (processor first) that stops at the limit."""
+    return (
+        select(t.c.id, t.c.priority, t.c.next_eligible_at)
+        .where(*_runnable([name]))
+        .order_by(t.c.priority, t.c.next_eligible_at, t.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def _fair(names: Sequence[str]) -> Select[Any]:
+    """The claim for several processors, round robin within each priority: each walks
+    its own part of the claim index for up to `free` actions, and the first `free` of
+    them by (priority, turn, eligibility) are taken. One processor's backlog (a retry
+    storm) so leaves the others their share, and takes every slot they do not use.
+
+    The walks lock what they read (SKIP LOCKED must be where the rows are read, or two
+    claimers would skip nothing and collide): up to `free` rows per processor, held
+    until the claim commits, a moment later; the ones not taken stay pending."""
+    free = bindparam("free", type_=Integer)
+    turns = []
+    for name in names:
+        walk = _walk(name, free).subquery()
+        # The walk is in (priority, eligibility, id) order already: no sort to rank.
+        turn = func.row_number().over(partition_by=walk.c.priority,
+                                      order_by=(walk.c.next_eligible_at, walk.c.id))
+        turns.append(select(walk.c.id, walk.c.priority, walk.c.next_eligible_at,
+                            turn.label("turn")))
+    each = union_all(*turns).subquery("each")
+    return (select(each.c.id)
+            .order_by(each.c.priority, each.c.turn, each.c.next_eligible_at, each.c.id)
+            .limit(free))
+
+
+def claim_order(actions: Sequence[Action]) -> list[Action]:
+    """Claimed actions in the order the claim chose them (RETURNING has none): by
+    priority, then round robin across processors, then eligibility."""
+    turns: dict[tuple[str, int], int] = {}
+    ranked = []
+    for a in sorted(actions, key=lambda a: (a.priority, a.next_eligible_at, a.id)):
+        turn = turns[a.processor, a.priority] = turns.get((a.processor, a.priority), 0) + 1
+        ranked.append(((a.priority, turn, a.next_eligible_at, a.id), a))
+    return [a for _, a in sorted(ranked, key=lambda r: r[0])]
+
+
 @functools.cache
 def claim_statement(processors: tuple[tuple[str, int], ...],
                     flow: Flow | None = None, *, log_starts: bool = False) -> HotStatement:
     """The claim for these (processor, retries) pairs. The worker's processors are
     fixed: one statement for them, with a bound value each (an expanding IN would be
     re-rendered on every claim). An action enqueued without retries gets its
-    processor's here, from the settings of the worker that first claims it.
+    processor's here, from the settings of the worker that first claims it. Several
+    processors share the free slots fairly (see _fair); one walks its index alone.
 
     With `flow` (one processor with a concurrency cap or a rate limit) the statement
     counts what the cluster runs and started, and claims no more than the caps allow;
     its caller serialises such claims per processor (lock_processor). `log_starts`
     (PostgreSQL, with a rate limit): the same statement logs the starts it makes."""
     names = [name for name, _ in processors]
-    limit = bindparam("free") if flow is None else _allowed(names[0], flow)
-    picked = (
-        select(t.c.id)
-        .where(*_runnable(names))
-        .order_by(t.c.priority, t.c.next_eligible_at, t.c.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .cte("picked")
-        .prefix_with("MATERIALIZED")
-    )
+    if len(names) == 1:
+        limit = bindparam("free") if flow is None else _allowed(names[0], flow)
+        chosen = _walk(names[0], limit)
+    else:
+        assert flow is None, "caps apply to a claim of one processor"
+        chosen = _fair(names)
+    picked = chosen.cte("picked").prefix_with("MATERIALIZED")
     claim = (
         update(t)
         .where(t.c.id.in_(select(picked.c.id)))
@@ -202,11 +248,9 @@ def claim(conn: Connection, worker: str, processors: Sequence[tuple[str, int]], 
             actions.append(row_to_action(row))
         except codec.MALFORMED as exc:
             malformed.append((row_to_action(row, payloads=False), exc))
-    # RETURNING has no order: put them back in claim order.
-    actions.sort(key=lambda a: (a.priority, a.next_eligible_at, a.id))
     if rated and not in_one:
         _note_starts(conn, [a.id for a in (*actions, *(a for a, _ in malformed))])
-    return actions, malformed
+    return claim_order(actions), malformed
 
 
 def any_eligible(conn: Connection, processors: Sequence[str]) -> bool:
@@ -329,11 +373,21 @@ def unregister_worker(conn: Connection, worker: str) -> None:
 
 
 # Only the actions the worker knows it holds: a claim whose reply was lost (connection
-# cut after commit) is not extended, so its lease runs out and it comes back.
+# cut after commit) is not extended, so its lease runs out and it comes back. Rows
+# another transaction has locked are skipped, not waited for: mostly the completer
+# writing their outcomes (no lease needed any more), and the two lock the same rows in
+# no common order. Waiting made them deadlock under a retry storm, stalling the whole
+# worker for PostgreSQL's deadlock_timeout (1 s); a row skipped now is extended by the
+# next heartbeat, a third of a lease later.
+_mine = t.alias("mine")
 EXTEND_LEASES = (
     update(t)
-    .where(t.c.claimed_by == bindparam("worker"), t.c.status == Status.RUNNING.value,
-           t.c.id.in_(bindparam("held", expanding=True)))
+    .where(t.c.id.in_(
+        select(_mine.c.id)
+        .where(_mine.c.claimed_by == bindparam("worker"),
+               _mine.c.status == Status.RUNNING.value,
+               _mine.c.id.in_(bindparam("held", expanding=True)))
+        .with_for_update(skip_locked=True)))
     .values(lease_expires_at=db_now(bindparam("lease", type_=Float)))
 )
 

@@ -104,13 +104,15 @@ async_action = Table(
 )
 
 # The claim query's index: only runnable rows, in the claim's sort order, so the
-# claim stays fast however many finished rows the table keeps. The claim says the same
-# predicate in the same words (a literal, not a bound status): only then can the plan
-# PostgreSQL caches for the prepared claim use this index, instead of re-planning
-# every claim.
+# claim stays fast however many finished rows the table keeps. Processor first: a claim
+# walks each of its processors' parts apart, so one processor's backlog never stands
+# in front of another's actions (queries._fair). The claim says the same predicate in
+# the same words (a literal, not a bound status): only then can the plan PostgreSQL
+# caches for the prepared claim use this index, instead of re-planning every claim.
 PENDING_ONLY = text("status = 'pending'")
-Index("async_action_claim_idx", async_action.c.priority, async_action.c.next_eligible_at,
-      async_action.c.id, postgresql_where=PENDING_ONLY, sqlite_where=PENDING_ONLY)
+Index("async_action_claim_idx", async_action.c.processor, async_action.c.priority,
+      async_action.c.next_eligible_at, async_action.c.id,
+      postgresql_where=PENDING_ONLY, sqlite_where=PENDING_ONLY)
 # The leader's wake-up finds actions that just became eligible by time alone.
 Index("async_action_eligible_idx", async_action.c.next_eligible_at,
       postgresql_where=PENDING_ONLY, sqlite_where=PENDING_ONLY)

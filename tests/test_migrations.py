@@ -50,7 +50,7 @@ def test_status_is_text_with_a_check_not_an_enum(db: Db) -> None:
 def test_claim_index_is_partial_on_pending(db: Db) -> None:
     indexes = {i["name"]: i for i in inspect(db.engine).get_indexes("async_action")}
     claim = indexes["async_action_claim_idx"]
-    assert claim["column_names"] == ["priority", "next_eligible_at", "id"]
+    assert claim["column_names"] == ["processor", "priority", "next_eligible_at", "id"]
     where = claim.get("dialect_options", {}).get(f"{db.name}_where")
     assert where is not None and "pending" in str(where)
     assert {"async_action_related_idx", "async_action_status_finished_idx",
