@@ -38,6 +38,9 @@ PREFETCH = 2
 MAX_UNWRITTEN = 500
 # How often a busy worker still claims for its capped processors (seconds).
 CAPPED_RECLAIM = 0.05
+# How often a worker whose claims come back full still claims for its background
+# processors (the built-in fan-out), which it otherwise claims when there is room left.
+BACKGROUND_RECLAIM = 1.0
 
 # Settings of the claim loop's own PostgreSQL session (it runs nothing but claims).
 CLAIM_SESSION = (
@@ -94,7 +97,8 @@ class Claimer:
                  concurrency: int, lease: timedelta, poll_interval: float, listens: bool,
                  runner: Runner, executor: Executor, in_flight: InFlight,
                  report: Callable[[Sequence[Outcome]], None], wake: Wakeup,
-                 alive: Callable[[], None], metrics: Metrics | None = None) -> None:
+                 alive: Callable[[], None], metrics: Metrics | None = None,
+                 background: frozenset[str] = frozenset()) -> None:
         self._engine = engine
         self._worker = worker_id
         self._processors = processors
@@ -114,9 +118,14 @@ class Claimer:
         # own, and so does each with cluster-wide caps (its claim counts, under a lock).
         # Capped ones claim first: a slot of the cluster's cap is not to wait behind
         # this worker's plain backlog.
+        # Background processors (the built-in fan-out) claim apart, after the others:
+        # in the plain group, every claim of a worker serving one processor would be a
+        # claim for two (the fair claim's union and turn numbers each time).
         capped = [n for n in names if processors[n].settings.flow_controlled]
-        plain = [n for n in names if n not in capped and processors[n].settings.batch_size == 1]
-        batched = [n for n in names if n not in capped and n not in plain]
+        plain = [n for n in names if n not in capped and n not in background
+                 and processors[n].settings.batch_size == 1]
+        batched = [n for n in names if n not in capped and n not in plain
+                   and n not in background]
         self._groups: list[tuple[list[tuple[str, int]], int | None, queries.Flow | None]] = [
             ([self._retries(n)], _batch_size(processors[n].settings),
              _flow(processors[n].settings)) for n in capped]
@@ -124,6 +133,10 @@ class Claimer:
             self._groups.append(([self._retries(n) for n in plain], None, None))
         self._groups += [([self._retries(n)], processors[n].settings.batch_size, None)
                          for n in batched]
+        self._background = [([self._retries(n)], None, None)
+                            for n in names if n in background]
+        self._background_at = 0.0  # when this worker last claimed for them
+        self._was_full = False  # the last round's claims came back full
         self._capped = any(flow for _, _, flow in self._groups)
         self._capped_at = 0.0  # when this worker last claimed for capped processors
         # Capped claims take a lock and count: a transaction of two statements.
@@ -240,7 +253,13 @@ class Claimer:
             return 0, False
         room = self._max_held - len(self._in_flight)
         claimed, more = 0, False
-        for processors, batch_size, flow in self._groups:
+        groups = self._groups
+        if self._background and now - self._background_at >= BACKGROUND_RECLAIM:
+            self._background_at = now  # due, even under a full load: first
+            groups = [*self._background, *groups]
+        elif self._background and not self._was_full:
+            groups = [*groups, *self._background]  # with the room the others leave
+        for processors, batch_size, flow in groups:
             want = min(free if batch_size is None else batch_size, room)
             if flow is not None and batch_size is None:
                 # Even with every thread taken: the attempt goes first in the queue,
@@ -278,6 +297,7 @@ class Claimer:
             # A capped attempt goes first in the queue: it holds a slot of its cap (or a
             # start of its rate) from its claim on.
             self._runner.submit(*attempts, first=flow is not None)
+        self._was_full = more
         return claimed, more
 
     def _claim_capped(self, processors: list[tuple[str, int]], want: int, flow: queries.Flow,

@@ -142,7 +142,7 @@ class Worker:
                 listens=listens,
                 runner=runner, executor=executor, in_flight=self._in_flight,
                 report=completer.add, wake=self._wake, alive=self._check_alive,
-                metrics=self.metrics)
+                metrics=self.metrics, background=frozenset({fanout.FANOUT}))
             leadership = Leadership(self.id, settings.lease)
             heartbeat = Heartbeat(engine, self.id, settings.lease, self._in_flight.ids,
                                   lambda: self._register(engine), leadership, self.metrics)

@@ -11,7 +11,7 @@
 # Interleave two trees (A B A B) and compare; single runs vary by 10-30 % here.
 set -eu
 T=$(cd "$1" && pwd); N=${2:-20000}
-PY=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
+PY=${PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
 DB=drain_$$
 psql -q -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE $DB"
 trap 'psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS $DB"' EXIT

@@ -10,6 +10,8 @@ import json
 import os
 import signal
 import sqlite3
+import threading
+import time
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -21,7 +23,17 @@ import pytest
 from sqlalchemy import Text, bindparam, update
 from sqlalchemy.orm import Session
 
-from asyncactions import AsyncActionsError, Status, admin, aio, codec, enqueue_all, processor
+from asyncactions import (
+    AsyncActionsError,
+    Status,
+    Worker,
+    admin,
+    aio,
+    codec,
+    enqueue_all,
+    init_actions,
+    processor,
+)
 from asyncactions import enqueue as enqueue_module
 from asyncactions import fanout as fanout_module
 from asyncactions.admin import pause
@@ -29,7 +41,7 @@ from asyncactions.database import make_async_engine
 from asyncactions.enqueue import FANOUT, combinations
 from asyncactions.schema import as_payload, async_action
 
-from .conftest import Db, drain, start_worker, wait_until, worker_log
+from .conftest import Db, drain, start_worker, wait_until, worker_config, worker_log
 
 
 def data_of(db: Db, processor: str) -> list[Any]:
@@ -78,6 +90,27 @@ def test_a_background_fan_out_is_one_action_until_a_worker_streams_it(
     fan = fanout_action(db)
     assert (fan.status, fan.result) == (Status.COMPLETED, {"count": 20, "processor": "visit"})
     assert fan.data["done"] == 20
+
+
+def test_a_worker_busy_with_a_backlog_still_starts_a_fan_out(db: Db) -> None:
+    # The built-in fan-out is claimed apart from the worker's other processors: when
+    # their claims leave room, or at least every second while they come back full, so
+    # a backlog (here about 3 s of work) does not hold a fan-out back until it drains.
+    processor("busy")(lambda action: time.sleep(0.004))
+    processor("visit")(lambda action: None)
+    init_actions(db.engine, "busy", [{}] * 3000)
+    enqueue_all(db.engine, "visit", each={"i": range(10)}, background=True)
+    worker = Worker(config=worker_config(db), concurrency=4)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_until(lambda: fanout_action(db).status == Status.COMPLETED, 60, what="the fan-out")
+        left = db.scalar("SELECT count(*) FROM async_action WHERE processor = 'busy' "
+                         "AND status = 'pending'")
+    finally:
+        worker.stop()
+        thread.join(60)
+    assert left > 0, "the fan-out waited for the whole backlog"
 
 
 def test_a_rolled_back_background_fan_out_leaves_nothing(db: Db) -> None:
