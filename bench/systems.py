@@ -78,9 +78,9 @@ class AsyncActions:
         # First claim to last completion, by the database's clock.
         "db_span_s": "SELECT extract(epoch FROM max(finished_at) - min(started_at)) "
                      "FROM async_action",
-        # now() is per transaction: distinct timestamps count the claim and completion
-        # transactions, so N / these = actions per claim, per completion batch.
-        "claim_transactions": "SELECT count(DISTINCT started_at) FROM async_action",
+        # now() is per transaction: distinct finished_at count the completion
+        # transactions, so N / that = actions per completion batch. (Claims stamp
+        # started_at per row with clock_timestamp(), so it cannot count the claims.)
         "completion_transactions": "SELECT count(DISTINCT finished_at) FROM async_action",
     }
     processors: dict[Kind, str] = {"noop": "bench_noop", "pickup": "bench_pickup"}
