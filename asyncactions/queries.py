@@ -64,6 +64,7 @@ from .schema import (
 )
 
 t = async_action
+_starts = async_action_start  # rate-limited processors' starts
 
 _earlier = t.alias("earlier")
 _PENDING, _RUNNING = literal_column("'pending'"), literal_column("'running'")
@@ -260,7 +261,6 @@ def any_eligible(conn: Connection, processors: Sequence[str]) -> bool:
         select(t.c.id).where(*_runnable(processors)).exists())).scalar_one()
 
 
-_starts = async_action_start
 
 
 def _note_starts(conn: Connection, ids: Sequence[int]) -> None:

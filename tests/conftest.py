@@ -171,6 +171,17 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
 
 
 @pytest.fixture
+def ledger(db: Db) -> Iterator[Db]:
+    """The application's own table, in the same database (transactional processors
+    write to it)."""
+    with db.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE ledger (action_id integer, attempt integer)"))
+    yield db
+    with db.engine.begin() as conn:
+        conn.execute(text("DROP TABLE ledger"))
+
+
+@pytest.fixture
 def pg(pg_database: str) -> Iterator[Db]:
     """PostgreSQL only, for features SQLite does not have (LISTEN/NOTIFY)."""
     engine = make_engine(pg_database)

@@ -8,7 +8,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -123,15 +122,6 @@ def test_a_timeout_cancels_the_coroutine_runs_its_finally_and_frees_the_slot(db:
     assert timed_out.error == ("TimeoutError: attempt timed out after 300ms (the processor's "
                                "timeout) and was abandoned")
     assert (timed_out.finished_at - timed_out.started_at).total_seconds() < 3
-
-
-@pytest.fixture
-def ledger(db: Db) -> Iterator[Db]:
-    with db.engine.begin() as conn:
-        conn.execute(text("CREATE TABLE ledger (action_id integer, attempt integer)"))
-    yield db
-    with db.engine.begin() as conn:
-        conn.execute(text("DROP TABLE ledger"))
 
 
 def test_async_transactional_writes_commit_with_the_completion(ledger: Db) -> None:

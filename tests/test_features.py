@@ -8,7 +8,6 @@ import socket
 import textwrap
 import threading
 import urllib.request
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -100,16 +99,6 @@ def test_batch_timeout_applies_to_the_whole_batch(db: Db) -> None:
 
 
 # --- transactional processors --------------------------------------------------------
-
-@pytest.fixture
-def ledger(db: Db) -> Iterator[Db]:
-    """The application's own table, in the same database."""
-    with db.engine.begin() as conn:
-        conn.execute(text("CREATE TABLE ledger (action_id integer, attempt integer)"))
-    yield db
-    with db.engine.begin() as conn:
-        conn.execute(text("DROP TABLE ledger"))
-
 
 def test_transactional_writes_commit_with_the_completion(ledger: Db) -> None:
     @processor("book", transactional=True, retries=2, retry_interval=timedelta(0))
