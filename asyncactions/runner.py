@@ -40,7 +40,7 @@ class Runner:
         self._waiting: deque[Attempt] = deque()  # submitted, not started
         self._ready: deque[Attempt] = deque()  # started sync attempts, for a thread
         self._idle = 0  # threads waiting for a ready attempt
-        self._starting = 0  # threads started that have not yet asked for one
+        self._waking = False  # a thread is woken (or started) for ready attempts
         self._lock = threading.Lock()
         self._work_ready = threading.Condition(self._lock)  # for the pool's threads
         self._changed = threading.Condition(self._lock)  # for the watchdog and shutdown
@@ -88,11 +88,10 @@ class Runner:
 
     def _start_waiting(self, keep: int = 0) -> list[Attempt]:
         """(Holding the lock.) Start waiting attempts while slots are free: sync ones
-        go to the threads (started if none is idle), except the first `keep`, which the
-        calling thread takes itself (waking another would cost a thread switch per
-        attempt); returns the async ones, for the loop."""
+        go to the threads, except the first `keep`, which the calling thread takes
+        itself (waking another would cost a thread switch per attempt); returns the
+        async ones, for the loop."""
         to_loop: list[Attempt] = []
-        kept = keep
         while self._waiting and len(self._running) < self._size and not self._closed:
             attempt = self._waiting.popleft()
             self._running.add(attempt)
@@ -105,14 +104,23 @@ class Runner:
                 to_loop.append(attempt)
                 continue
             self._ready.append(attempt)
-            if keep:
-                keep -= 1
-            else:
-                self._work_ready.notify()
-        for _ in range(len(self._ready) - self._idle - self._starting - kept):
-            self._starting += 1
-            threading.Thread(target=self._work, name="asyncactions-run", daemon=True).start()
+        if len(self._ready) > keep:
+            self._wake_next()
         return to_loop
+
+    def _wake_next(self) -> None:
+        """(Holding the lock, with attempts ready.) Wake one thread, or start one if none
+        is idle; it wakes the next if it leaves attempts ready. One at a time: a thread
+        woken per attempt makes a herd that queues for the GIL, while a chain of wakes
+        lets a thread whose attempt ends at once take the next ready ones itself, and
+        still starts blocking attempts a thread each."""
+        if self._waking:
+            return
+        self._waking = True
+        if self._idle:
+            self._work_ready.notify()
+        else:
+            threading.Thread(target=self._work, name="asyncactions-run", daemon=True).start()
 
     def _to_loop(self, attempts: list[Attempt]) -> None:
         """Hand started async attempts to the loop: one wake-up of the loop for all that
@@ -148,7 +156,7 @@ class Runner:
     # --- sync attempts: threads -----------------------------------------------------------
 
     def _work(self) -> None:
-        attempt = self._next_ready(starting=True)
+        attempt = self._next_ready(woken=True)
         while attempt is not None:
             try:
                 done = self._executor.run(attempt)
@@ -161,13 +169,21 @@ class Runner:
             if attempt is None:
                 attempt = self._next_ready()
 
-    def _next_ready(self, starting: bool = False) -> Attempt | None:
+    def _next_ready(self, woken: bool = False) -> Attempt | None:
         with self._lock:
-            self._starting -= starting
-            self._idle += 1
-            self._work_ready.wait_for(lambda: self._ready or self._closed)
-            self._idle -= 1
-            return self._ready.popleft() if self._ready else None
+            while True:
+                if woken:
+                    self._waking = False
+                if self._ready or self._closed:
+                    break
+                self._idle += 1
+                self._work_ready.wait()
+                self._idle -= 1
+                woken = True
+            attempt = self._ready.popleft() if self._ready else None
+            if self._ready:
+                self._wake_next()
+            return attempt
 
     # --- async attempts: tasks on the loop --------------------------------------------
 
