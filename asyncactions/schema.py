@@ -382,10 +382,11 @@ def json_rows(dialect: str, param: str, columns: list[ColumnClause[Any]]) -> Fro
     """Rows from a bind parameter holding a JSON array of objects, as a FROM clause `v`.
 
     Lets one set-based statement take a whole batch in a single parameter:
-    jsonb_to_recordset on PostgreSQL, json_each on SQLite.
+    json_to_recordset on PostgreSQL (reading the text as it goes costs the server under
+    half what building a jsonb value first did), json_each on SQLite.
     """
     if dialect == "postgresql":
-        return (func.jsonb_to_recordset(as_payload(bindparam(param, type_=Text)))
+        return (func.json_to_recordset(cast(bindparam(param, type_=Text), postgresql.JSON))
                 .table_valued(*columns).render_derived(name="v", with_types=True))
     each = func.json_each(bindparam(param, type_=Text)).table_valued("value")
     return select(*(cast(func.json_extract(each.c.value, f"$.{c.name}"), c.type).label(c.name)
