@@ -116,11 +116,11 @@ class Runner:
         still starts blocking attempts a thread each."""
         if self._waking:
             return
-        self._waking = True
         if self._idle:
             self._work_ready.notify()
-        else:
+        else:  # if no thread can start, this raises and a later wake tries again
             threading.Thread(target=self._work, name="asyncactions-run", daemon=True).start()
+        self._waking = True
 
     def _to_loop(self, attempts: list[Attempt]) -> None:
         """Hand started async attempts to the loop: one wake-up of the loop for all that
