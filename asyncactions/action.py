@@ -84,12 +84,20 @@ def row_to_action(row: Sequence[Any], *, payloads: bool = True) -> Action:
                       attempts, error, errors if isinstance(errors, list) else [], result,
                       unique_key, *times, ordering_key, _decoded(progress), trace_context,
                       event)
-    errors = codec.loads(errors)
-    if errors is not None and not isinstance(errors, list):
-        raise ValueError(f"errors is {type(errors).__name__}, not a list")
-    return Action(id_, processor, Status(status), codec.loads(data), related_id, priority,
-                  retries, attempts, error, errors or [], codec.loads(result), unique_key,
-                  *times, ordering_key, _decoded(progress), trace_context, event)
+    # Every claimed row comes through here: absent payloads skip the decoder's call.
+    if errors is not None:
+        errors = codec.loads(errors)
+        if not isinstance(errors, list):
+            raise ValueError(f"errors is {type(errors).__name__}, not a list")
+    return Action(id_, processor, _STATUSES.get(status) or Status(status),
+                  None if data is None else codec.loads(data), related_id, priority,
+                  retries, attempts, error, errors or [],
+                  None if result is None else codec.loads(result), unique_key, *times,
+                  ordering_key, None if progress is None else _decoded(progress),
+                  trace_context, event)
+
+
+_STATUSES = {status.value: status for status in Status}
 
 
 def read_action(row: Any) -> Action:

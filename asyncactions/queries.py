@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -159,12 +160,18 @@ def _fair(names: Sequence[str]) -> Select[Any]:
             .limit(free))
 
 
+_ELIGIBILITY = operator.attrgetter("priority", "next_eligible_at", "id")
+
+
 def claim_order(actions: Sequence[Action]) -> list[Action]:
     """Claimed actions in the order the claim chose them (RETURNING has none): by
     priority, then round robin across processors, then eligibility."""
+    by_eligibility = sorted(actions, key=_ELIGIBILITY)
+    if len({a.processor for a in actions}) <= 1:
+        return by_eligibility  # one processor: its turns follow its eligibility
     turns: dict[tuple[str, int], int] = {}
     ranked = []
-    for a in sorted(actions, key=lambda a: (a.priority, a.next_eligible_at, a.id)):
+    for a in by_eligibility:
         turn = turns[a.processor, a.priority] = turns.get((a.processor, a.priority), 0) + 1
         ranked.append(((a.priority, turn, a.next_eligible_at, a.id), a))
     return [a for _, a in sorted(ranked, key=lambda r: r[0])]
