@@ -7,6 +7,8 @@ that its tests call directly:
   on the database does not grow with its size): bring back lost actions, delete
   finished ones past retention, enqueue schedules, wake listening workers for actions
   that became eligible.
+- HorizonWatch (the leader, on PostgreSQL): names a long transaction that holds back
+  vacuum, which slows claims down.
 - BacklogSampler (every worker serving metrics): pending counts and ages.
 
 APScheduler runs them; a service that fails is logged and runs again next time.
@@ -178,6 +180,39 @@ class StartsTrimmer:
     def run_once(self) -> int:
         with self._engine.begin() as conn:
             return queries.trim_starts(conn)
+
+
+# How old an open transaction must be before the leader says it holds back vacuum.
+LONG_TRANSACTION = timedelta(minutes=1)
+
+
+class HorizonWatch:
+    """Name a transaction that has been open for long (PostgreSQL). While it is, vacuum
+    reclaims no row that died since, and every claim walks the index entries of all the
+    actions claimed since, which cannot be cleaned up: claims slow down as actions
+    flow (the chaos suite's long_transaction: 0.9 to 12.6 ms in 2 minutes). Nothing in
+    the queue can prevent that; saying which session does it, once per transaction, is
+    what an operator needs to end it."""
+
+    interval = 30.0
+
+    def __init__(self, engine: Engine, older_than: timedelta = LONG_TRANSACTION) -> None:
+        self._engine = engine
+        self._older_than = older_than
+        self._told: set[tuple[int, datetime]] = set()  # transactions already named
+
+    def run_once(self) -> list[queries.HorizonHolder]:
+        with self._engine.begin() as conn:
+            holders = queries.horizon_holders(conn, self._older_than)
+        for h in holders:
+            if (h.pid, h.xact_start) not in self._told:
+                log.warning("the transaction of backend pid %d (%s for %.0fs, user %s, "
+                            "application %r) holds back vacuum: async_action's dead rows "
+                            "stay and claims slow down as actions flow; end it, or set "
+                            "idle_in_transaction_session_timeout", h.pid, h.state or "active",
+                            h.age_s, h.user, h.application or "")
+        self._told = {(h.pid, h.xact_start) for h in holders}  # forget ended ones
+        return holders
 
 
 class ScheduleFirer:

@@ -33,6 +33,7 @@ from sqlalchemy import (
     literal_column,
     null,
     select,
+    text,
     union_all,
     update,
 )
@@ -483,6 +484,39 @@ def wake_eligible(conn: Connection, window: timedelta) -> int:
     how many processors were woken."""
     return len(conn.execute(WAKE, {"neg_window": -window.total_seconds()}).all())
 
+
+
+class HorizonHolder(NamedTuple):
+    pid: int
+    state: str | None
+    xact_start: datetime
+    age_s: float
+    user: str | None
+    application: str | None
+
+
+# Sessions of this database whose open transaction began over :secs ago and holds a
+# snapshot (backend_xmin) or a transaction id (backend_xid): each keeps vacuum from
+# reclaiming any row that died since (PostgreSQL; without pg_read_all_stats, only the
+# sessions of the worker's own role show).
+HORIZON_HOLDERS = text("""
+    SELECT pid, state, xact_start,
+           extract(epoch FROM clock_timestamp() - xact_start) AS age_s,
+           usename, application_name
+    FROM pg_stat_activity
+    WHERE datname = current_database()
+      AND backend_type = 'client backend'
+      AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)
+      AND pid <> pg_backend_pid()
+      AND xact_start < clock_timestamp() - make_interval(secs => :secs)
+    ORDER BY xact_start
+""")
+
+
+def horizon_holders(conn: Connection, older_than: timedelta) -> list[HorizonHolder]:
+    return [HorizonHolder(pid, state, start, float(age), user, app)
+            for pid, state, start, age, user, app
+            in conn.execute(HORIZON_HOLDERS, {"secs": older_than.total_seconds()})]
 
 # Eligible pending actions by processor, for the metrics (sampled, not per action).
 BACKLOG = (

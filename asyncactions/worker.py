@@ -52,6 +52,7 @@ from .live import CancelWatch, LiveAttempts
 from .maintenance import (
     BacklogSampler,
     Heartbeat,
+    HorizonWatch,
     Leadership,
     Maintenance,
     Pruner,
@@ -179,6 +180,8 @@ class Worker:
         if self.metrics is not None:
             everywhere.append(BacklogSampler(engine, self.metrics, self.processors))
         leading: list[Service] = [rescuer, StartsTrimmer(engine)]
+        if engine.dialect.name == "postgresql":
+            leading.append(HorizonWatch(engine))
         retention = {k: v for k, v in self.config.retention.items() if v is not None}
         if retention:
             leading.append(Pruner(engine, retention))

@@ -483,3 +483,30 @@ def test_unreachable_or_unmigrated_database_is_one_line(tmp_path: Path) -> None:
         lines = [one_line_error(r) for r in pool.map(lambda c: cli(*c, cwd=tmp_path), commands)]
     assert all("127.0.0.1:1" in line and "server is running" in line for line in lines[:4])
     assert "run `asyncactions db upgrade` first" in lines[4]
+
+
+def test_the_leader_names_a_long_transaction_that_holds_back_vacuum_once(
+        pg: Db, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import psycopg
+
+    from asyncactions.maintenance import HorizonWatch
+
+    url = pg.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, application_name="nightly-report") as pinning:
+        pinning.execute("SELECT txid_current()")  # then idle in transaction: xmin held
+        pid = pinning.info.backend_pid
+        assert HorizonWatch(pg.engine, older_than=HOUR).run_once() == []  # not long yet
+        watch = HorizonWatch(pg.engine, older_than=timedelta(0))
+        with caplog.at_level(logging.WARNING, logger="asyncactions.maintenance"):
+            assert [h.pid for h in watch.run_once()] == [pid]
+            assert [h.pid for h in watch.run_once()] == [pid]
+        told = [r.getMessage() for r in caplog.records if "holds back vacuum" in r.getMessage()]
+        assert len(told) == 1, told  # once per transaction
+        assert told[0].startswith(f"the transaction of backend pid {pid} (idle in transaction "
+                                  "for ")
+        assert "application 'nightly-report'" in told[0]
+        assert "idle_in_transaction_session_timeout" in told[0]
+        pinning.rollback()
+        assert watch.run_once() == []
