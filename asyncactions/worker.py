@@ -193,10 +193,12 @@ class Worker:
         return everywhere, leading
 
     def _starting(self, answered: threading.Event, step: Callable[[], object]) -> None:
-        """A start-up step, retried for up to a lease while a database that has answered
-        drops the connection (restarting, a terminated backend) or a server says "not now"
-        (too many connections): a worker started during a blip starts. A database that
-        never answered fails at once, in one line."""
+        """A start-up step, retried while a server says "not now" (too many connections,
+        starting up), however long that lasts: it is there, and a full server frees
+        connections as its clients finish. Retried for up to a lease while a database
+        that has answered drops the connection (restarting, a terminated backend): a
+        worker started during a blip starts. A database that never answered fails at
+        once, in one line; stop() ends the retries."""
         deadline = time.monotonic() + self.config.worker.lease.total_seconds()
         pause = 0.1
         while True:
@@ -208,10 +210,11 @@ class Worker:
                 busy = busy_state(exc) if dbapi else exc.sqlstate
                 dropped = answered.is_set() and (
                     is_disconnect(exc) if isinstance(exc, sa_exc.DBAPIError) else exc.connection)
-                if not (busy or dropped) or time.monotonic() + pause > deadline:
+                if not (busy or (dropped and time.monotonic() + pause <= deadline)):
                     raise
                 log.warning("starting: %s; retrying", first_line(exc))
-                time.sleep(pause)  # backoff before reconnecting
+                if self._stop.wait(pause):  # backoff before reconnecting
+                    raise
                 pause = min(pause * 2, 2.0)
 
     def _prepare_schema(self, engine: Engine) -> None:

@@ -114,29 +114,44 @@ def backend_terminations(short: bool) -> Figures:
 
 
 def pool_exhaustion(short: bool) -> Figures:
-    """max_connections too low for every worker's pool: they wait and retry."""
+    """max_connections too low for every worker's pool: they wait and retry. The workers
+    start while every connection their role can have is taken, for longer than a lease:
+    a worker waits out a full server however long that lasts, and starts."""
+    import psycopg
+
     n = 2_000 if short else 10_000
+    lease = 5.0
     # Five connections, one of them reserved for superusers (the harness, to watch):
     # four for three workers that each keep two open (claim, outcomes) and want more.
     with cluster("max_connections = 5", "superuser_reserved_connections = 1") as c:
         c.sql("CREATE ROLE app LOGIN")
-        run = Run(c.url(), lease="5s", concurrency=8, work=0.01,
-                  worker_url=c.url().replace("postgres@", "app@"))
+        worker_url = c.url().replace("postgres@", "app@")
+        run = Run(c.url(), lease=f"{lease:.0f}s", concurrency=8, work=0.01,
+                  worker_url=worker_url)
         c.sql("GRANT ALL ON ALL TABLES IN SCHEMA public TO app; "
               "GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app")
+        hogs = [psycopg.connect(worker_url.replace("+psycopg", "")) for _ in range(4)]
         try:
             run.enqueue("chaos", n)
             workers = [run.start_worker() for _ in range(3)]
+
+            def was_refused(i: int) -> bool:
+                text = (run.dir / f"worker{i}.log").read_text()
+                return "too many clients" in text or "connection slots are reserved" in text
+            wait_until(lambda: all(map(was_refused, range(3))), 60, "every worker refused")
+            time.sleep(1.5 * lease)  # the fault: the server stays full for 1.5 leases
+            for hog in hogs:
+                hog.close()
             run.drained(n, timeout=300)
-            logs = [(run.dir / f"worker{i}.log").read_text() for i in range(len(workers))]
-            refused = sum("too many clients" in text or "connection slots are reserved" in text
-                          for text in logs)
+            refused = sum(map(was_refused, range(len(workers))))
             alive = run.survivors(workers)
             figures = verdict(run, n, 0, max_connections=5, workers=3,
                               workers_that_saw_refusals=refused, workers_survived=alive)
             figures["ok"] = figures["ok"] and alive and refused > 0  # it was exhausted
             return figures
         finally:
+            for hog in hogs:
+                hog.close()
             run.close()
 
 
