@@ -425,6 +425,7 @@ def heartbeat(conn: Connection, worker: str, lease: timedelta,
     """Mark this worker alive and extend the leases of what it holds. Returns whether its
     registration row still existed (false: another worker declared it dead) and the
     leader's id."""
+    ends_if_abandoned(conn, lease)  # it locks this worker's row and its running actions
     row = conn.execute(HEARTBEAT, {"worker": worker,
                                    "neg_recent": -lease.total_seconds() / 3}).first()
     if held:
@@ -460,8 +461,29 @@ LOST = (
 
 
 def lost_actions(conn: Connection, lease: timedelta, limit: int = 500) -> list[Action]:
-    conn.execute(FORGET_DEAD_WORKERS, {"neg_lease": -lease.total_seconds()})
-    return [read_action(r) for r in conn.execute(LOST, {"limit": limit})]
+    """Forget dead workers and lock their actions (and any whose lease ran out), for the
+    rescue in the same transaction."""
+    forgot = conn.execute(FORGET_DEAD_WORKERS, {"neg_lease": -lease.total_seconds()}).rowcount
+    if forgot:  # rows locked: an idle leader's rescue takes no lock, nor this statement
+        ends_if_abandoned(conn, lease)
+    rows = conn.execute(LOST, {"limit": limit}).all()
+    if rows and not forgot:
+        ends_if_abandoned(conn, lease)
+    return [read_action(r) for r in rows]
+
+
+def ends_if_abandoned(conn: Connection, lease: timedelta) -> None:
+    """(PostgreSQL) Should this transaction's client vanish mid-way (a network partition,
+    a frozen host), the server ends it after a lease of waiting for the next statement,
+    instead of holding its row locks until TCP gives up on the connection (hours): the
+    rows a worker's heartbeat or rescue locks are the ones the other workers' rescue
+    needs. Local to the transaction, so safe behind a pooler."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(ENDS_IF_ABANDONED, {"ms": str(round(lease.total_seconds() * 1000))})
+
+
+ENDS_IF_ABANDONED = select(func.set_config("idle_in_transaction_session_timeout",
+                                           bindparam("ms", type_=Text), True))
 
 
 # Wake the workers for actions that became eligible lately (a delay or a retry interval
