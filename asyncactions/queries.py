@@ -269,8 +269,6 @@ def any_eligible(conn: Connection, processors: Sequence[str]) -> bool:
         select(t.c.id).where(*_runnable(processors)).exists())).scalar_one()
 
 
-
-
 def _note_starts(conn: Connection, ids: Sequence[int]) -> None:
     """Log the starts a rate-limited processor's claim just made, in its transaction
     (where the claim itself cannot: SQLite)."""

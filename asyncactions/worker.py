@@ -208,8 +208,7 @@ class Worker:
             except (sa_exc.DBAPIError, DatabaseError) as exc:
                 dbapi = isinstance(exc, sa_exc.DBAPIError)
                 busy = busy_state(exc) if dbapi else exc.sqlstate
-                dropped = answered.is_set() and (
-                    is_disconnect(exc) if isinstance(exc, sa_exc.DBAPIError) else exc.connection)
+                dropped = answered.is_set() and (is_disconnect(exc) if dbapi else exc.connection)
                 if not (busy or (dropped and time.monotonic() + pause <= deadline)):
                     raise
                 log.warning("starting: %s; retrying", first_line(exc))

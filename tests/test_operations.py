@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import pty
 import subprocess
@@ -17,10 +18,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import Text, insert, literal
 
 from asyncactions import Action, Worker, admin, audit, codec, init_action, processor
+from asyncactions.maintenance import HorizonWatch
 from asyncactions.output import Ratio, emit, human_duration
 from asyncactions.schema import as_payload, async_action, async_action_worker
 
@@ -487,12 +490,6 @@ def test_unreachable_or_unmigrated_database_is_one_line(tmp_path: Path) -> None:
 
 def test_the_leader_names_a_long_transaction_that_holds_back_vacuum_once(
         pg: Db, caplog: pytest.LogCaptureFixture) -> None:
-    import logging
-
-    import psycopg
-
-    from asyncactions.maintenance import HorizonWatch
-
     url = pg.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(url, application_name="nightly-report") as pinning:
         pinning.execute("SELECT txid_current()")  # then idle in transaction: xmin held
