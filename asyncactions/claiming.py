@@ -304,7 +304,7 @@ class Claimer:
                       ) -> tuple[list[Action], list[tuple[Action, Exception]]]:
         assert self._flow_conn is not None
         with self._flow_conn.begin() as connection:
-            queries.lock_processor(connection, processors[0][0])
+            queries.lock_processor(connection, processors[0][0], self._lease)
             actions, malformed = queries.claim(connection, self._worker, processors, want,
                                                self._lease, flow)
         if not actions and not malformed and flow.rate_count is not None:

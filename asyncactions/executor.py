@@ -65,8 +65,10 @@ class Executor:
     def __init__(self, processors: dict[str, Processor], worker_id: str, engine: Engine, *,
                  max_bytes: int, metrics: Metrics | None = None,
                  live: LiveAttempts | None = None,
-                 async_engine: AsyncEngine | None = None) -> None:
+                 async_engine: AsyncEngine | None = None,
+                 lease: timedelta | None = None) -> None:
         self._processors = processors
+        self._lease = lease  # how long a transactional attempt cut off at COMMIT holds on
         self._worker = worker_id
         self._engine = engine
         self._async_engine = async_engine  # for async transactional processors' sessions
@@ -251,7 +253,7 @@ class Executor:
                 session.rollback()
                 return Done(outcomes)
             try:
-                applied = queries.record(session.connection(), outcomes)
+                applied = queries.record(session.connection(), outcomes, lease=self._lease)
                 if len(applied) < len(outcomes):
                     # We lost the claim (lease expired, canceled): our work must not land.
                     session.rollback()

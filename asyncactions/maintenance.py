@@ -222,9 +222,10 @@ class ScheduleFirer:
     interval = 1.0
 
     def __init__(self, engine: Engine, schedules: Iterable[Schedule], *,
-                 max_data_bytes: int) -> None:
+                 max_data_bytes: int, lease: timedelta | None = None) -> None:
         self._engine = engine
         self._max_data_bytes = max_data_bytes
+        self._lease = lease
         # Due at once on start: catch up on a fire time missed while down.
         self._schedules = list(schedules)
         self._due = {s.name: datetime.min.replace(tzinfo=UTC) for s in self._schedules}
@@ -235,7 +236,7 @@ class ScheduleFirer:
         for schedule in self._schedules:
             if self._due[schedule.name] <= now:
                 fired += fire_due(self._engine, schedule, now,
-                                  max_data_bytes=self._max_data_bytes)
+                                  max_data_bytes=self._max_data_bytes, lease=self._lease)
                 self._due[schedule.name] = schedule.next_fire_after(now)
         return fired
 
@@ -357,7 +358,7 @@ def last_fire(conn: Connection, name: str) -> datetime | None:
 
 
 def fire_due(engine: Engine, schedule: Schedule, now: datetime | None = None, *,
-             max_data_bytes: int | None = None) -> int:
+             max_data_bytes: int | None = None, lease: timedelta | None = None) -> int:
     """Enqueue the schedule's due fire times unless another worker already did; how many.
 
     Fire times are enqueued only by the worker whose update moves the schedule's
@@ -365,9 +366,14 @@ def fire_due(engine: Engine, schedule: Schedule, now: datetime | None = None, *,
     unique key is its fire time: never twice, whatever the number of workers or leaders.
     Fire times missed while no leader ran (a failover) are caught up, the newest
     MAX_CATCH_UP at most. A schedule seen for the first time starts from now: it does
-    not fire for the past."""
+    not fire for the past.
+
+    With a `lease` (a worker's leader), a firer cut off before its COMMIT holds the
+    schedule's row from the next leader for a lease at most (see ends_if_abandoned)."""
     now = now or datetime.now(UTC)
     with engine.begin() as conn:
+        if lease is not None:
+            queries.ends_if_abandoned(conn, lease)
         last = last_fire(conn, schedule.name)
         if last is None:
             _claim_fire(conn, schedule.name, now)

@@ -226,18 +226,24 @@ def _with_starts_logged(claim: Any) -> Any:
     return select(*claimed.c).add_cte(logged)
 
 
-def lock_processor(conn: Connection, name: str) -> None:
+def lock_processor(conn: Connection, name: str, lease: timedelta) -> None:
     """Serialise the claims of one capped processor across the cluster until the
     transaction ends (PostgreSQL; SQLite has one writer). Processors without caps
-    never take it, so they never wait on each other."""
+    never take it, so they never wait on each other.
+
+    Every worker's claim loop waits for this lock: a claimer cut off before its COMMIT
+    would stop them all, so the transaction ends itself after a lease of waiting for its
+    client (see ends_if_abandoned), in the same statement."""
     if conn.dialect.name == "postgresql":
-        LOCK_PROCESSOR.rows(conn, {"key": f"asyncactions.processor:{name}"})
+        LOCK_PROCESSOR.rows(conn, {"key": f"asyncactions.processor:{name}",
+                                   "ms": _milliseconds(lease)})
 
 
 # Taken before every capped claim: hot, like the claim (SQLAlchemy's own execution of
 # it cost more than the round trip).
-LOCK_PROCESSOR = HotStatement(select(func.pg_advisory_xact_lock(
-    func.hashtextextended(bindparam("key", type_=Text), 0))))
+LOCK_PROCESSOR = HotStatement(select(
+    func.set_config("idle_in_transaction_session_timeout", bindparam("ms", type_=Text), True),
+    func.pg_advisory_xact_lock(func.hashtextextended(bindparam("key", type_=Text), 0))))
 
 
 def claim(conn: Connection, worker: str, processors: Sequence[tuple[str, int]], free: int,
@@ -336,8 +342,14 @@ _RECORD = {dialect: HotStatement(_record_statement(dialect))
            for dialect in ("postgresql", "sqlite")}
 
 
-def record(conn: Connection, outcomes: Sequence[Outcome]) -> set[int]:
-    """Write outcomes in one statement; returns the ids the fence let through."""
+def record(conn: Connection, outcomes: Sequence[Outcome],
+           lease: timedelta | None = None) -> set[int]:
+    """Write outcomes in one statement; returns the ids the fence let through. With a
+    `lease`, the write is not the transaction's last word (a transactional processor's
+    COMMIT follows): should the client vanish before it, the server ends the transaction
+    after a lease instead of keeping the actions locked from the rescue."""
+    if lease is not None:
+        ends_if_abandoned(conn, lease)
     batch = json.dumps([{
         "id": o.action.id, "attempts": o.action.attempts, "worker": o.action.claimed_by,
         "status": o.status.value, "retries": o.retries, "result": o.result, "error": o.error,
@@ -477,7 +489,11 @@ def ends_if_abandoned(conn: Connection, lease: timedelta) -> None:
     rows a worker's heartbeat or rescue locks are the ones the other workers' rescue
     needs. Local to the transaction, so safe behind a pooler."""
     if conn.dialect.name == "postgresql":
-        conn.execute(ENDS_IF_ABANDONED, {"ms": str(round(lease.total_seconds() * 1000))})
+        conn.execute(ENDS_IF_ABANDONED, {"ms": _milliseconds(lease)})
+
+
+def _milliseconds(lease: timedelta) -> str:
+    return str(round(lease.total_seconds() * 1000))
 
 
 ENDS_IF_ABANDONED = select(func.set_config("idle_in_transaction_session_timeout",

@@ -132,7 +132,8 @@ class Worker:
             self._starting(answered, lambda: self._prepare_schema(engine))
             executor = Executor(self.processors, self.id, engine,
                                 max_bytes=self.config.max_data_bytes, metrics=self.metrics,
-                                live=self._live, async_engine=async_engine)
+                                live=self._live, async_engine=async_engine,
+                                lease=settings.lease)
             self._hooks = ThreadPoolExecutor(1, thread_name_prefix="asyncactions-hooks")
             self._completer = completer = Completer(engine, self._written)
             runner = Runner(self.concurrency, executor, self._finished, loop=loop)
@@ -187,6 +188,7 @@ class Worker:
             leading.append(Pruner(engine, retention))
         if self.config.schedules:
             leading.append(ScheduleFirer(engine, self.config.schedules,
+                                         lease=self.config.worker.lease,
                                          max_data_bytes=self.config.max_data_bytes))
         if listens:
             leading.append(Waker(engine, self.config.worker.poll_interval))

@@ -71,7 +71,7 @@ def _rounds(conn: Connection, kinds: dict[str, queries.Flow | None]) -> dict[str
                 with conn.begin() as tx:
                     start = time.perf_counter()
                     if flow is not None:
-                        queries.lock_processor(conn, "bench_noop")
+                        queries.lock_processor(conn, "bench_noop", LEASE)
                     claimed, _ = queries.claim(conn, "bench:flow", [("bench_noop", 3)],
                                                CLAIM, LEASE, flow)
                     elapsed = time.perf_counter() - start

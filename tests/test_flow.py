@@ -39,7 +39,7 @@ def claim(db: Db, processors: list[str], free: int = 100, flow: queries.Flow | N
           worker: str = "w1") -> list[Action]:
     with db.engine.begin() as conn:
         if flow is not None:
-            queries.lock_processor(conn, processors[0])
+            queries.lock_processor(conn, processors[0], LEASE)
         actions, _ = queries.claim(conn, worker, [(p, 3) for p in processors], free, LEASE,
                                    flow)
     return actions
