@@ -315,11 +315,17 @@ class Run:
         return runs
 
     def drained(self, n: int, timeout: float) -> dict[str, int]:
-        """Wait until every action is final; the statuses."""
+        """Wait until every action is final; the statuses. With no worker left alive
+        nothing will end: that fails at once, with their logs, not after the timeout."""
         def final() -> dict[str, int] | None:
             counts = self.statuses()
             done = sum(counts.get(s, 0) for s in ("completed", "failed", "canceled"))
-            return counts if done >= n else None
+            if done >= n:
+                return counts
+            if self.workers and not self.live_workers():
+                self.survivors(self.workers)  # logs each one's exit and its log's tail
+                raise RuntimeError(f"every worker exited with {n - done} actions not final")
+            return None
         return wait_until(final, timeout, f"{n} actions to end")
 
 
