@@ -248,6 +248,8 @@ class Executor:
         session = given.sync_session if isinstance(given, AsyncSession) else given
         with session:
             session.begin()
+            if self._lease is not None:  # its locks outlive no host cut off for long
+                queries.ends_if_cut_off(session.connection(), self._lease)
             outcomes, raised = self._call(proc, attempt.actions, given)
             if raised:
                 session.rollback()

@@ -496,6 +496,26 @@ def _milliseconds(lease: timedelta) -> str:
     return str(round(lease.total_seconds() * 1000))
 
 
+def ends_if_cut_off(conn: Connection, lease: timedelta) -> None:
+    """(PostgreSQL) Should this transaction's client host drop off the network (a
+    partition, a crash), the server ends the transaction within about a lease: it
+    probes the client over TCP and gives up when nothing answers. Unlike
+    ends_if_abandoned, a client that is there but quiet (a transactional processor at
+    its own work) is left alone. Local to the transaction; behind a pooler it sets the
+    pooler's connection, which the pooler's own keepalives then stand in for."""
+    if conn.dialect.name == "postgresql":
+        seconds = lease.total_seconds()
+        conn.execute(ENDS_IF_CUT_OFF, {"idle": str(max(1, round(seconds / 3))),
+                                       "interval": str(max(1, round(seconds / 9))),
+                                       "ms": _milliseconds(lease)})
+
+
+ENDS_IF_CUT_OFF = select(*(
+    func.set_config(name, bindparam(key, type_=Text) if key else literal("3", Text), True)
+    for name, key in [("tcp_keepalives_idle", "idle"), ("tcp_keepalives_interval", "interval"),
+                      ("tcp_keepalives_count", None), ("tcp_user_timeout", "ms")]))
+
+
 ENDS_IF_ABANDONED = select(func.set_config("idle_in_transaction_session_timeout",
                                            bindparam("ms", type_=Text), True))
 

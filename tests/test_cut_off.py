@@ -4,7 +4,9 @@ keeps the transaction open, with every lock it took, until TCP gives up on it: h
 Each worker transaction whose locks others need ends itself after a lease of waiting
 for its client (see queries.ends_if_abandoned). The heartbeat's and the rescue's are in
 test_heartbeat_locks.py; these are the others, each cut off by a real proxy at its
-COMMIT (tests/cut_off.py)."""
+COMMIT (tests/cut_off.py). A transactional processor's own work is left to TCP
+keepalives instead (tested here for its settings, and by the chaos suite's partition
+on a real cut link)."""
 
 from __future__ import annotations
 
@@ -81,6 +83,30 @@ def test_a_transactional_attempt_cut_off_at_its_commit_is_rescued_after_a_lease(
     assert again.status == "pending" and "was lost" in again.errors[-1]["error"]
     assert pg.rows("SELECT action_id FROM ledger") == []  # its writes went with it
     vanished.dispose()
+
+
+def test_a_transactional_processor_runs_in_a_transaction_its_host_cannot_strand(
+        pg: Db) -> None:
+    """A host that drops off the network (no proxy stands in for that here; the chaos
+    suite's partition cuts a real link) is found out by TCP keepalives: the processor's
+    transaction probes its client every few seconds and gives up after about a lease."""
+    seen: dict[str, str] = {}
+
+    @processor("probe", transactional=True)
+    def probe(action, session):
+        for name in ("tcp_keepalives_idle", "tcp_keepalives_interval",
+                     "tcp_keepalives_count", "tcp_user_timeout"):
+            seen[name] = session.execute(text(f"SHOW {name}")).scalar()
+
+    init_action(pg.engine, "probe", {})
+    with pg.engine.begin() as conn:
+        (action,), _ = queries.claim(conn, "w", [("probe", 3)], 1, timedelta(seconds=30))
+    executor = Executor(registered(), "w", pg.engine, max_bytes=1 << 20,
+                        lease=timedelta(seconds=30))
+    executor.run(Attempt([action], "probe", None))
+    assert seen == {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "3",
+                    "tcp_keepalives_count": "3", "tcp_user_timeout": "30000"}
+    assert admin.get_action(pg.engine, action.id).status == "completed"
 
 
 def test_a_capped_claim_cut_off_at_its_commit_holds_up_the_other_claimers_a_lease_at_most(

@@ -62,6 +62,15 @@ PROCESSORS = textwrap.dedent("""
         note(action)
         time.sleep(action.data["seconds"])
         return {"pid": os.getpid()}
+
+    @processor("book", transactional=True, retries=5, retry_interval=timedelta(0))
+    def book(action, session):
+        # Locks the account's row until the attempt commits; only the first attempt lingers.
+        from sqlalchemy import text
+        note(action)
+        session.execute(text("UPDATE chaos_account SET bookings = bookings + 1"))
+        time.sleep(action.data["seconds"] if action.attempts == 1 else 0)
+        return {"pid": os.getpid()}
 """)
 
 

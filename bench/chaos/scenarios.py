@@ -16,6 +16,8 @@ from contextlib import suppress
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg
+
 from asyncactions.claiming import CLAIM_SESSION, PREFETCH
 
 from .harness import Run, cluster, host, log, verdict, wait_until
@@ -236,7 +238,10 @@ def leader_failover(short: bool) -> Figures:
 def partition(short: bool) -> Figures:
     """A worker on a test host of its own (a network namespace) loses its link for three
     leases while its attempts run: the other worker takes them over after the lease,
-    the cut-off worker's late outcomes change nothing (fenced), and it rejoins."""
+    the cut-off worker's late outcomes change nothing (fenced), and it rejoins. One of
+    the attempts is a transactional processor's holding a row lock: the server ends
+    the cut-off transaction (TCP keepalives, see queries.ends_if_cut_off), so its rerun
+    elsewhere gets the row and completes while the link is still cut."""
     lease, held = 3, 4
     with host() as h, cluster(listen=f"127.0.0.1,{h.gateway}") as c:
         run = Run(c.url(), lease=f"{lease}s", concurrency=held)
@@ -249,9 +254,15 @@ def partition(short: bool) -> Figures:
             from asyncactions import init_actions
             from asyncactions.database import make_engine
 
+            with psycopg.connect(run.url.replace("+psycopg", ""), autocommit=True) as conn:
+                conn.execute("CREATE TABLE chaos_account (bookings integer); "
+                             "INSERT INTO chaos_account VALUES (0)")
             engine = make_engine(run.url)
             # Attempts that end inside the cut: their outcomes wait for the link.
-            cut_off = [a.id for a in init_actions(engine, "slow", [{"seconds": 2 * lease}] * held)]
+            cut_off = [a.id for a in init_actions(engine, "slow",
+                                                  [{"seconds": 2 * lease}] * (held - 1))]
+            (booking,) = init_actions(engine, "book", [{"seconds": 2 * lease}])
+            cut_off.append(booking.id)
             engine.dispose()
             pattern = f"%:{there.pid}:%"
             wait_until(lambda: len(run.ledger_runs()) == held, 60, "its attempts to start")
@@ -267,7 +278,13 @@ def partition(short: bool) -> Figures:
                     all(run.ledger_runs()[i] == 2 for i in cut_off)
             wait_until(taken_over, 10 * lease, "the other worker to take over")
             takeover_s = round(time.monotonic() - cut_at, 2)
-            time.sleep(max(0.0, 3 * lease - (time.monotonic() - cut_at)))  # the cut's length
+            booked_s = None  # when the booking's rerun committed, if within the cut
+            while time.monotonic() - cut_at < 3 * lease:  # the cut's length
+                if booked_s is None and run.query(
+                        "SELECT status = 'completed' FROM async_action WHERE id = %s",
+                        [booking.id])[0][0]:
+                    booked_s = round(time.monotonic() - cut_at, 2)
+                time.sleep(0.1)
             h.restore()
             wait_until(lambda: run.query(
                 "SELECT count(*) FROM async_action_worker WHERE pid = %s AND "
@@ -288,10 +305,14 @@ def partition(short: bool) -> Figures:
                 wait_until(ran_by_there, 60, "the cut-off worker to run new work", interval=0.5)
             after = {int(line.split()[2]) for line in run.ledger.read_text().splitlines()
                      if int(line.split()[0]) > held}
+            booked_once = run.query("SELECT bookings FROM chaos_account")[0][0] == 1
             return {"lease_s": lease, "cut_s": 3 * lease, "held_by_cut_off_worker": held,
                     "taken_over_after_s": takeover_s, "rejoined_after_s": rejoined_s,
                     "late_outcomes_fenced": fenced, "runs_new_work_after": there.pid in after,
-                    "ok": fenced and there.pid in after and run.survivors([here, there])}
+                    "transactional_rerun_committed_after_s": booked_s,
+                    "cut_off_transaction_rolled_back": booked_once,
+                    "ok": fenced and there.pid in after and booked_s is not None
+                    and booked_once and run.survivors([here, there])}
         finally:
             run.close()
 
@@ -312,8 +333,6 @@ def long_transaction(short: bool) -> Figures:
     claims stay within 3x of normal, and afterwards autovacuum reclaims the dead rows
     with the shipped per-table settings. A hold longer than the leader's HorizonWatch
     needs to see it (its threshold and one interval) must be named in the worker's log."""
-    import psycopg
-
     from asyncactions.database import make_engine
     from asyncactions.maintenance import LONG_TRANSACTION, HorizonWatch
 
