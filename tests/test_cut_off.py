@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
@@ -57,15 +58,25 @@ def until(done: Callable[[], bool], step: Callable[[], object], pause: float) ->
     return done()
 
 
-def test_a_transactional_attempt_cut_off_at_its_commit_is_rescued_after_a_lease(
-        pg: Db) -> None:
+@pytest.fixture
+def bookings(pg: Db) -> Iterator[Db]:
+    """The application's table a transactional processor writes to."""
     with pg.engine.begin() as conn:
-        conn.execute(text("CREATE TABLE ledger (action_id integer)"))
+        conn.execute(text("CREATE TABLE bookings (action_id integer)"))
+    yield pg
+    with pg.engine.begin() as conn:
+        conn.execute(text("DROP TABLE bookings"))
+
+
+def test_a_transactional_attempt_cut_off_at_its_commit_is_rescued_after_a_lease(
+        bookings: Db) -> None:
+    pg = bookings
+    with pg.engine.begin() as conn:
         queries.register_worker(conn, "gone", "elsewhere", 1, ["book"])
 
     @processor("book", transactional=True)
     def book(action, session):
-        session.execute(text("INSERT INTO ledger VALUES (:a)"), {"a": action.id})
+        session.execute(text("INSERT INTO bookings VALUES (:a)"), {"a": action.id})
         return "booked"
 
     init_action(pg.engine, "book", {})
@@ -81,7 +92,7 @@ def test_a_transactional_attempt_cut_off_at_its_commit_is_rescued_after_a_lease(
                      rescuer.run_once, rescuer.interval)
     again = admin.get_action(pg.engine, action.id)
     assert again.status == "pending" and "was lost" in again.errors[-1]["error"]
-    assert pg.rows("SELECT action_id FROM ledger") == []  # its writes went with it
+    assert pg.rows("SELECT action_id FROM bookings") == []  # its writes went with it
     vanished.dispose()
 
 
