@@ -12,12 +12,13 @@ import inspect
 import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
+    Engine,
     Float,
     Integer,
     Row,
@@ -188,33 +189,44 @@ def init_actions(db: Database, processor: str, data: Sequence[Any], *,
     """
     options = _options(processor, delay, eligible_at, retries, priority)
     data = payloads.many_for_enqueue(_schema(processor), data)
-    with _gc_paused():
-        texts = [None if d is None else codec.dumps(d, what=f"data[{i}]",
-                                                    max_bytes=max_data_bytes)
-                 for i, d in enumerate(data)]
     keys = _unique_keys(unique_key, data)
     okeys = _ordering_keys(ordering_key, data)
-    if not texts:
+    if not data:
         return []
+
+    def encode(start: int, stop: int) -> list[str | None]:
+        """The data of items [start, stop), encoded (or the bad item named)."""
+        with _gc_paused():
+            return [None if d is None else codec.dumps(d, what=f"data[{i}]",
+                                                        max_bytes=max_data_bytes)
+                    for i, d in enumerate(data[start:stop], start)]
     span = tracing.start_producer(processor)  # None unless the application traces
     params = {"processor": processor, "related_id": related_id, "unique_key": None,
               "ordering_key": None, "trace_context": tracing.traceparent(span),
               "event": None, **options}
     actions: list[Action] = []
     try:
-        actions = _insert_many(db, data, texts, keys, okeys, params,
+        actions = _insert_many(db, data, encode, keys, okeys, params,
                                explicit_time=eligible_at is not None)
     finally:
         tracing.end_producer(span, [a.id for a in actions])
     return actions
 
 
-def _insert_many(db: Database, data: Sequence[Any], texts: list[str | None],
+Encode = Callable[[int, int], list[str | None]]
+
+
+def _insert_many(db: Database, data: Sequence[Any], encode: Encode,
                  keys: list[str | None] | None, okeys: list[str | None] | None,
                  params: dict[str, Any], *, explicit_time: bool) -> list[Action]:
     ordered = okeys is not None
     with connection(db) as conn:
         pipelined.send(conn)
+        if keys is None and len(data) >= COPY_FROM and conn.dialect.driver == "psycopg":
+            # The caller's transaction survives an item that fails to encode mid-COPY.
+            with nullcontext() if isinstance(db, Engine) else conn.begin_nested():
+                return _copy_in(conn, data, encode, params, okeys)
+        texts = encode(0, len(data))
         if conn.dialect.name != "postgresql":
             # SQLite has no round trips to save: the single-row statement, many times.
             stmt = _insert_stmt(conn.dialect.name, explicit_time, keys is not None)
@@ -223,8 +235,6 @@ def _insert_many(db: Database, data: Sequence[Any], texts: list[str | None],
                     for d, t, k, o in zip(data, texts, keys or [None] * len(texts),
                                           okeys or [None] * len(texts), strict=True)]
         if keys is None:
-            if len(texts) >= COPY_FROM and conn.dialect.driver == "psycopg":
-                return _copy_in(conn, data, texts, params, okeys)
             rows = conn.execute(_bulk_insert_pg(conn.dialect.name, explicit_time, ordered),
                                 {**params, "datas": _json_array(texts),
                                  **({"okeys": json.dumps(okeys)} if ordered else {})}).all()
@@ -357,14 +367,18 @@ def _bulk_insert_pg(dialect: str, explicit_time: bool, ordered: bool = False) ->
 # about 90 ms for COPY, 240 ms for INSERT … SELECT).
 COPY_FROM = 1000
 BACKSLASH = "\\"
+# Lines per write of a COPY: sent to the server while the next ones are built.
+LINES_PER_WRITE = 2000
 
 
-def _copy_in(conn: Connection, data: Sequence[Any], texts: list[str | None],
+def _copy_in(conn: Connection, data: Sequence[Any], encode: Encode,
              params: dict[str, Any], okeys: list[str | None] | None = None) -> list[Action]:
     """A large bulk insert by COPY. COPY returns nothing, so one statement first draws
     the ids (in the caller's order), reads the transaction's time and sends the
-    notification."""
-    ids, now, _ = conn.execute(_reserve_ids_pg(), {"n": len(texts),
+    notification. The items are encoded a write's worth at a time, while the server
+    inserts the ones before: a bad item ends the COPY, and the caller's transaction
+    rolls back to before it."""
+    ids, now, _ = conn.execute(_reserve_ids_pg(), {"n": len(data),
                                                 "processor": params["processor"]}).one()
     shared = {"processor": params["processor"], "related_id": params["related_id"],
               "priority": params["priority"], "retries": params["retries"]}
@@ -378,35 +392,57 @@ def _copy_in(conn: Connection, data: Sequence[Any], texts: list[str | None],
                                                                                 conn.dialect))
     if eligible_at != now:
         shared["next_eligible_at"] = eligible_at.isoformat()
+    columns = ", ".join(["id", "data", *shared, *(["ordering_key"] if okeys else [])])
     # Every row ends alike: its shared columns are escaped once.
     tail = "\t".join(_copy_field(v) for v in shared.values())
-    # JSON text holds no tab or newline, only backslashes to escape (rarely).
-    lines = "".join([f"{i}\t{t if t is not None and BACKSLASH not in t else _copy_field(t)}"
-                     f"\t{tail}\n" for i, t in zip(ids, texts, strict=True)])
-    columns = ", ".join(["id", "data", *shared])
-    if okeys is not None:  # rarely: the line with the item's key, escaped, at its end
-        lines = "".join([f"{i}\t{_copy_field(t)}\t{tail}\t{_copy_field(o)}\n"
-                         for i, t, o in zip(ids, texts, okeys, strict=True)])
-        columns += ", ordering_key"
-    _copy(conn, f"COPY {async_action.name} ({columns}) FROM STDIN", lines)
-    with _gc_paused():
+
+    def chunks() -> Iterator[str]:
+        """The lines, a write's worth at a time: the server inserts each while the next
+        is built. JSON text holds no tab or newline, only backslashes to escape (rarely);
+        an ordering key (rarely) ends its line, escaped."""
+        for at in range(0, len(ids), LINES_PER_WRITE):
+            part = slice(at, at + LINES_PER_WRITE)
+            texts = encode(at, at + LINES_PER_WRITE)
+            if okeys is None:
+                yield "".join([
+                    f"{i}\t{t if t is not None and BACKSLASH not in t else _copy_field(t)}"
+                    f"\t{tail}\n" for i, t in zip(ids[part], texts, strict=True)])
+            else:
+                yield "".join([f"{i}\t{_copy_field(t)}\t{tail}\t{_copy_field(o)}\n" for i, t, o
+                               in zip(ids[part], texts, okeys[part], strict=True)])
+
+    def actions() -> list[Action]:
         return [_new_action((i, now, eligible_at), d, params, o)
                 for i, d, o in zip(ids, data, okeys or [None] * len(ids), strict=True)]
 
+    with _gc_paused():
+        return _copy(conn, f"COPY {async_action.name} ({columns}) FROM STDIN", chunks(),
+                     actions)
 
-def _copy(conn: Connection, sql: str, lines: str) -> None:
-    """COPY … FROM STDIN on psycopg's cursor; under SQLAlchemy's asyncio (this code then
-    runs in a greenlet of the caller's event loop) on psycopg's async cursor, awaited."""
+
+T = TypeVar("T")
+
+
+def _copy(conn: Connection, sql: str, chunks: Iterable[str], meanwhile: Callable[[], T]) -> T:
+    """COPY … FROM STDIN on psycopg's cursor, each chunk sent as it is made; returns what
+    `meanwhile` makes while the server finishes the last ones. Under SQLAlchemy's
+    asyncio (this code then runs in a greenlet of the caller's event loop) on psycopg's
+    async cursor, awaited."""
     if conn.dialect.is_async:
-        await_only(_copy_async(conn.connection.driver_connection, sql, lines))
-        return
+        return await_only(_copy_async(conn.connection.driver_connection, sql, chunks,
+                                      meanwhile))
     with kept_cursor(conn).copy(sql) as copy:
-        copy.write(lines)
+        for chunk in chunks:
+            copy.write(chunk)
+        return meanwhile()
 
 
-async def _copy_async(driver: Any, sql: str, lines: str) -> None:
+async def _copy_async(driver: Any, sql: str, chunks: Iterable[str],
+                      meanwhile: Callable[[], T]) -> T:
     async with driver.cursor() as cursor, cursor.copy(sql) as copy:
-        await copy.write(lines)
+        for chunk in chunks:
+            await copy.write(chunk)
+        return meanwhile()
 
 
 @contextmanager

@@ -33,6 +33,7 @@ from .action import Action, Status
 from .database import kept_cursor
 from .enqueue import (
     FANOUT,
+    LINES_PER_WRITE,
     _batched,
     _copy_field,
     _insert_values,
@@ -149,7 +150,6 @@ COPY_BATCH = 20_000
 # The combinations of the last iterables are kept as text, up to this many: each line
 # is then one join of a prefix and one of these.
 SUFFIXES = 100_000
-LINES_PER_WRITE = 2000  # sent to the server while the next ones are built
 
 
 def _text_writer(engine: Engine, spec: dict[str, Any], options: dict[str, Any]

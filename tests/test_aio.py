@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -168,9 +168,9 @@ def test_a_large_bulk_enqueue_from_asyncio_takes_the_copy_path(
     copies = []
     real_copy = enqueue._copy_async
 
-    async def counted(*args: object) -> None:
+    async def counted(*args: Any) -> Any:
         copies.append(args[1])
-        await real_copy(*args)
+        return await real_copy(*args)
 
     monkeypatch.setattr(enqueue, "_copy_async", counted)
 

@@ -25,7 +25,7 @@ from asyncactions import (
     init_actions,
     processor,
 )
-from asyncactions.enqueue import COPY_FROM
+from asyncactions.enqueue import COPY_FROM, LINES_PER_WRITE
 from asyncactions.notifier import NOTIFY_CHANNEL
 
 from .conftest import Db
@@ -168,6 +168,22 @@ def test_unserializable_data_is_refused_naming_the_path_and_nothing_is_written(d
     assert count(db) == 1
 
 
+@pytest.mark.parametrize("where", [0, LINES_PER_WRITE + 7], ids=["first write", "later write"])
+def test_a_bad_item_in_a_large_bulk_enqueue_leaves_the_callers_transaction_usable(
+        db: Db, where: int) -> None:
+    """On PostgreSQL a large one is sent by COPY as it is encoded: an item that fails to
+    encode ends the COPY part-way, and its rows go back out of the caller's transaction,
+    nothing else with them."""
+    items: list[object] = [{"i": i} for i in range(2 * LINES_PER_WRITE)]
+    items[where] = {"nan": float("nan")}
+    with Session(db.engine) as session, session.begin():
+        before = init_action(session, "p", {"before": True})
+        with pytest.raises(UnserializableData, match=rf"data\[{where}\]"):
+            init_actions(session, "p", items)
+        after = init_action(session, "p", {"after": True})  # the transaction is usable
+    assert db.rows("SELECT id FROM async_action ORDER BY id") == [(before.id,), (after.id,)]
+
+
 def test_oversized_data_is_refused_with_size_and_limit(db: Db) -> None:
     with pytest.raises(UnserializableData, match=r"over the limit of 131072"):
         init_action(db.engine, "p", {"blob": "x" * 140_000})
@@ -223,8 +239,10 @@ def test_bulk_insert_is_one_statement_on_postgresql_and_copy_when_large(pg: Db) 
         statements.clear()
         with conn.begin():
             init_actions(conn, "bulk", [{"i": i} for i in range(COPY_FROM)])
-        # One statement draws the ids and sends the notification; COPY writes the rows.
-        assert len(statements) == 1 and "INSERT" not in statements[0]
+        # One statement draws the ids and sends the notification; COPY writes the rows,
+        # in a savepoint of the caller's transaction.
+        assert [s.split()[0] for s in statements] == ["SAVEPOINT", "SELECT", "RELEASE"]
+        assert "INSERT" not in statements[1]
     assert pg.scalar("SELECT count(*) FROM async_action") == 2 * COPY_FROM - 1
 
 
@@ -255,6 +273,25 @@ def test_bulk_insert_returns_exactly_what_it_stored(db: Db, n: int, when: str) -
         assert first.next_eligible_at == datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
     else:
         assert first.next_eligible_at == first.created_at
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "ordering keys"])
+def test_a_copy_sent_in_several_writes_stores_every_action_in_the_callers_order(
+        pg: Db, keyed: bool) -> None:
+    n = 2 * LINES_PER_WRITE + 1  # three writes, the last of one line
+    keys = {"ordering_key": lambda d: f"k\t{d['i'] % 3}" if isinstance(d, dict) else None} \
+        if keyed else {}
+    actions = init_actions(pg.engine, "p", [awkward(i) for i in range(n)], **keys)
+    assert [a.data for a in actions] == [awkward(i) for i in range(n)]
+    assert [a.id for a in actions] == sorted(a.id for a in actions)
+    stored = {row[0]: row[1:] for row in pg.rows(
+        "SELECT id, data IS NULL, ordering_key FROM async_action")}
+    assert len(stored) == n
+    for a in (actions[0], actions[LINES_PER_WRITE - 1], actions[LINES_PER_WRITE],
+              actions[-1]):
+        assert admin.get_action(pg.engine, a.id) == a
+        assert stored[a.id] == (a.data is None, a.ordering_key)
+    assert keyed == (actions[1].ordering_key == "k\t1")
 
 
 @pytest.mark.parametrize("n", [5, COPY_FROM], ids=["statement", "copy"])
