@@ -189,6 +189,8 @@ def init_actions(db: Database, processor: str, data: Sequence[Any], *,
     """
     options = _options(processor, delay, eligible_at, retries, priority)
     data = payloads.many_for_enqueue(_schema(processor), data)
+    if not isinstance(data, list | tuple):
+        data = list(data)  # encoded in slices
     keys = _unique_keys(unique_key, data)
     okeys = _ordering_keys(ordering_key, data)
     if not data:
@@ -224,7 +226,8 @@ def _insert_many(db: Database, data: Sequence[Any], encode: Encode,
         pipelined.send(conn)
         if keys is None and len(data) >= COPY_FROM and conn.dialect.driver == "psycopg":
             # The caller's transaction survives an item that fails to encode mid-COPY.
-            with nullcontext() if isinstance(db, Engine) else conn.begin_nested():
+            own = isinstance(db, Engine) or conn.connection.driver_connection.autocommit
+            with nullcontext() if own else conn.begin_nested():
                 return _copy_in(conn, data, encode, params, okeys)
         texts = encode(0, len(data))
         if conn.dialect.name != "postgresql":
@@ -402,22 +405,24 @@ def _copy_in(conn: Connection, data: Sequence[Any], encode: Encode,
         an ordering key (rarely) ends its line, escaped."""
         for at in range(0, len(ids), LINES_PER_WRITE):
             part = slice(at, at + LINES_PER_WRITE)
-            texts = encode(at, at + LINES_PER_WRITE)
-            if okeys is None:
-                yield "".join([
-                    f"{i}\t{t if t is not None and BACKSLASH not in t else _copy_field(t)}"
-                    f"\t{tail}\n" for i, t in zip(ids[part], texts, strict=True)])
-            else:
-                yield "".join([f"{i}\t{_copy_field(t)}\t{tail}\t{_copy_field(o)}\n" for i, t, o
-                               in zip(ids[part], texts, okeys[part], strict=True)])
+            with _gc_paused():
+                texts = encode(at, at + LINES_PER_WRITE)
+                if okeys is None:
+                    lines = "".join([
+                        f"{i}\t{t if t is not None and BACKSLASH not in t else _copy_field(t)}"
+                        f"\t{tail}\n" for i, t in zip(ids[part], texts, strict=True)])
+                else:
+                    lines = "".join([f"{i}\t{_copy_field(t)}\t{tail}\t{_copy_field(o)}\n"
+                                     for i, t, o in zip(ids[part], texts, okeys[part],
+                                                        strict=True)])
+            yield lines
 
     def actions() -> list[Action]:
-        return [_new_action((i, now, eligible_at), d, params, o)
-                for i, d, o in zip(ids, data, okeys or [None] * len(ids), strict=True)]
+        with _gc_paused():
+            return [_new_action((i, now, eligible_at), d, params, o)
+                    for i, d, o in zip(ids, data, okeys or [None] * len(ids), strict=True)]
 
-    with _gc_paused():
-        return _copy(conn, f"COPY {async_action.name} ({columns}) FROM STDIN", chunks(),
-                     actions)
+    return _copy(conn, f"COPY {async_action.name} ({columns}) FROM STDIN", chunks(), actions)
 
 
 T = TypeVar("T")

@@ -248,7 +248,9 @@ class Executor:
         session = given.sync_session if isinstance(given, AsyncSession) else given
         with session:
             session.begin()
-            if self._lease is not None:  # its locks outlive no host cut off for long
+            # Its locks outlive no host cut off for long. (Not on SQLite: a connection
+            # taken before the processor asks for one would hold the database's lock.)
+            if self._lease is not None and session.get_bind().dialect.name == "postgresql":
                 queries.ends_if_cut_off(session.connection(), self._lease)
             outcomes, raised = self._call(proc, attempt.actions, given)
             if raised:

@@ -7,6 +7,7 @@ import json
 import random
 import re
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -273,6 +274,17 @@ def test_bulk_insert_returns_exactly_what_it_stored(db: Db, n: int, when: str) -
         assert first.next_eligible_at == datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
     else:
         assert first.next_eligible_at == first.created_at
+
+
+def test_a_large_bulk_enqueue_of_any_sequence_works_on_an_autocommit_connection(
+        pg: Db) -> None:
+    """No savepoint where there is no transaction to keep (each statement commits), and
+    data that cannot be sliced (a deque) is encoded all the same."""
+    with pg.engine.connect() as conn:
+        auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+        actions = init_actions(auto, "p", deque({"i": i} for i in range(COPY_FROM)))
+    assert [a.data for a in actions] == [{"i": i} for i in range(COPY_FROM)]
+    assert count(pg) == COPY_FROM
 
 
 @pytest.mark.parametrize("keyed", [False, True], ids=["plain", "ordering keys"])
