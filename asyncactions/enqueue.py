@@ -222,14 +222,18 @@ def _insert_many(db: Database, data: Sequence[Any], encode: Encode,
                  keys: list[str | None] | None, okeys: list[str | None] | None,
                  params: dict[str, Any], *, explicit_time: bool) -> list[Action]:
     ordered = okeys is not None
+    bind = db.get_bind() if isinstance(db, Session) else db
+    copy = keys is None and len(data) >= COPY_FROM and \
+        getattr(getattr(bind, "dialect", None), "driver", None) == "psycopg"
+    # Other paths encode first, before the transaction (SQLite's takes the write lock).
+    texts = [] if copy else encode(0, len(data))
     with connection(db) as conn:
         pipelined.send(conn)
-        if keys is None and len(data) >= COPY_FROM and conn.dialect.driver == "psycopg":
+        if copy:
             # The caller's transaction survives an item that fails to encode mid-COPY.
             own = isinstance(db, Engine) or conn.connection.driver_connection.autocommit
             with nullcontext() if own else conn.begin_nested():
                 return _copy_in(conn, data, encode, params, okeys)
-        texts = encode(0, len(data))
         if conn.dialect.name != "postgresql":
             # SQLite has no round trips to save: the single-row statement, many times.
             stmt = _insert_stmt(conn.dialect.name, explicit_time, keys is not None)
