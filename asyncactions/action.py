@@ -18,8 +18,8 @@ class Status(StrEnum):
     CANCELED = "canceled"
 
     @property
-    def is_final(self) -> bool:
-        return self in FINAL_STATUSES
+    def is_final(self) -> bool:  # FINAL_STATUSES, by identity (read for every outcome)
+        return self is Status.COMPLETED or self is Status.FAILED or self is Status.CANCELED
 
 
 FINAL_STATUSES = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELED})

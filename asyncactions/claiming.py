@@ -102,6 +102,8 @@ class Claimer:
         self._engine = engine
         self._worker = worker_id
         self._processors = processors
+        self._timeouts = {name: p.settings.timeout.total_seconds() if p.settings.timeout
+                          else None for name, p in processors.items()}  # per attempt
         self._concurrency = concurrency
         self._lease = lease
         self._poll_interval = poll_interval
@@ -291,9 +293,7 @@ class Claimer:
                 name = unit[0].processor
                 if self._metrics is not None:
                     self._metrics.claimed_actions(name, len(unit))
-                timeout = self._processors[name].settings.timeout
-                attempts.append(Attempt(unit, name,
-                                        timeout.total_seconds() if timeout else None))
+                attempts.append(Attempt(unit, name, self._timeouts[name]))
             # A capped attempt goes first in the queue: it holds a slot of its cap (or a
             # start of its rate) from its claim on.
             self._runner.submit(*attempts, first=flow is not None)

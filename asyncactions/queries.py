@@ -352,7 +352,7 @@ def record(conn: Connection, outcomes: Sequence[Outcome],
         ends_if_abandoned(conn, lease)
     batch = json.dumps([{
         "id": o.action.id, "attempts": o.action.attempts, "worker": o.action.claimed_by,
-        "status": o.status.value, "retries": o.retries, "result": o.result, "error": o.error,
+        "status": o.status, "retries": o.retries, "result": o.result, "error": o.error,
         "errors": o.errors, "final": o.is_final, "delay": o.delay.total_seconds(),
     } for o in outcomes])
     rows = _RECORD[conn.dialect.name].rows(conn, {"batch": batch})
