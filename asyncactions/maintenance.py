@@ -174,11 +174,14 @@ class StartsTrimmer:
 
     interval = 60.0
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, lease: timedelta | None = None) -> None:
         self._engine = engine
+        self._lease = lease
 
     def run_once(self) -> int:
         with self._engine.begin() as conn:
+            if self._lease is not None:  # a trimmer cut off holds up the next one no longer
+                queries.ends_if_abandoned(conn, self._lease)
             return queries.trim_starts(conn)
 
 

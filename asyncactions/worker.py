@@ -180,7 +180,7 @@ class Worker:
         everywhere: list[Service] = [heartbeat, CancelWatch(engine, self._live)]
         if self.metrics is not None:
             everywhere.append(BacklogSampler(engine, self.metrics, self.processors))
-        leading: list[Service] = [rescuer, StartsTrimmer(engine)]
+        leading: list[Service] = [rescuer, StartsTrimmer(engine, self.config.worker.lease)]
         if engine.dialect.name == "postgresql":
             leading.append(HorizonWatch(engine))
         retention = {k: v for k, v in self.config.retention.items() if v is not None}

@@ -17,16 +17,17 @@ from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import Float, insert, literal, select, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from asyncactions import admin, init_action, init_actions, processor, queries
 from asyncactions.database import make_engine
 from asyncactions.executor import Attempt, Executor
-from asyncactions.maintenance import Rescuer, fire_due
+from asyncactions.maintenance import Rescuer, StartsTrimmer, fire_due
 from asyncactions.processors import registered
 from asyncactions.schedules import Schedule
+from asyncactions.schema import async_action_start, db_now
 
 from .conftest import Db
 from .cut_off import cut_before_commit
@@ -166,4 +167,20 @@ def test_a_schedule_fire_cut_off_at_its_commit_leaves_it_to_the_next_leader(pg: 
         assert fired == [1]  # while the old leader is still cut off
     assert pg.rows("SELECT unique_key FROM async_action WHERE processor = 'p'") == [
         ("schedule:tick:2026-11-23T01:01:00+00:00",)]
+    vanished.dispose()
+
+
+def test_a_trim_of_the_rate_log_cut_off_at_its_commit_leaves_it_to_the_next_one(
+        pg: Db) -> None:
+    with pg.engine.begin() as conn:  # starts older than any rate window
+        conn.execute(insert(async_action_start).from_select(
+            ["processor", "started_at"], select(literal("rated"), db_now(literal(-7200.0, Float)))))
+    with cut_before_commit(pg.url) as (url, proxy):
+        vanished = make_engine(url)
+        in_background(vanishing(StartsTrimmer(vanished, LEASE).run_once))
+        assert proxy.cut.wait(PATIENCE)  # its DELETE ran, its COMMIT never came
+        trimmed: list[int] = []
+        in_background(lambda: trimmed.append(StartsTrimmer(pg.engine, LEASE).run_once())
+                      ).join(PATIENCE)
+        assert trimmed == [1]  # while the old leader is still cut off
     vanished.dispose()
