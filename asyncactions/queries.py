@@ -543,7 +543,6 @@ def wake_eligible(conn: Connection, window: timedelta) -> int:
     return len(conn.execute(WAKE, {"neg_window": -window.total_seconds()}).all())
 
 
-
 class HorizonHolder(NamedTuple):
     pid: int
     state: str | None
@@ -575,6 +574,7 @@ def horizon_holders(conn: Connection, older_than: timedelta) -> list[HorizonHold
     return [HorizonHolder(pid, state, start, float(age), user, app)
             for pid, state, start, age, user, app
             in conn.execute(HORIZON_HOLDERS, {"secs": older_than.total_seconds()})]
+
 
 # Eligible pending actions by processor, for the metrics (sampled, not per action).
 BACKLOG = (

@@ -2,9 +2,8 @@
 is gone (a partition, a frozen host) but its connection is not closed, so the server
 keeps the transaction open, with every lock it took, until TCP gives up on it: hours.
 Each worker transaction whose locks others need ends itself after a lease of waiting
-for its client (see queries.ends_if_abandoned). The heartbeat's and the rescue's are in
-test_heartbeat_locks.py; these are the others, each cut off by a real proxy at its
-COMMIT (tests/cut_off.py). A transactional processor's own work is left to TCP
+for its client (see queries.ends_if_abandoned); each is cut off here by a real proxy at
+its COMMIT (tests/cut_off.py). A transactional processor's own work is left to TCP
 keepalives instead (tested here for its settings, and by the chaos suite's partition
 on a real cut link)."""
 
@@ -68,6 +67,33 @@ def bookings(pg: Db) -> Iterator[Db]:
     yield pg
     with pg.engine.begin() as conn:
         conn.execute(text("DROP TABLE bookings"))
+
+
+def test_a_heartbeat_cut_off_at_its_commit_lets_the_rescue_through_after_a_lease(
+        pg: Db) -> None:
+    """The beat locks the worker's row and extends its actions' leases: the new leader's
+    rescue waits on both."""
+    with pg.engine.begin() as conn:
+        queries.register_worker(conn, "gone", "elsewhere", 1, ["p"])
+    init_actions(pg.engine, "p", [1])
+    with pg.engine.begin() as conn:
+        (held,), _ = queries.claim(conn, "gone", [("p", 3)], 1, LEASE)
+    with cut_before_commit(pg.url) as (url, proxy):
+        vanished = make_engine(url)
+
+        def beat() -> None:
+            with vanished.begin() as conn:
+                queries.heartbeat(conn, "gone", LEASE, [held.id])
+        in_background(vanishing(beat))
+        assert proxy.cut.wait(PATIENCE)
+        # The leader's rescue, on a thread: without the fix it waits on the worker's row
+        # for good, inside run_once.
+        rescuer = Rescuer(pg.engine, LEASE, {}, lambda *_: None)
+        in_background(lambda: until(lambda: admin.get_action(pg.engine, held.id).status
+                                    == "pending", rescuer.run_once, rescuer.interval)
+                      ).join(PATIENCE)
+        assert admin.get_action(pg.engine, held.id).status == "pending"  # a retry left
+    vanished.dispose()
 
 
 def test_a_transactional_attempt_cut_off_at_its_commit_is_rescued_after_a_lease(
