@@ -119,8 +119,6 @@ def pool_exhaustion(short: bool) -> Figures:
     """max_connections too low for every worker's pool: they wait and retry. The workers
     start while every connection their role can have is taken, for longer than a lease:
     a worker waits out a full server however long that lasts, and starts."""
-    import psycopg
-
     n = 2_000 if short else 10_000
     lease = 5.0
     # Five connections, one of them reserved for superusers (the harness, to watch):
