@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 
+import psycopg
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy import exc as sa_exc
 
@@ -163,7 +164,13 @@ class Claimer:
         a notification reached it: through a transaction-mode pooler they would land on
         other clients' server connections (their commits made asynchronous)."""
         conn.exec_driver_sql(LISTEN)
-        if session_is_kept(conn.connection.driver_connection, self._notify):
+        try:
+            kept = session_is_kept(conn.connection.driver_connection, self._notify)
+        except psycopg.Error as exc:
+            # Read on the driver's connection, outside SQLAlchemy: a backend terminated
+            # meanwhile must reach the claim loop as any other database error does.
+            raise sa_exc.OperationalError(LISTEN, None, exc) from exc
+        if kept:
             self._session_checked = True
             self._session_settings(conn)
             return

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+from sqlalchemy import Engine, event
 
 from asyncactions import (
     ConfigError,
@@ -269,6 +270,41 @@ def test_an_idle_worker_wakes_on_the_enqueue_not_the_poll_even_after_losing_its_
             init_action(pg.engine, "wake_me", {"n": n})
             assert picked.get(timeout=10) == n
     finally:
+        worker.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_a_backend_terminated_while_the_claim_connection_proves_its_session_is_retried(
+        pg: Db) -> None:
+    """A new claim connection listens, then waits for a probe notification to prove it is
+    a session of its own; a backend terminated in that wait is one more database error
+    the claim loop survives (it reconnects), not a worker that exits."""
+    picked: queue.Queue[int] = queue.Queue()
+    terminated: list[int] = []
+
+    @processor("probed")
+    def probed(action):
+        picked.put(action.data["n"])
+
+    def cut_the_listener_at_the_first_probe(conn, cursor, statement, params, context,
+                                            executemany) -> None:
+        if "pg_notify" in statement and "probe:" in str(params) and not terminated:
+            terminated.append(pg.scalar(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                f"WHERE datname = current_database() AND query = '{LISTEN}'"))
+
+    init_action(pg.engine, "probed", {"n": 1})
+    event.listen(Engine, "before_cursor_execute", cut_the_listener_at_the_first_probe)
+    worker = Worker(config=config(pg))
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        assert picked.get(timeout=20) == 1
+        assert terminated == [1]
+        assert thread.is_alive()
+    finally:
+        event.remove(Engine, "before_cursor_execute", cut_the_listener_at_the_first_probe)
         worker.stop()
         thread.join(10)
     assert not thread.is_alive()
