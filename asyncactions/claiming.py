@@ -276,6 +276,7 @@ class Claimer:
                 want = min(max(want, 1), room)
             if want <= 0 or (flow is None and (free <= 0 or few)):
                 continue
+            started = time.perf_counter()
             if flow is None:
                 with conn.begin() as connection:
                     actions, malformed = queries.claim(connection, self._worker, processors,
@@ -283,6 +284,8 @@ class Claimer:
             else:
                 self._capped_at = now
                 actions, malformed = self._claim_capped(processors, want, flow)
+            if self._metrics is not None:
+                self._metrics.claim(time.perf_counter() - started)
             self._in_flight.add([*actions, *(a for a, _ in malformed)])
             if malformed:
                 self._report([self._executor.undecodable(a, exc) for a, exc in malformed])

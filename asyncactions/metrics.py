@@ -30,6 +30,11 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300))
         self.claimed = Counter("asyncactions_actions_claimed", "Actions claimed.",
                                ["processor"], registry=self.registry)
+        # What a long transaction pinning vacuum slows down first (see the README).
+        self.claim_duration = Histogram(
+            "asyncactions_claim_duration_seconds", "Time a claim's transaction took.",
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
         self.pending = Gauge("asyncactions_pending_actions",
                              "Eligible pending actions, by processor (sampled).",
                              ["processor"], registry=self.registry)
@@ -59,6 +64,9 @@ class Metrics:
         for (processor, kind), count in Counter_((o.action.processor, o.kind)
                                                  for o in outcomes).items():
             self._child(self.processed, processor, kind).inc(count)
+
+    def claim(self, seconds: float) -> None:
+        self.claim_duration.observe(seconds)
 
     def claimed_actions(self, processor: str, count: int) -> None:
         self._child(self.claimed, processor).inc(count)
