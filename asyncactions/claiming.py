@@ -163,6 +163,8 @@ class Claimer:
         """LISTEN on a new claim connection, and trust it with session settings only once
         a notification reached it: through a transaction-mode pooler they would land on
         other clients' server connections (their commits made asynchronous)."""
+        if not self._listens:  # found behind a pooler already: the next connection is too
+            return
         conn.exec_driver_sql(LISTEN)
         try:
             kept = session_is_kept(conn.connection.driver_connection, self._notify)

@@ -32,6 +32,7 @@ class EventLoop:
         self._closed = threading.Event()
 
     def start(self) -> None:
+        self._beat = time.monotonic()  # not since __init__: the worker's start-up is no stall
         self._thread.start()
         threading.Thread(target=self._watch, name="asyncactions-loop-watchdog",
                          daemon=True).start()

@@ -37,13 +37,14 @@ LISTEN = f"LISTEN {NOTIFY_CHANNEL}"
 
 
 def session_is_kept(listening: psycopg.Connection[Any], send: Callable[[str, str], None],
-                    timeout: float = 2.0) -> bool:
+                    timeout: float = 5.0) -> bool:
     """Whether a connection that ran LISTEN is a session of its own: `send` notifies it
     from another connection, and the notification must arrive. Through a pooler in
     transaction mode (PgBouncer) the LISTEN stays on a server connection that is not ours
     the next time, and the notification never comes; session settings would not stay
     either. Other notifications read meanwhile are dropped: the claim loop claims at
-    once after connecting."""
+    once after connecting. The timeout is generous: a loaded server's late notification
+    read as a pooler would leave the worker polling for the rest of its life."""
     probe = f"probe:{os.getpid()}:{os.urandom(6).hex()}"
     send(NOTIFY_CHANNEL, probe)
     deadline = time.monotonic() + timeout

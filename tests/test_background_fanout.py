@@ -56,15 +56,30 @@ def fanout_action(db: Db) -> Any:
 
 
 def done_so_far(db: Db) -> int:
-    """The fan-out's progress, read while its worker writes. On SQLite a plain read: the
+    """The fan-out's progress, read while its worker writes (see fanout_status)."""
+    if db.name != "sqlite":
+        return fanout_action(db).data["done"]
+    return json.loads(plain_read(db, f"SELECT data FROM async_action "
+                                     f"WHERE processor = '{FANOUT}'"))["done"]
+
+
+def fanout_status(db: Db) -> str:
+    """The fan-out's status, read while its worker writes. On SQLite a plain read: the
     engine's transactions take the write lock first (BEGIN IMMEDIATE), so a poll through
     it waits for the worker, and saw the fan-out only once it had finished."""
     if db.name != "sqlite":
-        return fanout_action(db).data["done"]
+        return fanout_action(db).status
+    return Status(plain_read(db, f"SELECT status FROM async_action "
+                                 f"WHERE processor = '{FANOUT}'"))
+
+
+def plain_read(db: Db, sql: str) -> Any:
+    """One value, without waiting for the worker's writes (see fanout_status)."""
+    if db.name != "sqlite":
+        return db.scalar(sql)
     with closing(sqlite3.connect(db.engine.url.database, timeout=30)) as conn:
-        (data,) = conn.execute("SELECT data FROM async_action WHERE processor = ?",
-                               (FANOUT,)).fetchone()
-    return json.loads(data)["done"]
+        (value,) = conn.execute(sql).fetchone()
+    return value
 
 
 def test_a_background_fan_out_is_one_action_until_a_worker_streams_it(
@@ -104,9 +119,9 @@ def test_a_worker_busy_with_a_backlog_still_starts_a_fan_out(db: Db) -> None:
     thread = threading.Thread(target=worker.run)
     thread.start()
     try:
-        wait_until(lambda: fanout_action(db).status == Status.COMPLETED, 60, what="the fan-out")
-        left = db.scalar("SELECT count(*) FROM async_action WHERE processor = 'busy' "
-                         "AND status = 'pending'")
+        wait_until(lambda: fanout_status(db) == Status.COMPLETED, 60, what="the fan-out")
+        left = plain_read(db, "SELECT count(*) FROM async_action WHERE processor = 'busy' "
+                              "AND status = 'pending'")
     finally:
         worker.stop()
         thread.join(60)

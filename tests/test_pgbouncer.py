@@ -53,6 +53,7 @@ listen_port = {port}
 unix_socket_dir =
 auth_type = trust
 auth_file = {home / "users.txt"}
+admin_users = {server.username}
 pool_mode = transaction
 default_pool_size = 1
 max_client_conn = 100
@@ -178,6 +179,48 @@ def test_a_listening_worker_behind_the_pooler_says_so_and_leaks_no_session_setti
     # The claim session's settings (asynchronous commit, no sequential scans) were never
     # set, so no other client of the pooler runs with them.
     assert settings_seen_by_another_client(pooled) == ("on", "on")
+
+
+def test_a_worker_found_behind_the_pooler_does_not_probe_again_when_it_reconnects(
+        bouncer: int, pooled: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Found behind a pooler once, the worker polls; a new claim connection (the pooler
+    dropped its clients) is the same pooler: no second probe, nor its wait and warning."""
+    @processor("reconnecting")
+    def reconnecting(action):
+        return None
+
+    engine = make_engine(pooled)
+    first = init_action(engine, "reconnecting", {})
+    settings = WorkerSettings(poll_interval=timedelta(milliseconds=50))  # listen = true
+    worker = Worker(config=Config(database_url=pooled, worker=settings))
+    thread = threading.Thread(target=worker.run)
+
+    def warnings() -> int:
+        return caplog.text.count("did not come back")
+
+    with caplog.at_level(logging.WARNING, logger="asyncactions.claiming"):
+        thread.start()
+        try:
+            wait_until(lambda: admin.get_action(engine, first.id).status == Status.COMPLETED,
+                       what="the first action")
+            assert warnings() == 1
+            name = make_url(pooled).database
+            console = psycopg.connect(f"postgresql://{make_url(ADMIN_URL).username}@127.0.0.1:"
+                                      f"{bouncer}/pgbouncer", autocommit=True,
+                                      cursor_factory=psycopg.ClientCursor)
+            console.execute(f"KILL {name}")  # every client connection to it dropped
+            console.execute(f"RESUME {name}")
+            console.close()
+            second = init_action(engine, "reconnecting", {})
+            # Claimed on a new claim connection, made (and probed, if at all) before it.
+            wait_until(lambda: admin.get_action(engine, second.id).status == Status.COMPLETED,
+                       what="the action enqueued after the reconnect")
+        finally:
+            worker.stop()
+            thread.join(30)
+    engine.dispose()
+    assert warnings() == 1
+    assert "claiming failed" in caplog.text  # the claim connection was indeed dropped
 
 
 def test_a_direct_listening_worker_keeps_its_session_settings_and_does_not_warn(
