@@ -171,7 +171,8 @@ class Claimer:
         except psycopg.Error as exc:
             # Read on the driver's connection, outside SQLAlchemy: a backend terminated
             # meanwhile must reach the claim loop as any other database error does.
-            raise sa_exc.OperationalError(LISTEN, None, exc) from exc
+            raise sa_exc.DBAPIError.instance("(probe notification)", None, exc,
+                                             psycopg.Error) from exc
         if kept:
             self._session_checked = True
             self._session_settings(conn)
@@ -278,16 +279,15 @@ class Claimer:
                 want = min(max(want, 1), room)
             if want <= 0 or (flow is None and (free <= 0 or few)):
                 continue
-            started = time.perf_counter()
             if flow is None:
+                started = time.perf_counter()
                 with conn.begin() as connection:
                     actions, malformed = queries.claim(connection, self._worker, processors,
                                                        want, self._lease)
+                self._timed(started)
             else:
                 self._capped_at = now
                 actions, malformed = self._claim_capped(processors, want, flow)
-            if self._metrics is not None:
-                self._metrics.claim(time.perf_counter() - started)
             self._in_flight.add([*actions, *(a for a, _ in malformed)])
             if malformed:
                 self._report([self._executor.undecodable(a, exc) for a, exc in malformed])
@@ -315,13 +315,20 @@ class Claimer:
     def _claim_capped(self, processors: list[tuple[str, int]], want: int, flow: queries.Flow,
                       ) -> tuple[list[Action], list[tuple[Action, Exception]]]:
         assert self._flow_conn is not None
+        started = time.perf_counter()
         with self._flow_conn.begin() as connection:
             queries.lock_processor(connection, processors[0][0], self._lease)
             actions, malformed = queries.claim(connection, self._worker, processors, want,
                                                self._lease, flow)
+        self._timed(started)
         if not actions and not malformed and flow.rate_count is not None:
             self._note_window(processors[0][0], flow)
         return actions, malformed
+
+    def _timed(self, started: float) -> None:
+        """A claim's transaction, timed when metrics are served."""
+        if self._metrics is not None:
+            self._metrics.claim(time.perf_counter() - started)
 
     def _note_window(self, name: str, flow: queries.Flow) -> None:
         """The rate limit held some back: wake when its window next lets one start."""

@@ -205,12 +205,11 @@ def test_a_worker_found_behind_the_pooler_does_not_probe_again_when_it_reconnect
                        what="the first action")
             assert warnings() == 1
             name = make_url(pooled).database
-            console = psycopg.connect(f"postgresql://{make_url(ADMIN_URL).username}@127.0.0.1:"
-                                      f"{bouncer}/pgbouncer", autocommit=True,
-                                      cursor_factory=psycopg.ClientCursor)
-            console.execute(f"KILL {name}")  # every client connection to it dropped
-            console.execute(f"RESUME {name}")
-            console.close()
+            with psycopg.connect(f"postgresql://{make_url(ADMIN_URL).username}@127.0.0.1:"
+                                 f"{bouncer}/pgbouncer", autocommit=True,
+                                 cursor_factory=psycopg.ClientCursor) as console:
+                console.execute(f"KILL {name}")  # every client connection to it dropped
+                console.execute(f"RESUME {name}")
             second = init_action(engine, "reconnecting", {})
             # Claimed on a new claim connection, made (and probed, if at all) before it.
             wait_until(lambda: admin.get_action(engine, second.id).status == Status.COMPLETED,
@@ -218,7 +217,7 @@ def test_a_worker_found_behind_the_pooler_does_not_probe_again_when_it_reconnect
         finally:
             worker.stop()
             thread.join(30)
-    engine.dispose()
+            engine.dispose()
     assert warnings() == 1
     assert "claiming failed" in caplog.text  # the claim connection was indeed dropped
 

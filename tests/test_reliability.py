@@ -299,9 +299,11 @@ def test_terminated_backends_do_not_stop_the_worker(pg: Db, tmp_path: Path) -> N
     for _ in range(5):
         wait_until(lambda: pg.scalar(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = :d "
-            "AND pid <> pg_backend_pid()", d=database) > 0, what="the worker to reconnect")
+            "AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            d=database) > 0, what="the worker to reconnect")
         terminated = pg.scalar("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                               "WHERE datname = :d AND pid <> pg_backend_pid()", d=database)
+                               "WHERE datname = :d AND backend_type = 'client backend' "
+                               "AND pid <> pg_backend_pid()", d=database)
         assert terminated >= 1
         time.sleep(0.2)  # the fault's cadence, not a synchronisation
     wait_until(lambda: by_status(pg) == {"completed": 2000}, timeout=120, what="all completed")

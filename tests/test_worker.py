@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -276,10 +277,11 @@ def test_an_idle_worker_wakes_on_the_enqueue_not_the_poll_even_after_losing_its_
 
 
 def test_a_backend_terminated_while_the_claim_connection_proves_its_session_is_retried(
-        pg: Db) -> None:
+        pg: Db, caplog: pytest.LogCaptureFixture) -> None:
     """A new claim connection listens, then waits for a probe notification to prove it is
     a session of its own; a backend terminated in that wait is one more database error
-    the claim loop survives (it reconnects), not a worker that exits."""
+    the claim loop survives: it connects again and listens, not a worker that exits (nor
+    one that takes the lost probe for a pooler and polls from then on)."""
     picked: queue.Queue[int] = queue.Queue()
     terminated: list[int] = []
 
@@ -292,22 +294,29 @@ def test_a_backend_terminated_while_the_claim_connection_proves_its_session_is_r
         if "pg_notify" in statement and "probe:" in str(params) and not terminated:
             terminated.append(pg.scalar(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                f"WHERE datname = current_database() AND query = '{LISTEN}'"))
+                "WHERE datname = current_database() AND query = :listen", listen=LISTEN))
 
     init_action(pg.engine, "probed", {"n": 1})
-    event.listen(Engine, "before_cursor_execute", cut_the_listener_at_the_first_probe)
-    worker = Worker(config=config(pg))
+    polls_rarely = Config(database_url=pg.url,
+                          worker=WorkerSettings(poll_interval=timedelta(minutes=10)))
+    worker = Worker(config=polls_rarely)
     thread = threading.Thread(target=worker.run)
-    thread.start()
-    try:
-        assert picked.get(timeout=20) == 1
-        assert terminated == [1]
-        assert thread.is_alive()
-    finally:
-        event.remove(Engine, "before_cursor_execute", cut_the_listener_at_the_first_probe)
-        worker.stop()
-        thread.join(10)
+    with caplog.at_level(logging.WARNING, logger="asyncactions.claiming"):
+        try:
+            event.listen(Engine, "before_cursor_execute", cut_the_listener_at_the_first_probe)
+            thread.start()
+            assert picked.get(timeout=20) == 1  # claimed at once on the new connection
+            assert terminated == [1]
+            init_action(pg.engine, "probed", {"n": 2})
+            assert picked.get(timeout=10) == 2  # woken by its notification, not the poll
+            assert thread.is_alive()
+        finally:
+            event.remove(Engine, "before_cursor_execute", cut_the_listener_at_the_first_probe)
+            worker.stop()
+            thread.join(10)
     assert not thread.is_alive()
+    assert "claiming failed" in caplog.text  # the error path, then a new connection
+    assert "did not come back" not in caplog.text
 
 
 def test_waking_reads_every_notification_so_none_pile_up_on_the_claim_connection(
