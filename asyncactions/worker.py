@@ -120,7 +120,9 @@ class Worker:
         engine = make_engine(self.config.effective_database_url,
                              pool_size=4 + self.concurrency)
         answered = threading.Event()  # the database has answered once
-        event.listen(engine, "connect", lambda *_: answered.set())
+        # As soon as a connection is made: before SQLAlchemy's own first queries on it,
+        # which a backend terminated at that moment fails (the database did answer).
+        event.listen(engine, "first_connect", lambda *_: answered.set(), insert=True)
         # Async processors run on an event loop of the worker's own; async transactional
         # ones get their AsyncSession from an asyncio engine on the same database.
         loop = EventLoop() if any(p.is_async for p in self.processors.values()) else None

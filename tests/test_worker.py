@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 from sqlalchemy import Engine, event
+from sqlalchemy.pool import Pool
 
 from asyncactions import (
     ConfigError,
@@ -31,7 +32,7 @@ from asyncactions.config import Config, WorkerSettings
 from asyncactions.database import KeptConnection
 from asyncactions.notifier import LISTEN, Wakeup
 
-from .conftest import Db, drain, processor_of
+from .conftest import Db, drain, processor_of, wait_until
 from .conftest import worker_config as config
 
 
@@ -317,6 +318,44 @@ def test_a_backend_terminated_while_the_claim_connection_proves_its_session_is_r
     assert not thread.is_alive()
     assert "claiming failed" in caplog.text  # the error path, then a new connection
     assert "did not come back" not in caplog.text
+
+
+def test_a_worker_whose_first_connection_is_terminated_at_once_still_starts(
+        pg: Db) -> None:
+    """The database answered, then dropped the connection before SQLAlchemy's own set-up
+    queries on it ran (a backend terminated, a restart): a blip the start-up retries,
+    not a database that cannot be used."""
+    picked: queue.Queue[int] = queue.Queue()
+    terminated: list[int] = []
+
+    @processor("first_connection_cut")
+    def first_connection_cut(action):
+        picked.put(action.data["n"])
+
+    def cut_the_first_connection(dbapi_connection, record) -> None:
+        if terminated or dbapi_connection.info.dbname != pg.engine.url.database:
+            return
+        pid = dbapi_connection.info.backend_pid
+        terminated.append(pid)
+        pg.scalar("SELECT pg_terminate_backend(:pid)", pid=pid)
+        wait_until(lambda: pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid",
+                                     pid=pid) == 0, what="the backend to end")
+
+    init_action(pg.engine, "first_connection_cut", {"n": 1})
+    worker = Worker(config=config(pg))
+    thread = threading.Thread(target=worker.run)
+    try:
+        # On every new pool, ahead of SQLAlchemy's own first-connection set-up.
+        event.listen(Pool, "first_connect", cut_the_first_connection, insert=True)
+        thread.start()
+        assert picked.get(timeout=20) == 1
+        assert len(terminated) == 1
+        assert thread.is_alive()
+    finally:
+        event.remove(Pool, "first_connect", cut_the_first_connection)
+        worker.stop()
+        thread.join(10)
+    assert not thread.is_alive()
 
 
 def test_waking_reads_every_notification_so_none_pile_up_on_the_claim_connection(
