@@ -30,11 +30,11 @@ from sqlalchemy import Connection, Engine, Text, bindparam, func, insert, select
 
 from . import codec, tracing
 from .action import Action, Status
-from .database import kept_cursor
 from .enqueue import (
     FANOUT,
     LINES_PER_WRITE,
     _batched,
+    _copy,
     _copy_field,
     _insert_values,
     _options,
@@ -194,9 +194,7 @@ def _text_writer(engine: Engine, spec: dict[str, Any], options: dict[str, Any]
             columns["next_eligible_at"] = (eligible_at or now + delay).isoformat()
         end = "\t" + "\t".join(_copy_field(v) for v in columns.values()) + "\n"
         sql = f"COPY {t.name} (data, {', '.join(columns)}) FROM STDIN"
-        with kept_cursor(conn).copy(sql) as copy:
-            for chunk in texts.lines(start, stop, end):
-                copy.write(chunk)
+        _copy(conn, sql, texts.lines(start, stop, end), lambda: None)
 
     return write
 

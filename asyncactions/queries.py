@@ -239,10 +239,17 @@ def lock_processor(conn: Connection, name: str, lease: timedelta) -> None:
                                    "ms": _milliseconds(lease)})
 
 
+def _ends_if_abandoned() -> ColumnElement[str]:
+    """The setting ends_if_abandoned makes (`ms`: the lease), for a statement of its own
+    or riding another one."""
+    return func.set_config("idle_in_transaction_session_timeout",
+                           bindparam("ms", type_=Text), True)
+
+
 # Taken before every capped claim: hot, like the claim (SQLAlchemy's own execution of
 # it cost more than the round trip).
 LOCK_PROCESSOR = HotStatement(select(
-    func.set_config("idle_in_transaction_session_timeout", bindparam("ms", type_=Text), True),
+    _ends_if_abandoned(),
     func.pg_advisory_xact_lock(func.hashtextextended(bindparam("key", type_=Text), 0))))
 
 
@@ -518,8 +525,7 @@ ENDS_IF_CUT_OFF = HotStatement(select(*(
                       ("tcp_keepalives_count", None), ("tcp_user_timeout", "ms")])))
 
 
-ENDS_IF_ABANDONED = HotStatement(select(func.set_config(
-    "idle_in_transaction_session_timeout", bindparam("ms", type_=Text), True)))
+ENDS_IF_ABANDONED = HotStatement(select(_ends_if_abandoned()))
 
 
 # Wake the workers for actions that became eligible lately (a delay or a retry interval

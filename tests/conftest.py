@@ -10,9 +10,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -206,6 +208,19 @@ def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
     return subprocess.run([sys.executable, "-m", "asyncactions", *args], cwd=cwd,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
+
+
+@contextmanager
+def worker_thread(worker: Worker, join: float = 10) -> Iterator[threading.Thread]:
+    """`worker` running on a thread of its own for the block; stopped and joined after
+    (the caller asserts the thread ended)."""
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        worker.stop()
+        thread.join(join)
 
 
 def wait_until(condition, timeout: float = 60, interval: float = 0.02, what: str = "") -> float:

@@ -30,7 +30,7 @@ from asyncactions.config import Config, WorkerSettings
 from asyncactions.database import make_engine
 from asyncactions.errors import ConfigError
 
-from .conftest import ADMIN_URL, cli, free_port, wait_until
+from .conftest import ADMIN_URL, cli, free_port, wait_until, worker_thread
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 
@@ -193,14 +193,13 @@ def test_a_worker_found_behind_the_pooler_does_not_probe_again_when_it_reconnect
     first = init_action(engine, "reconnecting", {})
     settings = WorkerSettings(poll_interval=timedelta(milliseconds=50))  # listen = true
     worker = Worker(config=Config(database_url=pooled, worker=settings))
-    thread = threading.Thread(target=worker.run)
 
     def warnings() -> int:
         return caplog.text.count("did not come back")
 
-    with caplog.at_level(logging.WARNING, logger="asyncactions.claiming"):
-        thread.start()
-        try:
+    try:
+        with caplog.at_level(logging.WARNING, logger="asyncactions.claiming"), \
+                worker_thread(worker, join=30) as thread:
             wait_until(lambda: admin.get_action(engine, first.id).status == Status.COMPLETED,
                        what="the first action")
             assert warnings() == 1
@@ -214,10 +213,9 @@ def test_a_worker_found_behind_the_pooler_does_not_probe_again_when_it_reconnect
             # Claimed on a new claim connection, made (and probed, if at all) before it.
             wait_until(lambda: admin.get_action(engine, second.id).status == Status.COMPLETED,
                        what="the action enqueued after the reconnect")
-        finally:
-            worker.stop()
-            thread.join(30)
-            engine.dispose()
+    finally:
+        engine.dispose()
+    assert not thread.is_alive()
     assert warnings() == 1
     assert "claiming failed" in caplog.text  # the claim connection was indeed dropped
 

@@ -32,7 +32,7 @@ from asyncactions.config import Config, WorkerSettings
 from asyncactions.database import KeptConnection
 from asyncactions.notifier import LISTEN, Wakeup
 
-from .conftest import Db, drain, processor_of, wait_until
+from .conftest import Db, drain, processor_of, wait_until, worker_thread
 from .conftest import worker_config as config
 
 
@@ -300,21 +300,17 @@ def test_a_backend_terminated_while_the_claim_connection_proves_its_session_is_r
     init_action(pg.engine, "probed", {"n": 1})
     polls_rarely = Config(database_url=pg.url,
                           worker=WorkerSettings(poll_interval=timedelta(minutes=10)))
-    worker = Worker(config=polls_rarely)
-    thread = threading.Thread(target=worker.run)
-    with caplog.at_level(logging.WARNING, logger="asyncactions.claiming"):
-        try:
-            event.listen(Engine, "before_cursor_execute", cut_the_listener_at_the_first_probe)
-            thread.start()
+    event.listen(Engine, "before_cursor_execute", cut_the_listener_at_the_first_probe)
+    try:
+        with caplog.at_level(logging.WARNING, logger="asyncactions.claiming"), \
+                worker_thread(Worker(config=polls_rarely)) as thread:
             assert picked.get(timeout=20) == 1  # claimed at once on the new connection
             assert terminated == [1]
             init_action(pg.engine, "probed", {"n": 2})
             assert picked.get(timeout=10) == 2  # woken by its notification, not the poll
             assert thread.is_alive()
-        finally:
-            event.remove(Engine, "before_cursor_execute", cut_the_listener_at_the_first_probe)
-            worker.stop()
-            thread.join(10)
+    finally:
+        event.remove(Engine, "before_cursor_execute", cut_the_listener_at_the_first_probe)
     assert not thread.is_alive()
     assert "claiming failed" in caplog.text  # the error path, then a new connection
     assert "did not come back" not in caplog.text
@@ -342,19 +338,15 @@ def test_a_worker_whose_first_connection_is_terminated_at_once_still_starts(
                                      pid=pid) == 0, what="the backend to end")
 
     init_action(pg.engine, "first_connection_cut", {"n": 1})
-    worker = Worker(config=config(pg))
-    thread = threading.Thread(target=worker.run)
+    # On every new pool, ahead of SQLAlchemy's own first-connection set-up.
+    event.listen(Pool, "first_connect", cut_the_first_connection, insert=True)
     try:
-        # On every new pool, ahead of SQLAlchemy's own first-connection set-up.
-        event.listen(Pool, "first_connect", cut_the_first_connection, insert=True)
-        thread.start()
-        assert picked.get(timeout=20) == 1
-        assert len(terminated) == 1
-        assert thread.is_alive()
+        with worker_thread(Worker(config=config(pg))) as thread:
+            assert picked.get(timeout=20) == 1
+            assert len(terminated) == 1
+            assert thread.is_alive()
     finally:
         event.remove(Pool, "first_connect", cut_the_first_connection)
-        worker.stop()
-        thread.join(10)
     assert not thread.is_alive()
 
 
