@@ -91,6 +91,86 @@ class InFlight:
         return len(self._actions)
 
 
+class ClaimFloor:
+    """Where a claim of one group of processors starts its walk of the claim index.
+
+    While a long transaction pins the xmin horizon, the entries of every action claimed
+    since stay at the index's front, and a walk from there steps over all of them. A
+    claim can start at its floor instead (the first action of each processor the last
+    claim took), missing what lies below it; so floors are used only while a walk from
+    the front costs over CHEAPER times one from a floor, VOTES times in a row (a floored
+    probe every PROBE seconds), and a walk from the front comes due every EVERY times its own
+    cost, followed by a second one (the first cleans what can be cleaned) that decides
+    whether floors stay. SQLite updates its index in place: it never uses them."""
+
+    EVERY = 50
+    CHEAPER = 2.0
+    PROBE = 0.25
+    VOTES = 2
+
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled
+        self._keys: dict[str, queries.Key] = {}
+        self.in_use = False
+        self._votes = 0  # probes in a row that found a floor CHEAPER
+        self._front_cost = 0.0  # seconds the last walk from the front took
+        self._floor_cost = 0.0  # and the last walk from a floor
+        self._front_due = 0.0  # perf_counter time of the next walk from the front
+        self._probe_due = 0.0  # and of the next probe, floors not in use
+        self._recheck = False  # the next claim walks from the front again, to decide
+        self._short = False  # a floored claim came back short: may have missed some
+
+    def floors(self, now: float) -> dict[str, queries.Key] | None:
+        """The floors for a claim starting now; None: it walks from the front."""
+        if not self._keys:
+            return None
+        if self.in_use:
+            return None if self._recheck or now >= self._front_due else self._keys
+        return None if self._short or now < self._probe_due else self._keys
+
+    def claimed(self, actions: Iterable[Action], started: float, ended: float,
+                floored: bool, short: bool) -> float | None:
+        """Note a claim; returns in how many seconds to claim again, from the front,
+        though nothing wakes the loop (a short floored claim may have missed actions
+        below its floor), or None."""
+        cost = ended - started
+        if floored:
+            self._floor_cost = cost
+            if not self.in_use:  # a probe
+                self._probe_due = ended + self.PROBE
+                self._votes = self._votes + 1 if self._worth() else 0
+                self.in_use = self._votes >= self.VOTES
+                self._front_due = ended + self.EVERY * self._front_cost
+        elif self.in_use and not self._recheck:
+            self._recheck = True  # this walk cleaned what it could: measure the next
+        else:
+            self._front_cost, self._front_due = cost, ended + self.EVERY * cost
+            if self._recheck:
+                self._recheck, self._votes = False, 0
+                self.in_use = self._worth()
+        self._note_firsts(actions)
+        self._short = floored and short
+        if not self._short:
+            return None
+        return max(self._front_due - ended, 0.0) if self.in_use else 0.0
+
+    def _worth(self) -> bool:
+        return self._front_cost > self.CHEAPER * self._floor_cost
+
+    def _note_firsts(self, actions: Iterable[Action]) -> None:
+        if not self._enabled:
+            return
+        # Each processor's first action of the last priority this claim reached: an
+        # urgent one taken along must not send the next walk back over the others.
+        firsts: dict[str, queries.Key] = {}
+        for a in actions:
+            key = (a.priority, a.next_eligible_at, a.id)
+            first = firsts.get(a.processor, key)
+            if key[0] > first[0] or key <= first:
+                firsts[a.processor] = key
+        self._keys.update(firsts)  # a processor it took none of keeps its floor
+
+
 class Claimer:
     """The claim loop: claim for the free threads, hand each attempt to the runner."""
 
@@ -139,13 +219,18 @@ class Claimer:
         self._background = [([self._retries(n)], None, None)
                             for n in names if n in background]
         self._background_at = 0.0  # when this worker last claimed for them
+        floored = engine.dialect.name == "postgresql"
+        self._floors = {group[0][0][0]: ClaimFloor(floored)
+                        for group in [*self._groups, *self._background]}
         self._was_full = False  # the last round's claims came back full
         self._capped = any(flow for _, _, flow in self._groups)
         self._capped_at = 0.0  # when this worker last claimed for capped processors
         # Capped claims take a lock and count: a transaction of two statements.
         self._flow_conn: KeptConnection | None = None
         self._session_checked = False  # the claim connection proved a session its own
-        self._opens_in: float | None = None  # when a rate window lets another start
+        # When to claim again though nothing wakes the loop: a rate window lets another
+        # start, or a walk from the front is due after a short floored claim.
+        self._again_in: float | None = None
         running = PREFETCH * concurrency * max(p.settings.batch_size
                                                for p in processors.values())
         self._max_held = running + max(running, MAX_UNWRITTEN)
@@ -231,8 +316,10 @@ class Claimer:
                 # With more waiting, claim again at once; but read the notifications
                 # even then, or they pile up in the driver for as long as the backlog.
                 # A rate limit that held actions back is asked again when its window
-                # lets the next one start, not a poll interval later.
-                wait = 0 if more else min(self._poll, self._opens_in or self._poll)
+                # lets the next one start, not a poll interval later; a floored claim
+                # that came back short, when a walk from the front is due.
+                again = self._poll if self._again_in is None else self._again_in
+                wait = 0 if more else min(self._poll, again)
                 self._wake.wait(wait, conn.driver if self._listens else None)
         finally:
             conn.close()
@@ -255,7 +342,7 @@ class Claimer:
         more may be waiting (a claim came back full)."""
         busy = self._runner.busy()
         free = PREFETCH * self._concurrency - busy
-        self._opens_in = None
+        self._again_in = None
         # A claim for a slot or two costs as much as one for many: plain claims wait
         # for more room. Capped processors claim on (at most every CAPPED_RECLAIM
         # seconds): a slot of the cluster's cap freed here must not wait for that.
@@ -279,22 +366,28 @@ class Claimer:
                 want = min(max(want, 1), room)
             if want <= 0 or (flow is None and (free <= 0 or few)):
                 continue
+            floor = self._floors[processors[0][0]]
+            started = time.perf_counter()
+            floors = floor.floors(started)
             if flow is None:
-                started = time.perf_counter()
                 with conn.begin() as connection:
                     actions, malformed = queries.claim(connection, self._worker, processors,
-                                                       want, self._lease)
-                self._timed(started)
+                                                       want, self._lease, floors=floors)
             else:
                 self._capped_at = now
-                actions, malformed = self._claim_capped(processors, want, flow)
-            self._in_flight.add([*actions, *(a for a, _ in malformed)])
+                actions, malformed = self._claim_capped(processors, want, flow, floors)
+            ended = time.perf_counter()
+            self._timed(ended - started)
+            taken = [*actions, *(a for a, _ in malformed)]
+            self._again(floor.claimed(taken, started, ended, floored=floors is not None,
+                                      short=len(taken) < want))
+            self._in_flight.add(taken)
             if malformed:
                 self._report([self._executor.undecodable(a, exc) for a, exc in malformed])
+            if flow is not None and flow.rate_count is not None and len(taken) < want:
+                self._note_window(processors[0][0], flow)  # the rate may hold some back
             if not actions:
                 continue
-            if flow is not None and flow.rate_count is not None and len(actions) < want:
-                self._note_window(processors[0][0], flow)
             claimed += len(actions)
             room -= len(actions)
             more = more or len(actions) == want
@@ -313,22 +406,19 @@ class Claimer:
         return claimed, more
 
     def _claim_capped(self, processors: list[tuple[str, int]], want: int, flow: queries.Flow,
+                      floors: dict[str, queries.Key] | None,
                       ) -> tuple[list[Action], list[tuple[Action, Exception]]]:
         assert self._flow_conn is not None
-        started = time.perf_counter()
         with self._flow_conn.begin() as connection:
             queries.lock_processor(connection, processors[0][0], self._lease)
             actions, malformed = queries.claim(connection, self._worker, processors, want,
-                                               self._lease, flow)
-        self._timed(started)
-        if not actions and not malformed and flow.rate_count is not None:
-            self._note_window(processors[0][0], flow)
+                                               self._lease, flow, floors)
         return actions, malformed
 
-    def _timed(self, started: float) -> None:
+    def _timed(self, seconds: float) -> None:
         """A claim's transaction, timed when metrics are served."""
         if self._metrics is not None:
-            self._metrics.claim(time.perf_counter() - started)
+            self._metrics.claim(seconds)
 
     def _note_window(self, name: str, flow: queries.Flow) -> None:
         """The rate limit held some back: wake when its window next lets one start."""
@@ -339,8 +429,11 @@ class Claimer:
         if opens is None:
             return  # not the rate: nothing was waiting
         # A little after, so the start that ages out is surely outside the window.
-        opens = max(opens + 0.005, 0.005)
-        self._opens_in = opens if self._opens_in is None else min(self._opens_in, opens)
+        self._again(max(opens + 0.005, 0.005))
+
+    def _again(self, seconds: float | None) -> None:
+        if seconds is not None:
+            self._again_in = seconds if self._again_in is None else min(self._again_in, seconds)
 
 
 def _batch_size(settings: ProcessorSettings) -> int | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -21,6 +21,7 @@ from sqlalchemy import (
     Connection,
     Float,
     Integer,
+    SmallInteger,
     Text,
     bindparam,
     case,
@@ -34,6 +35,7 @@ from sqlalchemy import (
     null,
     select,
     text,
+    tuple_,
     union_all,
     update,
 )
@@ -49,6 +51,7 @@ from .schema import (
     NOW,
     PAUSED,
     PENDING_ONLY,
+    UtcDateTime,
     action_columns,
     as_payload,
     async_action,
@@ -125,12 +128,23 @@ def _allowed(name: str, flow: Flow) -> ColumnElement[int]:
 # optimisation fence: the planner cannot run the LIMITed, SKIP LOCKED select more than
 # once or lock more rows than asked. (SQLite ignores FOR UPDATE; its single writer
 # makes the statement atomic anyway.)
-def _walk(name: str, limit: Any) -> Select[Any]:
+# Where a claim's walk of the claim index starts, by (priority, next_eligible_at, id):
+# the front unless the caller gives a floor (see claiming.ClaimFloor).
+Key = tuple[int, datetime, int]
+FRONT: Key = (-32768, datetime(1, 1, 1, tzinfo=UTC), 0)  # below every action's key
+
+
+def _walk(name: str, limit: Any, floor: int = 0) -> Select[Any]:
     """One processor's claimable actions in claim order, locked as they are taken: a walk
-    of the claim index (processor first) that stops at the limit."""
+    of the claim index (processor first) from the floor's key on, stopping at the limit.
+    The key comparison is a row comparison so the index scan starts there, not filters."""
+    key = tuple_(t.c.priority, t.c.next_eligible_at, t.c.id)
+    start = tuple_(bindparam(f"floor{floor}_priority", type_=SmallInteger),
+                   bindparam(f"floor{floor}_at", type_=UtcDateTime),
+                   bindparam(f"floor{floor}_id", type_=BigInteger))
     return (
         select(t.c.id, t.c.priority, t.c.next_eligible_at)
-        .where(*_runnable([name]))
+        .where(*_runnable([name]), key >= start)
         .order_by(t.c.priority, t.c.next_eligible_at, t.c.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -148,8 +162,8 @@ def _fair(names: Sequence[str]) -> Select[Any]:
     until the claim commits, a moment later; the ones not taken stay pending."""
     free = bindparam("free", type_=Integer)
     turns = []
-    for name in names:
-        walk = _walk(name, free).subquery()
+    for i, name in enumerate(names):
+        walk = _walk(name, free, i).subquery()
         # The walk is in (priority, eligibility, id) order already: no sort to rank.
         turn = func.row_number().over(partition_by=walk.c.priority,
                                       order_by=(walk.c.next_eligible_at, walk.c.id))
@@ -254,16 +268,17 @@ LOCK_PROCESSOR = HotStatement(select(
 
 
 def claim(conn: Connection, worker: str, processors: Sequence[tuple[str, int]], free: int,
-          lease: timedelta, flow: Flow | None = None,
+          lease: timedelta, flow: Flow | None = None, floors: Mapping[str, Key] | None = None,
           ) -> tuple[list[Action], list[tuple[Action, Exception]]]:
     """Claim up to `free` eligible actions of these (processor, default retries). Returns
     them in claim order, and apart the ones whose stored data does not decode (with
     why), to be failed on their own. With `flow`, call lock_processor first, in the
-    same transaction."""
+    same transaction. A processor's walk starts at its key in `floors`, else at the
+    front: actions with a lower key are not seen."""
     rated = flow is not None and flow.rate_count is not None and bool(flow.rate_seconds)
     in_one = rated and conn.dialect.name == "postgresql"
     rows = claim_statement(tuple(processors), flow, log_starts=in_one).rows(
-        conn, {"free": free, "worker": worker, "lease": lease.total_seconds()})
+        conn, claim_params(processors, free, worker, lease, floors))
     actions, malformed = [], []
     for row in rows:
         try:
@@ -273,6 +288,17 @@ def claim(conn: Connection, worker: str, processors: Sequence[tuple[str, int]], 
     if rated and not in_one:
         _note_starts(conn, [a.id for a in (*actions, *(a for a, _ in malformed))])
     return claim_order(actions), malformed
+
+
+def claim_params(processors: Sequence[tuple[str, int]], free: int, worker: str,
+                 lease: timedelta, floors: Mapping[str, Key] | None = None,
+                 ) -> dict[str, Any]:
+    """The values claim_statement binds."""
+    params: dict[str, Any] = {"free": free, "worker": worker, "lease": lease.total_seconds()}
+    for i, (name, _) in enumerate(processors):
+        (params[f"floor{i}_priority"], params[f"floor{i}_at"],
+         params[f"floor{i}_id"]) = (floors or {}).get(name, FRONT)
+    return params
 
 
 def any_eligible(conn: Connection, processors: Sequence[str]) -> bool:

@@ -51,8 +51,8 @@ class ClaimProbe:
         self.server_ms: list[float] = []
         # The very statement and arguments queries.claim sends, for EXPLAIN.
         self._claim_sql = queries.claim_statement((("bench_noop", 3),)).render(
-            self.conn.dialect, {"free": CLAIM_BATCH, "worker": "bench:scale",
-                                "lease": LEASE.total_seconds()})
+            self.conn.dialect, queries.claim_params([("bench_noop", 3)], CLAIM_BATCH,
+                                                    "bench:scale", LEASE))
 
     def claim(self, record: bool = True) -> None:
         with self.conn.begin() as tx:

@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,13 @@ PROCESSORS = textwrap.dedent("""
         time.sleep(action.data["seconds"] if action.attempts == 1 else 0)
         return {"pid": os.getpid()}
 """)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def log(message: str) -> None:

@@ -10,7 +10,9 @@ import itertools
 import random
 import signal
 import subprocess
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from contextlib import suppress
 from datetime import datetime, timedelta
@@ -20,7 +22,7 @@ import psycopg
 
 from asyncactions.claiming import CLAIM_SESSION, PREFETCH
 
-from .harness import Run, cluster, host, log, verdict, wait_until
+from .harness import Run, cluster, free_port, host, log, verdict, wait_until
 
 Figures = dict[str, Any]
 
@@ -327,58 +329,174 @@ def _enqueued_at(run: Run, fire: datetime) -> datetime:
 
 
 def long_transaction(short: bool) -> Figures:
-    """An `idle in transaction` session holding the xmin horizon while actions flow:
-    claims stay within 3x of normal, and afterwards autovacuum reclaims the dead rows
-    with the shipped per-table settings. A hold longer than the leader's HorizonWatch
-    needs to see it (its threshold and one interval) must be named in the worker's log."""
+    """An `idle in transaction` session holding the xmin horizon while actions flow in
+    steadily: the worker's own claims (its claim-duration metric, mean per window) stay
+    within 3x of their mean before the hold, and afterwards autovacuum reclaims the dead
+    rows with the shipped per-table settings. A hold longer than the leader's
+    HorizonWatch needs to see it (its threshold and one interval) must be named in the
+    worker's log. A walk of the claim index from its front (what every claim cost
+    before claim floors) is measured apart, and so are pickups."""
     from asyncactions.database import make_engine
     from asyncactions.maintenance import LONG_TRANSACTION, HorizonWatch
 
-    n, hold = (5_000, 10.0) if short else (50_000, 120.0)
+    n, hold, before, window = (5_000, 10.0, 5.0, 2.0) if short else (50_000, 120.0, 20.0, 10.0)
+    rate = n / hold
     with cluster("autovacuum_naptime = 5s") as c:
         run = Run(c.url(), lease="10s")
         engine = make_engine(run.url)
+        port = free_port()
+        flow = Steady(run, engine, "chaos", rate)
         try:
-            run.enqueue("chaos", n)
-            baseline = _claim_ms(engine, 21)  # the same backlog, nothing pinned
+            run.start_worker("--metrics-port", str(port))
+            wait_until(lambda: _claims(port), 60, "the worker's metrics", interval=0.2)
+            flow.start()
+            time.sleep(before / 4)  # the flow settles; then the normal phase is measured
+            front_before = _claim_ms(engine, 5)
+            measured, start = time.time(), _claims(port)
+            time.sleep(before)
+            normal = _mean_ms(start, _claims(port))
             pinning = psycopg.connect(run.url.replace("+psycopg", ""))
             pinning.execute("SELECT txid_current()")  # holds a snapshot: xmin stays
-            run.start_worker()
-            end, during = time.monotonic() + hold, []
+            pinned_at, end = time.time(), time.monotonic() + hold
+            held_start = last = _claims(port)
+            windows = []
             while time.monotonic() < end:
-                during.append(_claim_ms(engine, 5))
-                time.sleep(0.5)  # sampling pace
+                time.sleep(min(window, max(end - time.monotonic(), 0.0)))
+                now = _claims(port)
+                windows.append(_mean_ms(last, now))
+                last = now
+            held = _mean_ms(held_start, last)
+            front_held = _claim_ms(engine, 5)
             pid = pinning.info.backend_pid
             pinning.rollback()
             pinning.close()
-            run.drained(n, timeout=600)
+            enqueued = flow.stop()
+            run.drained(enqueued, timeout=600)
             told = (run.dir / "worker0.log").read_text()
             named = f"transaction of backend pid {pid} " in told and "holds back vacuum" in told
             must_name = hold >= (LONG_TRANSACTION.total_seconds() + HorizonWatch.interval)
+            pickups = _pickups_ms(run, measured, pinned_at, pinned_at + hold, flow.urgent)
 
             def dead() -> int:
                 return run.query("SELECT n_dead_tup FROM pg_stat_user_tables "
                                  "WHERE relname = 'async_action'")[0][0]
             try:
-                wait_until(lambda: dead() < n // 10, 180, "autovacuum", interval=1.0)
+                wait_until(lambda: dead() < enqueued // 10, 180, "autovacuum", interval=1.0)
                 reclaimed = True
             except TimeoutError:
                 reclaimed = False
-            worst = max(during)
-            return {"actions": n, "held_s": hold, "claim_ms_normal": round(baseline, 3),
-                    "claim_ms_worst_while_held": round(worst, 3),
+            worst = max(windows)
+            return {"actions": enqueued, "rate_per_s": round(rate), "held_s": hold,
+                    "claim_ms_mean_before": round(normal, 3),
+                    "claim_ms_mean_held": round(held, 3),
+                    "claim_ms_mean_worst_window_held": round(worst, 3),
+                    "front_walk_ms_before": round(front_before, 3),
+                    "front_walk_ms_end_of_hold": round(front_held, 3), **pickups,
                     "dead_rows_after": dead(), "reclaimed_by_autovacuum": reclaimed,
                     "named_in_worker_log": named,
-                    "ok": reclaimed and worst <= 3 * baseline and (named or not must_name)}
+                    "ok": reclaimed and worst <= 3 * normal and (named or not must_name)}
         finally:
+            flow.stop()
             engine.dispose()
             run.close()
 
 
+class Steady:
+    """Enqueues `rate` actions a second on a thread of its own, in a transaction every
+    50 ms (an application's outbox under a steady load), and one of priority -1 a
+    second: below every claim floor, found only by a walk from the index's front."""
+
+    def __init__(self, run: Run, engine: Any, processor: str, rate: float) -> None:
+        self._engine, self._processor, self._rate = engine, processor, rate
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.enqueued = 0
+        self.urgent: set[int] = set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> int:
+        """Stop; how many it enqueued."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(30)
+        return self.enqueued
+
+    def _run(self) -> None:
+        from asyncactions import init_action, init_actions
+
+        started = time.monotonic()
+        while not self._stop.wait(0.05):
+            elapsed = time.monotonic() - started
+            due = int(elapsed * self._rate) - (self.enqueued - len(self.urgent))
+            if due > 0:
+                init_actions(self._engine, self._processor, [{}] * due)
+                self.enqueued += due
+            if len(self.urgent) < elapsed:
+                self.urgent.add(init_action(self._engine, self._processor, priority=-1).id)
+                self.enqueued += 1
+
+
+def _claims(port: int) -> tuple[float, float] | None:
+    """The worker's claim-duration histogram: (count, sum of seconds)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    for family in text_string_to_metric_families(text):
+        if family.name == "asyncactions_claim_duration_seconds":
+            values = {s.name: s.value for s in family.samples}
+            return (values["asyncactions_claim_duration_seconds_count"],
+                    values["asyncactions_claim_duration_seconds_sum"])
+    return None
+
+
+def _mean_ms(start: tuple[float, float] | None, end: tuple[float, float] | None) -> float:
+    """The mean claim between two reads; infinite if none: the flow never stops, so a
+    window without claims is a stalled worker."""
+    assert start is not None and end is not None, "the worker's metrics stopped answering"
+    count = end[0] - start[0]
+    return (end[1] - start[1]) / count * 1000 if count else float("inf")
+
+
+def _pickups_ms(run: Run, measured: float, pinned: float, unpinned: float,
+                urgent: set[int]) -> Figures:
+    """Enqueue-to-start p50 and p99 of the actions enqueued in the normal phase and
+    during the hold, and of the urgent ones (priority -1) apart (first attempts, from
+    the ledger the processor writes)."""
+    created = dict(run.query("SELECT id, extract(epoch FROM created_at)::float8 "
+                             "FROM async_action"))
+    before, held, urgent_before, urgent_held = [], [], [], []
+    for line in run.ledger.read_text().splitlines():
+        action, attempt, _, at = line.split()
+        made = created.get(int(action))
+        if attempt != "1" or made is None or not measured <= made < unpinned:
+            continue
+        pickup = (float(at) - made) * 1000
+        if int(action) in urgent:
+            (urgent_held if made >= pinned else urgent_before).append(pickup)
+        else:
+            (held if made >= pinned else before).append(pickup)
+
+    def quantile(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return round(ordered[min(int(q * len(ordered)), len(ordered) - 1)], 1)
+    return {"pickup_ms_p50_p99_before": [quantile(before, 0.5), quantile(before, 0.99)],
+            "pickup_ms_p50_p99_held": [quantile(held, 0.5), quantile(held, 0.99)],
+            "urgent_pickup_ms_p50_max_before": [quantile(urgent_before, 0.5),
+                                                quantile(urgent_before, 1.0)],
+            "urgent_pickup_ms_p50_max_held": [quantile(urgent_held, 0.5),
+                                              quantile(urgent_held, 1.0)]}
+
+
 def _claim_ms(engine: Any, times: int) -> float:
-    """The median time of a claim of the flowing processor, rolled back: it walks that
-    processor's part of the claim index from its front, past the entries of the actions
-    claimed since (while xmin is pinned, dead rows no snapshot may yet forget)."""
+    """The median time of a claim of the flowing processor from the index's front,
+    rolled back: it steps over the entries of the actions claimed since xmin was pinned
+    (dead rows no snapshot may yet forget)."""
     from asyncactions import queries
 
     samples = []
