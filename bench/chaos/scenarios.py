@@ -354,7 +354,8 @@ def long_transaction(short: bool) -> Figures:
             front_before = _claim_ms(engine, 5)
             measured, start = time.time(), _claims(port)
             time.sleep(before)
-            normal = _mean_ms(start, _claims(port))
+            normal_end = _claims(port)
+            normal, normal_p99 = _mean_ms(start, normal_end), _p99_bound_ms(start, normal_end)
             pinning = psycopg.connect(run.url.replace("+psycopg", ""))
             pinning.execute("SELECT txid_current()")  # holds a snapshot: xmin stays
             pinned_at, end = time.time(), time.monotonic() + hold
@@ -365,7 +366,7 @@ def long_transaction(short: bool) -> Figures:
                 now = _claims(port)
                 windows.append(_mean_ms(last, now))
                 last = now
-            held = _mean_ms(held_start, last)
+            held, held_p99 = _mean_ms(held_start, last), _p99_bound_ms(held_start, last)
             front_held = _claim_ms(engine, 5)
             pid = pinning.info.backend_pid
             pinning.rollback()
@@ -390,6 +391,7 @@ def long_transaction(short: bool) -> Figures:
                     "claim_ms_mean_before": round(normal, 3),
                     "claim_ms_mean_held": round(held, 3),
                     "claim_ms_mean_worst_window_held": round(worst, 3),
+                    "claim_ms_p99_bucket_before_held": [normal_p99, held_p99],
                     "front_walk_ms_before": round(front_before, 3),
                     "front_walk_ms_end_of_hold": round(front_held, 3), **pickups,
                     "dead_rows_after": dead(), "reclaimed_by_autovacuum": reclaimed,
@@ -438,8 +440,12 @@ class Steady:
                 self.enqueued += 1
 
 
-def _claims(port: int) -> tuple[float, float] | None:
-    """The worker's claim-duration histogram: (count, sum of seconds)."""
+Claims = dict[float, float]  # the claim-duration histogram: count at or under each bound
+
+
+def _claims(port: int) -> Claims | None:
+    """The worker's claim-duration histogram, cumulative counts by upper bound (seconds),
+    with the sum of seconds under the key -1."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -449,18 +455,30 @@ def _claims(port: int) -> tuple[float, float] | None:
         return None
     for family in text_string_to_metric_families(text):
         if family.name == "asyncactions_claim_duration_seconds":
-            values = {s.name: s.value for s in family.samples}
-            return (values["asyncactions_claim_duration_seconds_count"],
-                    values["asyncactions_claim_duration_seconds_sum"])
+            counts = {float(s.labels["le"]): s.value for s in family.samples
+                      if s.name.endswith("_bucket")}
+            counts[-1] = next(s.value for s in family.samples if s.name.endswith("_sum"))
+            return counts
     return None
 
 
-def _mean_ms(start: tuple[float, float] | None, end: tuple[float, float] | None) -> float:
+def _mean_ms(start: Claims | None, end: Claims | None) -> float:
     """The mean claim between two reads; infinite if none: the flow never stops, so a
     window without claims is a stalled worker."""
     assert start is not None and end is not None, "the worker's metrics stopped answering"
-    count = end[0] - start[0]
-    return (end[1] - start[1]) / count * 1000 if count else float("inf")
+    count = end[float("inf")] - start[float("inf")]
+    return (end[-1] - start[-1]) / count * 1000 if count else float("inf")
+
+
+def _p99_bound_ms(start: Claims | None, end: Claims | None) -> float:
+    """The histogram bucket the 99th percentile claim between two reads falls in (its
+    upper bound)."""
+    assert start is not None and end is not None, "the worker's metrics stopped answering"
+    total = end[float("inf")] - start[float("inf")]
+    for bound in sorted(b for b in end if b >= 0):
+        if end[bound] - start[bound] >= 0.99 * total:
+            return bound * 1000
+    return float("inf")
 
 
 def _pickups_ms(run: Run, measured: float, pinned: float, unpinned: float,
