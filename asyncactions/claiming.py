@@ -99,9 +99,10 @@ class ClaimFloor:
     claim can start at its floor instead (the first action of each processor the last
     claim took), missing what lies below it; so floors are used only while a walk from
     the front costs over CHEAPER times one from a floor, VOTES times in a row (a floored
-    probe every PROBE seconds), and a walk from the front comes due every EVERY times its own
-    cost, followed by a second one (the first cleans what can be cleaned) that decides
-    whether floors stay. SQLite updates its index in place: it never uses them."""
+    probe at most every PROBE seconds, a walk from the front after each). Meanwhile a
+    walk from the front comes due every EVERY times its own cost, followed by a second
+    one (the first cleans what can be cleaned) that decides whether floors stay. SQLite
+    updates its index in place: it never uses them."""
 
     EVERY = 50
     CHEAPER = 2.0
@@ -114,11 +115,12 @@ class ClaimFloor:
         self.in_use = False
         self._votes = 0  # probes in a row that found a floor CHEAPER
         self._front_cost = 0.0  # seconds the last walk from the front took
-        self._floor_cost = 0.0  # and the last walk from a floor
+        self._front_took = 0  # and how many actions it took
+        self._floor_cost = 0.0  # seconds the last walk from a floor took
         self._front_due = 0.0  # perf_counter time of the next walk from the front
         self._probe_due = 0.0  # and of the next probe, floors not in use
-        self._recheck = False  # the next claim walks from the front again, to decide
-        self._short = False  # a floored claim came back short: may have missed some
+        self._probed = False  # floors not in use: the claim after a probe walks from the front
+        self._recheck = False  # floors in use: the next claim walks from the front, to decide
 
     def floors(self, now: float) -> dict[str, queries.Key] | None:
         """The floors for a claim starting now; None: it walks from the front."""
@@ -126,9 +128,9 @@ class ClaimFloor:
             return None
         if self.in_use:
             return None if self._recheck or now >= self._front_due else self._keys
-        return None if self._short or now < self._probe_due else self._keys
+        return None if self._probed or now < self._probe_due else self._keys
 
-    def claimed(self, actions: Iterable[Action], started: float, ended: float,
+    def claimed(self, actions: Sequence[Action], started: float, ended: float,
                 floored: bool, short: bool) -> float | None:
         """Note a claim; returns in how many seconds to claim again, from the front,
         though nothing wakes the loop (a short floored claim may have missed actions
@@ -136,28 +138,31 @@ class ClaimFloor:
         cost = ended - started
         if floored:
             self._floor_cost = cost
-            if not self.in_use:  # a probe
+            if not self.in_use:  # a probe; one that took less than the walk it is
+                self._probed = True  # compared with tells nothing
                 self._probe_due = ended + self.PROBE
-                self._votes = self._votes + 1 if self._worth() else 0
+                if len(actions) >= self._front_took:
+                    self._votes = self._votes + 1 if self._worth() else 0
                 self.in_use = self._votes >= self.VOTES
                 self._front_due = ended + self.EVERY * self._front_cost
         elif self.in_use and not self._recheck:
             self._recheck = True  # this walk cleaned what it could: measure the next
         else:
-            self._front_cost, self._front_due = cost, ended + self.EVERY * cost
+            self._front_cost, self._front_took = cost, len(actions)
+            self._front_due = ended + self.EVERY * cost
+            self._probed = False
             if self._recheck:
                 self._recheck, self._votes = False, 0
                 self.in_use = self._worth()
         self._note_firsts(actions)
-        self._short = floored and short
-        if not self._short:
+        if not (floored and short):
             return None
         return max(self._front_due - ended, 0.0) if self.in_use else 0.0
 
     def _worth(self) -> bool:
         return self._front_cost > self.CHEAPER * self._floor_cost
 
-    def _note_firsts(self, actions: Iterable[Action]) -> None:
+    def _note_firsts(self, actions: Sequence[Action]) -> None:
         if not self._enabled:
             return
         # Each processor's first action of the last priority this claim reached: an

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -87,21 +88,48 @@ def test_on_a_healthy_database_claims_walk_from_the_front_but_for_a_probe() -> N
     first, later = act(7, second=1), act(9, second=2)
     front(floor, [later, first], 0.0, 0.5)
     assert floor.floors(0.5) == {"p": key(first)}  # a probe: what would a floor save?
-    floored(floor, [act(11, second=3)], 0.5, 0.375)  # not CHEAPER
+    floored(floor, [act(11, second=3), act(12, second=3)], 0.5, 0.375)  # not CHEAPER
     assert not floor.in_use
     assert floor.floors(0.875) is None
+    front(floor, [], 0.875, 0.5)
     assert floor.floors(0.875 + ClaimFloor.PROBE - 0.125) is None
     assert floor.floors(0.875 + ClaimFloor.PROBE) == {"p": key(act(11, second=3))}
 
 
-def test_one_probe_that_finds_a_floor_cheaper_is_not_enough() -> None:
+def test_the_claim_after_a_probe_walks_from_the_front_however_long_after() -> None:
+    floor = ClaimFloor(enabled=True)
+    front(floor, [act(1)], 0.0, 0.5)
+    floored(floor, [act(2)], 0.5, 0.375)  # full: a backlog
+    assert floor.floors(0.875 + 100 * ClaimFloor.PROBE) is None
+    front(floor, [act(3)], 30.0, 0.5)
+    assert floor.floors(30.5 + ClaimFloor.PROBE) is not None
+
+
+def test_floors_are_used_after_probes_in_a_row_find_them_cheaper() -> None:
     floor = ClaimFloor(enabled=True)
     front(floor, [act(1)], 0.0, 0.5)
     floored(floor, [act(2)], 0.5, 0.125)  # a quarter: CHEAPER
     assert not floor.in_use
-    front(floor, [], 0.625, 0.125)  # a hiccup's, or it was: next probe not CHEAPER
-    floored(floor, [act(3)], 1.0, 0.125)
+    front(floor, [act(3)], 1.0, 0.125)  # a hiccup's, or it was: this probe is not
+    floored(floor, [act(4)], 2.0, 0.125)
+    front(floor, [act(5)], 3.0, 0.5)
+    floored(floor, [act(6)], 4.0, 0.125)  # a vote again, but the first of a new row
     assert not floor.in_use
+    front(floor, [act(7)], 5.0, 0.5)
+    floored(floor, [act(8)], 6.0, 0.125)
+    assert floor.in_use
+
+
+def test_a_probe_that_took_less_than_the_walk_from_the_front_casts_no_vote() -> None:
+    floor = ClaimFloor(enabled=True)
+    front(floor, [act(1)], 0.0, 0.5)
+    floored(floor, [act(2)], 0.5, 0.125)  # a vote
+    front(floor, [act(i) for i in range(3, 19)], 1.0, 0.5)  # took 16
+    floored(floor, [], 2.0, 0.125)  # took none: of course it was cheaper
+    assert not floor.in_use
+    front(floor, [act(i) for i in range(20, 36)], 3.0, 0.5)
+    floored(floor, [act(i) for i in range(40, 56)], 4.0, 0.125)  # the second vote
+    assert floor.in_use
 
 
 def test_while_a_walk_from_the_front_costs_more_claims_start_at_their_floor() -> None:
@@ -156,6 +184,7 @@ def test_each_processor_keeps_its_own_floor() -> None:
     floor = ClaimFloor(enabled=True)
     front(floor, [act(1, "a"), act(2, "b", priority=-1)], 0.0, 0.5)
     floored(floor, [act(8, "a", second=4)], 0.5, 0.125)
+    front(floor, [], 0.625, 0.5)
     assert floor.floors(0.625 + ClaimFloor.PROBE) == {"a": key(act(8, "a", second=4)),
                                   "b": key(act(2, "b", priority=-1))}
 
@@ -228,13 +257,13 @@ def test_while_xmin_is_pinned_a_floored_claim_steps_over_none_of_the_claimed(pg:
 # --- the worker ----------------------------------------------------------------------
 
 @contextmanager
-def spinning(db: Db) -> Iterator[tuple[threading.Event, list[int]]]:
+def spinning(db: Db, **settings: Any) -> Iterator[tuple[threading.Event, list[int]]]:
     """A worker running actions that run again at once (deferred, no delay) until one of
     priority -1 has run: a steady flow of claims, each above the floor the last one left.
     Yields that action's event and the spins so far."""
     done, spins = threading.Event(), []
 
-    @processor("spin")
+    @processor("spin", **settings)
     def spin(action):
         if action.priority < 0:
             done.set()
@@ -250,18 +279,24 @@ def spinning(db: Db) -> Iterator[tuple[threading.Event, list[int]]]:
 
 
 def floors_always_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As while a long transaction pins the horizon: a probe at once, and floors in use
-    whatever it measured."""
-    monkeypatch.setattr(ClaimFloor, "PROBE", 0.0)
+    """As while a long transaction pins the horizon: floors in use from the start, and
+    kept whatever the walks from the front measure."""
     monkeypatch.setattr(ClaimFloor, "CHEAPER", -1.0)
-    monkeypatch.setattr(ClaimFloor, "VOTES", 1)
+    init = ClaimFloor.__init__
+
+    def in_use_from_the_start(self: ClaimFloor, enabled: bool) -> None:
+        init(self, enabled)
+        self.in_use = True
+
+    monkeypatch.setattr(ClaimFloor, "__init__", in_use_from_the_start)
 
 
+@pytest.mark.parametrize("settings", [{}, {"concurrency": 8}], ids=["plain", "capped"])
 def test_a_worker_whose_floors_are_in_use_claims_from_its_last_claim(
-        pg: Db, monkeypatch: pytest.MonkeyPatch) -> None:
+        pg: Db, monkeypatch: pytest.MonkeyPatch, settings: dict[str, Any]) -> None:
     floors_always_in_use(monkeypatch)
     monkeypatch.setattr(ClaimFloor, "EVERY", 10**9)  # no walk from the front comes due
-    with spinning(pg) as (done, spins):
+    with spinning(pg, **settings) as (done, spins):
         # Lower priority runs first: below the floor of every claim from now on.
         urgent = init_action(pg.engine, "spin", priority=-1)
         seen = len(spins)
@@ -308,11 +343,12 @@ def test_a_short_floored_claim_claims_again_from_the_front_though_nothing_wakes_
     def p(action):
         ran.append(action.priority)
 
-    init_action(pg.engine, "p")
     slow_poll = WorkerSettings(poll_interval=timedelta(minutes=10))
     with worker_thread(Worker(config=config(pg, worker=slow_poll), concurrency=1)):
-        wait_until(lambda: ran == [0], 30, what="the first action")
-        # Its notification wakes a claim that starts at the floor the first one left
+        for n in (1, 2):  # two walks from the front: the second measures, floors stay
+            init_action(pg.engine, "p")
+            wait_until(lambda n=n: ran == [0] * n, 30, what="an action")
+        # Its notification wakes a claim that starts at the floor the last one left
         # and comes back with nothing: only the walk from the front, when due, sees it.
         init_action(pg.engine, "p", priority=-1)
-        wait_until(lambda: ran == [0, -1], 60, what="the action below the floor")
+        wait_until(lambda: ran == [0, 0, -1], 60, what="the action below the floor")
