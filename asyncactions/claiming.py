@@ -114,9 +114,11 @@ class ClaimFloor:
         self._keys: dict[str, queries.Key] = {}
         self.in_use = False
         self._votes = 0  # probes in a row that found a floor CHEAPER
-        self._front_cost = 0.0  # seconds the last walk from the front took
-        self._front_took = 0  # and how many actions it took
-        self._floor_cost = 0.0  # seconds the last walk from a floor took
+        # Costs are compared like with like: of claims that took no action, and of
+        # claims that took some (those from a floor at least as many).
+        self._front_cost: dict[bool, float] = {}  # seconds the last walk from the front took
+        self._front_took = 0  # and how many actions the last one that took some took
+        self._floor_cost: dict[bool, float] = {}  # seconds the last walk from a floor took
         self._front_due = 0.0  # perf_counter time of the next walk from the front
         self._probe_due = 0.0  # and of the next probe, floors not in use
         self._probed = False  # floors not in use: the claim after a probe walks from the front
@@ -135,32 +137,40 @@ class ClaimFloor:
         """Note a claim; returns in how many seconds to claim again, from the front,
         though nothing wakes the loop (a short floored claim may have missed actions
         below its floor), or None."""
-        cost = ended - started
+        cost, took = ended - started, bool(actions)
         if floored:
-            self._floor_cost = cost
-            if not self.in_use:  # a probe; one that took less than the walk it is
-                self._probed = True  # compared with tells nothing
-                self._probe_due = ended + self.PROBE
-                if len(actions) >= self._front_took:
-                    self._votes = self._votes + 1 if self._worth() else 0
+            comparable = not took or len(actions) >= self._front_took
+            if comparable:
+                self._floor_cost[took] = cost
+            if not self.in_use:  # a probe
+                self._probed, self._probe_due = True, ended + self.PROBE
+                worth = self._worth(took) if comparable else None
+                if worth is not None:
+                    self._votes = self._votes + 1 if worth else 0
                 self.in_use = self._votes >= self.VOTES
-                self._front_due = ended + self.EVERY * self._front_cost
+                self._front_due = ended + self.EVERY * max(self._front_cost.values())
         elif self.in_use and not self._recheck:
             self._recheck = True  # this walk cleaned what it could: measure the next
         else:
-            self._front_cost, self._front_took = cost, len(actions)
+            self._front_cost[took] = cost
+            self._front_took = len(actions) if took else self._front_took
             self._front_due = ended + self.EVERY * cost
             self._probed = False
             if self._recheck:
-                self._recheck, self._votes = False, 0
-                self.in_use = self._worth()
+                self._recheck = False
+                worth = self._worth(took)
+                if worth is not None:
+                    self.in_use, self._votes = worth, 0
         self._note_firsts(actions)
         if not (floored and short):
             return None
         return max(self._front_due - ended, 0.0) if self.in_use else 0.0
 
-    def _worth(self) -> bool:
-        return self._front_cost > self.CHEAPER * self._floor_cost
+    def _worth(self, took: bool) -> bool | None:
+        """Whether a floor is CHEAPER, by the last claims like this one; None: unknown."""
+        if took not in self._front_cost or took not in self._floor_cost:
+            return None
+        return self._front_cost[took] > self.CHEAPER * self._floor_cost[took]
 
     def _note_firsts(self, actions: Sequence[Action]) -> None:
         if not self._enabled:

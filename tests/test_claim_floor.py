@@ -132,6 +132,20 @@ def test_a_probe_that_took_less_than_the_walk_from_the_front_casts_no_vote() -> 
     assert floor.in_use
 
 
+def test_probes_are_compared_like_with_like() -> None:
+    floor = ClaimFloor(enabled=True)
+    front(floor, [], 0.0, 0.5)  # took none
+    floored(floor, [act(2)], 0.5, 0.125)  # took one: nothing like it to compare with
+    front(floor, [], 1.0, 0.5)
+    floored(floor, [act(3)], 2.0, 0.125)
+    assert not floor.in_use
+    front(floor, [], 3.0, 0.5)
+    floored(floor, [], 4.0, 0.125)  # took none, as the walk before: a vote
+    front(floor, [], 5.0, 0.5)
+    floored(floor, [], 6.0, 0.125)
+    assert floor.in_use
+
+
 def test_while_a_walk_from_the_front_costs_more_claims_start_at_their_floor() -> None:
     floor = ClaimFloor(enabled=True)
     at = in_use(floor)
@@ -155,7 +169,7 @@ def test_a_due_walk_from_the_front_is_followed_by_a_second_that_decides() -> Non
     at = in_use(healthy)
     due = at + ClaimFloor.EVERY * 0.5
     front(healthy, [], due, 2.0)
-    front(healthy, [], due + 2.0, 0.125)  # the horizon moved on: cheap again
+    front(healthy, [act(30)], due + 2.0, 0.125)  # the horizon moved on: cheap again
     assert not healthy.in_use
 
 
