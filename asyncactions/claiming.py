@@ -140,8 +140,9 @@ class ClaimFloor:
         cost, took = ended - started, bool(actions)
         if floored:
             comparable = not took or len(actions) >= self._front_took
-            if comparable:
-                self._floor_cost[took] = cost
+            if comparable:  # in use, smoothed: one slow claim must not end floors
+                last = self._floor_cost.get(took, cost)
+                self._floor_cost[took] = last + 0.2 * (cost - last) if self.in_use else cost
             if not self.in_use:  # a probe
                 self._probed, self._probe_due = True, ended + self.PROBE
                 worth = self._worth(took) if comparable else None

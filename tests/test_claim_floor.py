@@ -173,6 +173,16 @@ def test_a_due_walk_from_the_front_is_followed_by_a_second_that_decides() -> Non
     assert not healthy.in_use
 
 
+def test_one_slow_claim_from_a_floor_does_not_end_floors() -> None:
+    floor = ClaimFloor(enabled=True)
+    at = in_use(floor, front_cost=0.5, floor_cost=0.0625)
+    floored(floor, [act(9, second=9)], at, 0.5)  # as slow as a walk from the front
+    due = at + ClaimFloor.EVERY * 0.5
+    front(floor, [act(10, second=10)], due, 0.5)
+    front(floor, [act(11, second=11)], due + 0.5, 0.5)  # decides: still CHEAPER
+    assert floor.in_use
+
+
 def test_a_short_floored_claim_is_followed_by_a_walk_from_the_front() -> None:
     floor = ClaimFloor(enabled=True)
     at = in_use(floor)
