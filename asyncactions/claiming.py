@@ -101,11 +101,13 @@ class ClaimFloor:
     the front costs over CHEAPER times one from a floor, VOTES times in a row (a floored
     probe at most every PROBE seconds, a walk from the front after each). Meanwhile a
     walk from the front comes due every EVERY times its own cost, followed by a second
-    one (the first cleans what can be cleaned) that decides whether floors stay. SQLite
+    one (the first cleans what can be cleaned) that decides whether floors stay (while a
+    walk from the front costs over STILL_CHEAPER times one from a floor). SQLite
     updates its index in place: it never uses them."""
 
     EVERY = 50
     CHEAPER = 2.0
+    STILL_CHEAPER = 1.25  # floors in use stay while a floor costs less: no flapping near 2x
     PROBE = 0.25
     VOTES = 2
 
@@ -148,7 +150,7 @@ class ClaimFloor:
                 worth = self._worth(took) if comparable else None
                 if worth is not None:
                     self._votes = self._votes + 1 if worth else 0
-                self.in_use = self._votes >= self.VOTES
+                self._use(self._votes >= self.VOTES, took)
                 self._front_due = ended + self.EVERY * max(self._front_cost.values())
         elif self.in_use and not self._recheck:
             self._recheck = True  # this walk cleaned what it could: measure the next
@@ -159,19 +161,28 @@ class ClaimFloor:
             self._probed = False
             if self._recheck:
                 self._recheck = False
-                worth = self._worth(took)
+                worth = self._worth(took, self.STILL_CHEAPER)
                 if worth is not None:
-                    self.in_use, self._votes = worth, 0
+                    self._use(worth, took)
+                    self._votes = 0
         self._note_firsts(actions)
         if not (floored and short):
             return None
         return max(self._front_due - ended, 0.0) if self.in_use else 0.0
 
-    def _worth(self, took: bool) -> bool | None:
+    def _use(self, floors: bool, took: bool) -> None:
+        if floors != self.in_use:  # rare by design: worth a line in the log
+            log.info("claims %s (a walk of the claim index from its front took %.1f ms, "
+                     "from a floor %.1f ms)",
+                     "start at their floor" if floors else "walk from the front again",
+                     self._front_cost[took] * 1000, self._floor_cost[took] * 1000)
+        self.in_use = floors
+
+    def _worth(self, took: bool, cheaper: float | None = None) -> bool | None:
         """Whether a floor is CHEAPER, by the last claims like this one; None: unknown."""
         if took not in self._front_cost or took not in self._floor_cost:
             return None
-        return self._front_cost[took] > self.CHEAPER * self._floor_cost[took]
+        return self._front_cost[took] > (cheaper or self.CHEAPER) * self._floor_cost[took]
 
     def _note_firsts(self, actions: Sequence[Action]) -> None:
         if not self._enabled:

@@ -183,6 +183,15 @@ def test_one_slow_claim_from_a_floor_does_not_end_floors() -> None:
     assert floor.in_use
 
 
+def test_floors_in_use_stay_while_a_floor_is_still_cheaper() -> None:
+    floor = ClaimFloor(enabled=True)
+    at = in_use(floor, front_cost=0.5, floor_cost=0.125)
+    due = at + ClaimFloor.EVERY * 0.5
+    front(floor, [act(10, second=10)], due, 0.25)
+    front(floor, [act(11, second=11)], due + 0.25, 0.1875)  # 1.5x: not twice, but over
+    assert floor.in_use  # STILL_CHEAPER
+
+
 def test_a_short_floored_claim_is_followed_by_a_walk_from_the_front() -> None:
     floor = ClaimFloor(enabled=True)
     at = in_use(floor)

@@ -399,6 +399,8 @@ def long_transaction(short: bool) -> Figures:
                     "front_walk_ms_end_of_hold": round(front_held, 3), **pickups,
                     "dead_rows_after": dead(), "reclaimed_by_autovacuum": reclaimed,
                     "named_in_worker_log": named,
+                    "floors_turned_on_off": [told.count("claims start at their floor"),
+                                             told.count("claims walk from the front again")],
                     "ok": reclaimed and worst <= 3 * normal and (named or not must_name)}
         finally:
             flow.stop()
