@@ -7,15 +7,19 @@ the faults. `short` is the form CI runs; the long form is the issue's.
 from __future__ import annotations
 
 import itertools
+import os
 import random
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from contextlib import suppress
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -389,6 +393,11 @@ def long_transaction(short: bool) -> Figures:
             except TimeoutError:
                 reclaimed = False
             worst = max(windows)
+            ok = reclaimed and worst <= 3 * normal and (named or not must_name)
+            kept = None  # the worker's log goes with the run's directory: kept on a failure
+            if not ok:
+                kept = str(shutil.copy(run.dir / "worker0.log", Path(tempfile.gettempdir()) /
+                                       f"chaos-long_transaction-{os.getpid()}.log"))
             return {"actions": enqueued, "rate_per_s": round(rate), "held_s": hold,
                     "claim_ms_mean_before": round(normal, 3),
                     "claim_ms_mean_held": round(held, 3),
@@ -401,7 +410,7 @@ def long_transaction(short: bool) -> Figures:
                     "named_in_worker_log": named,
                     "floors_turned_on_off": [told.count("claims start at their floor"),
                                              told.count("claims walk from the front again")],
-                    "ok": reclaimed and worst <= 3 * normal and (named or not must_name)}
+                    "worker_log_kept": kept, "ok": ok}
         finally:
             flow.stop()
             engine.dispose()
