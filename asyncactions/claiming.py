@@ -151,7 +151,7 @@ class ClaimFloor:
                 if worth is not None:
                     self._votes = self._votes + 1 if worth else 0
                 self._use(self._votes >= self.VOTES, took)
-                self._front_due = ended + self.EVERY * max(self._front_cost.values())
+                self._front_due = ended + self.EVERY * max(self._front_cost.values(), default=0.0)
         elif self.in_use and not self._recheck:
             self._recheck = True  # this walk cleaned what it could: measure the next
         else:

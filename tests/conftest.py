@@ -158,16 +158,16 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
-    if request.param == "postgresql":
-        url = request.getfixturevalue("pg_database")
-        engine = make_engine(url)
-        with engine.begin() as conn:
-            conn.execute(text(TRUNCATE))
-    else:
-        url = f"sqlite:///{tmp_path / 'asyncactions.db'}"
-        engine = make_engine(url)
-        migrate.upgrade(engine)
+def db(request: pytest.FixtureRequest) -> Db:
+    return request.getfixturevalue("pg" if request.param == "postgresql" else "sqlite")
+
+
+@pytest.fixture
+def sqlite(tmp_path: Path) -> Iterator[Db]:
+    """SQLite only: a migrated database file of the test's own."""
+    url = f"sqlite:///{tmp_path / 'asyncactions.db'}"
+    engine = make_engine(url)
+    migrate.upgrade(engine)
     yield Db(url, engine)
     engine.dispose()
 

@@ -11,7 +11,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -24,14 +23,12 @@ from asyncactions import (
     admin,
     init_action,
     init_actions,
-    migrate,
     processor,
     queries,
 )
 from asyncactions.action import Action
 from asyncactions.claiming import CLAIM_SESSION, ClaimFloor
 from asyncactions.config import WorkerSettings
-from asyncactions.database import make_engine
 
 from .conftest import Db, wait_until, worker_thread
 from .conftest import worker_config as config
@@ -337,15 +334,6 @@ def test_a_worker_whose_floors_are_in_use_claims_from_its_last_claim(
                    what="400 more spins")
         assert not done.is_set()
         assert admin.get_action(pg.engine, urgent.id).status == Status.PENDING
-
-
-@pytest.fixture
-def sqlite(tmp_path: Path) -> Iterator[Db]:
-    url = f"sqlite:///{tmp_path / 'asyncactions.db'}"
-    engine = make_engine(url)
-    migrate.upgrade(engine)
-    yield Db(url, engine)
-    engine.dispose()
 
 
 def test_a_sqlite_worker_claims_from_the_front_whatever_the_floors_would_say(

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
-from asyncactions import init_action, migrate, processor
+from asyncactions import init_action, processor
 from asyncactions.database import make_engine
 
 from .conftest import Db, drain, start_worker, wait_until
@@ -56,13 +55,9 @@ PROCESSORS = textwrap.dedent("""
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Db]:
+def db(sqlite: Db) -> Db:
     """SQLite only: one backend is enough for the browser; the API tests run on both."""
-    url = f"sqlite:///{tmp_path / 'asyncactions.db'}"
-    engine = make_engine(url)
-    migrate.upgrade(engine)
-    yield Db(url, engine)
-    engine.dispose()
+    return sqlite
 
 
 def seed(db: Db) -> dict[str, int]:
