@@ -165,7 +165,7 @@ class ClaimFloor:
                 if worth is not None:
                     self._use(worth, took)
                     self._votes = 0
-        self._note_firsts(actions)
+        self._note_firsts(actions, short)
         if not (floored and short):
             return None
         return max(self._front_due - ended, 0.0) if self.in_use else 0.0
@@ -184,7 +184,7 @@ class ClaimFloor:
             return None
         return self._front_cost[took] > (cheaper or self.CHEAPER) * self._floor_cost[took]
 
-    def _note_firsts(self, actions: Sequence[Action]) -> None:
+    def _note_firsts(self, actions: Sequence[Action], short: bool) -> None:
         if not self._enabled:
             return
         # Each processor's first action of the last priority this claim reached: an
@@ -195,7 +195,13 @@ class ClaimFloor:
             first = firsts.get(a.processor, key)
             if key[0] > first[0] or key <= first:
                 firsts[a.processor] = key
-        self._keys.update(firsts)  # a processor it took none of keeps its floor
+        for processor, key in firsts.items():
+            floor = self._keys.get(processor)
+            # A claim that took the last urgent ones left their priority empty: the floor
+            # stays where the others wait (moved back, every walk from it would step over
+            # the dead entries of all they left). A full one may have left more there.
+            if floor is None or key[0] >= floor[0] or not short:
+                self._keys[processor] = key  # a processor it took none of keeps its floor
 
 
 class Claimer:

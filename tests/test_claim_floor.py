@@ -49,8 +49,9 @@ def key(a: Action) -> queries.Key:
 
 # --- the policy ----------------------------------------------------------------------
 
-def front(floor: ClaimFloor, actions: list[Action], at: float, cost: float) -> float | None:
-    return floor.claimed(actions, at, at + cost, floored=False, short=False)
+def front(floor: ClaimFloor, actions: list[Action], at: float, cost: float,
+          short: bool = False) -> float | None:
+    return floor.claimed(actions, at, at + cost, floored=False, short=short)
 
 
 def floored(floor: ClaimFloor, actions: list[Action], at: float, cost: float,
@@ -208,6 +209,21 @@ def test_a_floor_is_the_first_action_of_the_last_priority_a_claim_reached() -> N
     urgent, first, later = act(9, priority=-1, second=5), act(3, second=1), act(4, second=2)
     front(floor, [urgent, later, first], 0.0, 0.5)
     assert floor.floors(0.5) == {"p": key(first)}
+
+
+def test_a_claim_that_took_the_last_urgent_actions_leaves_the_floor_where_the_others_wait(
+) -> None:
+    floor = ClaimFloor(enabled=True)
+    waiting = act(3, second=1)
+    front(floor, [waiting], 0.0, 0.5)
+    # Only urgent ones, and fewer than asked: none is left at their priority, and a floor
+    # moved back to them would walk over everything claimed at the others' again.
+    front(floor, [act(9, priority=-1, second=5)], 0.5, 0.5, short=True)
+    assert floor.floors(1.0 + ClaimFloor.PROBE) == {"p": key(waiting)}
+    # A full claim of them may have left more: the next walk starts at the first taken.
+    burst = act(10, priority=-1, second=6)
+    front(floor, [burst, act(11, priority=-1, second=7)], 1.0, 0.5)
+    assert floor.floors(1.5 + ClaimFloor.PROBE) == {"p": key(burst)}
 
 
 def test_each_processor_keeps_its_own_floor() -> None:

@@ -410,6 +410,9 @@ def long_transaction(short: bool) -> Figures:
                     "named_in_worker_log": named,
                     "floors_turned_on_off": [told.count("claims start at their floor"),
                                              told.count("claims walk from the front again")],
+                    "floor_switches": [line for line in told.splitlines()
+                                       if "claims start at" in line
+                                       or "claims walk from the front" in line][:12],
                     "worker_log_kept": kept, "ok": ok}
         finally:
             flow.stop()
