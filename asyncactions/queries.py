@@ -19,6 +19,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Connection,
+    DateTime,
     Float,
     Integer,
     SmallInteger,
@@ -131,7 +132,8 @@ def _allowed(name: str, flow: Flow) -> ColumnElement[int]:
 # Where a claim's walk of the claim index starts, by (priority, next_eligible_at, id):
 # the front unless the caller gives a floor (see claiming.ClaimFloor).
 Key = tuple[int, datetime, int]
-FRONT: Key = (-32768, datetime(1, 1, 1, tzinfo=UTC), 0)  # below every action's key
+LONG_AGO = datetime(1, 1, 1, tzinfo=UTC)
+FRONT: Key = (-32768, LONG_AGO, 0)  # below every action's key
 
 
 def _walk(name: str, limit: Any, floor: int = 0) -> Select[Any]:
@@ -356,16 +358,20 @@ def _record_statement(dialect: str) -> Any:
     if dialect == "postgresql":
         # One wake-up per batch (an uncorrelated subquery runs once) for wait_for().
         returning.append(select(func.pg_notify(OUTCOME_CHANNEL, "")).scalar_subquery())
-    # The status to fence on as a subquery's value, which the planner cannot see through:
-    # as a constant it let the running rows' partial index (the lease index) stand for
-    # the whole table, and the write read every entry of it, dead ones included (every
-    # action passes through running; ~40,000 of them after 40,000 actions unvacuumed, or
-    # while a long transaction holds the horizon) where a lookup by id reads one row.
-    running = select(literal(Status.RUNNING.value)).scalar_subquery()
+    fence = [t.c.id == v.c.id, t.c.attempts == v.c.attempts, t.c.claimed_by == v.c.worker,
+             t.c.status == Status.RUNNING.value]
+    if dialect == "postgresql":
+        # The planner finds running rows by the lease index (by lease expiry), and every
+        # action passes through running: until vacuum, or while a long transaction holds
+        # the horizon, it keeps an entry for each action run, and a write that read them
+        # all cost more with every action before it (~20,000 entries read by a batch
+        # late in a drain of 20,000). A lease only grows while its attempt runs: the
+        # batch's earliest claimed lease bounds the read to the actions claimed since.
+        # (SQLite updates its index in place, and compares times as text.)
+        fence.append(t.c.lease_expires_at >= bindparam("since", type_=DateTime(timezone=True)))
     return (
         update(t)
-        .where(t.c.id == v.c.id, t.c.attempts == v.c.attempts, t.c.claimed_by == v.c.worker,
-               t.c.status == running)
+        .where(*fence)
         .values(status=v.c.status, retries=v.c.retries, result=as_payload(v.c.result),
                 error=v.c.error,
                 errors=case((v.c.errors.is_not(None), as_payload(v.c.errors)),
@@ -377,8 +383,22 @@ def _record_statement(dialect: str) -> Any:
     )
 
 
-_RECORD = {dialect: HotStatement(_record_statement(dialect))
-           for dialect in ("postgresql", "sqlite")}
+RECORD = {dialect: HotStatement(_record_statement(dialect))
+          for dialect in ("postgresql", "sqlite")}
+
+
+def record_params(dialect: str, outcomes: Sequence[Outcome]) -> dict[str, Any]:
+    """RECORD's parameters: the batch as one JSON text, and on PostgreSQL the lease it
+    reads running rows from (see _record_statement)."""
+    params: dict[str, Any] = {"batch": json.dumps([{
+        "id": o.action.id, "attempts": o.action.attempts, "worker": o.action.claimed_by,
+        "status": o.status, "retries": o.retries, "result": o.result, "error": o.error,
+        "errors": o.errors, "final": o.is_final, "delay": o.delay.total_seconds(),
+    } for o in outcomes])}
+    if dialect == "postgresql":
+        leases = [o.action.lease_expires_at for o in outcomes]
+        params["since"] = LONG_AGO if None in leases else min(leases)  # type: ignore[type-var]
+    return params
 
 
 def record(conn: Connection, outcomes: Sequence[Outcome],
@@ -389,12 +409,8 @@ def record(conn: Connection, outcomes: Sequence[Outcome],
     after a lease instead of keeping the actions locked from the rescue."""
     if lease is not None:
         ends_if_abandoned(conn, lease)
-    batch = json.dumps([{
-        "id": o.action.id, "attempts": o.action.attempts, "worker": o.action.claimed_by,
-        "status": o.status, "retries": o.retries, "result": o.result, "error": o.error,
-        "errors": o.errors, "final": o.is_final, "delay": o.delay.total_seconds(),
-    } for o in outcomes])
-    rows = _RECORD[conn.dialect.name].rows(conn, {"batch": batch})
+    dialect = conn.dialect.name
+    rows = RECORD[dialect].rows(conn, record_params(dialect, outcomes))
     return {row[0] for row in rows}
 
 
@@ -437,6 +453,7 @@ def unregister_worker(conn: Connection, worker: str) -> None:
 # worker for PostgreSQL's deadlock_timeout (1 s); a row skipped now is extended by the
 # next heartbeat, a third of a lease later.
 _mine = t.alias("mine")
+_RENEWED = db_now(bindparam("lease", type_=Float))
 EXTEND_LEASES = (
     update(t)
     .where(t.c.id.in_(
@@ -445,7 +462,10 @@ EXTEND_LEASES = (
                _mine.c.status == Status.RUNNING.value,
                _mine.c.id.in_(bindparam("held", expanding=True)))
         .with_for_update(skip_locked=True)))
-    .values(lease_expires_at=db_now(bindparam("lease", type_=Float)))
+    # Never shortened (should the database's clock step back): an outcome write reads
+    # running rows from the lease its batch claimed with (see _record_statement).
+    .values(lease_expires_at=case((t.c.lease_expires_at > _RENEWED, t.c.lease_expires_at),
+                                  else_=_RENEWED))
 )
 
 

@@ -3,17 +3,18 @@ release, heartbeat and leadership, rescue, prune, wake), the fence included."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
 from sqlalchemy import text
 
-from asyncactions import admin, init_action, queries
+from asyncactions import admin, init_action, init_actions, queries
 from asyncactions.action import Action, Status
 from asyncactions.outcomes import Kind, Outcome
 
-from .conftest import Db
+from .conftest import Db, wait_until
 
 LEASE = timedelta(minutes=5)
 
@@ -113,6 +114,48 @@ def test_record_applies_a_batch_in_one_statement_and_says_which_got_through(db: 
 
 # --- release ---------------------------------------------------------------------------
 
+def test_record_goes_through_after_the_lease_was_renewed_or_ran_out(db: Db) -> None:
+    register(db, "w")
+    for _ in range(2):
+        init_action(db.engine, "p", {})
+    with db.engine.begin() as conn:
+        (renewed, ran_out), _ = queries.claim(conn, "w", [("p", 3)], 2, timedelta(seconds=1))
+        queries.heartbeat(conn, "w", timedelta(hours=2), [renewed.id])
+    # The database's clock is this machine's.
+    wait_until(lambda: datetime.now(UTC) > ran_out.lease_expires_at, 10, what="the lease to end")
+    # The batch knows the leases it claimed with, which renewal has since moved on.
+    assert record(db, [Outcome(renewed, Kind.COMPLETED, 3),
+                       Outcome(ran_out, Kind.COMPLETED, 3)]) == {renewed.id, ran_out.id}
+
+
+def _lease_index_entries_read(conn: psycopg.Connection, outcomes: list[Outcome],
+                              dialect: object) -> int:
+    """Entries of the lease index an outcome write reads, by EXPLAIN ANALYZE (rolled back)."""
+    sql, args = queries.RECORD["postgresql"].render(
+        dialect, queries.record_params("postgresql", outcomes))
+    with conn.transaction(force_rollback=True):
+        (plan,), = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, args)
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+
+    def scans(node: dict) -> list[dict]:
+        found = [node] if node.get("Index Name") == "async_action_lease_idx" else []
+        return found + [s for child in node.get("Plans", []) for s in scans(child)]
+    return sum(scan["Actual Rows"] for scan in scans(plan[0]["Plan"]))
+
+
+def test_an_outcome_write_reads_no_running_row_older_than_its_batch(pg: Db) -> None:
+    """Every action passes through running, and until vacuum the lease index keeps an
+    entry for each: a write must not read the entries of all the actions run before."""
+    init_actions(pg.engine, "p", [{}] * 2010)
+    for _ in range(20):
+        done = claim(pg, "w", [("p", 3)], 100)
+        assert record(pg, [Outcome(a, Kind.COMPLETED, 3) for a in done]) == {a.id for a in done}
+    batch = [Outcome(a, Kind.COMPLETED, 3) for a in claim(pg, "w", [("p", 3)], 10)]
+    with psycopg.connect(pg.url.replace("+psycopg", "")) as conn:
+        assert _lease_index_entries_read(conn, batch, pg.engine.dialect) <= 10
+
+
 def test_release_hands_back_an_unstarted_claim_as_if_never_claimed(db: Db) -> None:
     init_action(db.engine, "p", {})
     (action,) = claim(db, "w", [("p", 3)], 1)
@@ -139,6 +182,17 @@ def test_heartbeat_extends_only_the_leases_this_worker_holds(db: Db) -> None:
     assert lease[held.id] > datetime.now(UTC) + timedelta(hours=1)
     assert lease[not_held.id] == not_held.lease_expires_at  # a claim it does not know of
     assert lease[others.id] == others.lease_expires_at  # another worker's
+
+
+def test_heartbeat_never_shortens_a_lease(db: Db) -> None:
+    """A lease only grows while its attempt runs (an outcome write relies on it), even
+    should the database's clock step back."""
+    register(db, "w")
+    init_action(db.engine, "p", {})
+    (held,) = claim(db, "w", [("p", 3)], 1)
+    with db.engine.begin() as conn:
+        queries.heartbeat(conn, "w", timedelta(seconds=1), [held.id])
+    assert admin.get_action(db.engine, held.id).lease_expires_at == held.lease_expires_at
 
 
 def test_heartbeat_names_the_longest_running_live_worker_as_leader(db: Db) -> None:
