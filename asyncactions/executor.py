@@ -265,6 +265,8 @@ class Executor:
                                 "back", _ids(attempt))
                     applied = set()
                 else:
+                    if attempt.live:  # the outcome lands with the commit: no cancel
+                        self.live.retire(attempt.live)
                     session.commit()
             except Exception as exc:
                 session.rollback()

@@ -135,8 +135,13 @@ class LiveAttempts:
         return _current.set(attempt)
 
     def end(self, attempt: LiveAttempt, token: Token[LiveAttempt | None]) -> None:
-        self._running.discard(attempt)
+        self.retire(attempt)
         _current.reset(token)
+
+    def retire(self, attempt: LiveAttempt) -> None:
+        """The cancel watch no longer looks at `attempt`: its outcome is about to land
+        (a transactional attempt's, committed with its writes, before end)."""
+        self._running.discard(attempt)
 
     def snapshot(self) -> list[LiveAttempt]:
         return [a for a in self._running.copy() if not a.cancel_requested]
@@ -164,9 +169,12 @@ class CancelWatch:
         with self._engine.connect() as conn:
             rows = {r.id: r for r in conn.execute(
                 HOLDERS, {"ids": sorted({a.id for at in attempts for a in at.actions})})}
+        # An attempt that ended while the rows were read may have written its own
+        # outcome: no row of it says running any more, and that is no cancel.
+        still = set(self._live.snapshot())
         canceled = 0
         for attempt in attempts:
-            if any(_gone(rows.get(a.id), a) for a in attempt.actions):
+            if attempt in still and any(_gone(rows.get(a.id), a) for a in attempt.actions):
                 log.info("%s was canceled while running; telling its processor",
                          attempt.action.display_id)
                 attempt.request_cancel()

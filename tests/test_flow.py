@@ -9,7 +9,7 @@ import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import Float, insert, literal, select, text
+from sqlalchemy import Float, event, insert, literal, select, text
 from sqlalchemy import exc as sa_exc
 
 import asyncactions
@@ -25,7 +25,7 @@ from asyncactions import (
 )
 from asyncactions.action import Action, Status
 from asyncactions.config import load_config
-from asyncactions.live import LiveAttempt
+from asyncactions.live import CancelWatch, LiveAttempt, LiveAttempts
 from asyncactions.maintenance import StartsTrimmer
 from asyncactions.outcomes import Kind, Outcome
 from asyncactions.schema import async_action_start, db_now
@@ -317,6 +317,30 @@ def test_progress_is_stored_for_the_running_attempt_and_checked(db: Db) -> None:
     admin.cancel(db.engine, action.id)
     live.progress(0.9)  # fenced: a canceled attempt's report changes nothing
     assert admin.get_action(db.engine, action.id).progress["fraction"] == 0.4
+
+
+def test_an_attempt_that_ends_while_the_cancel_watch_looks_is_not_taken_for_canceled(
+        db: Db) -> None:
+    init_action(db.engine, "p", {})
+    init_action(db.engine, "p", {})
+    with db.engine.begin() as conn:
+        (ending, canceled), _ = queries.claim(conn, "w", [("p", 3)], 2, timedelta(minutes=5))
+    live = LiveAttempts()
+    attempts = [LiveAttempt([a], db.engine) for a in (ending, canceled)]
+    tokens = [live.begin(a) for a in attempts]
+    admin.cancel(db.engine, canceled.id)
+
+    def meanwhile(*_: object) -> None:  # between the watch's look at its attempts and
+        if attempts[0] in live.snapshot():  # its read of their rows
+            live.end(attempts[0], tokens[0])
+            with db.engine.begin() as conn:
+                queries.record(conn, [Outcome(ending, Kind.COMPLETED, 3)])
+    event.listen(db.engine, "before_cursor_execute", meanwhile)
+    try:
+        assert CancelWatch(db.engine, live).run_once() == 1
+    finally:
+        event.remove(db.engine, "before_cursor_execute", meanwhile)
+    assert (attempts[0].cancel_requested, attempts[1].cancel_requested) == (False, True)
 
 
 def test_current_attempt_outside_a_processor_is_an_error() -> None:
