@@ -241,9 +241,10 @@ def test_claims_reuse_one_cached_plan_instead_of_planning_each_claim(pg: Db) -> 
             "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
             "WHERE position('picked' in statement) > 0").one()
     conn.close()
-    # PostgreSQL keeps the generic plan only when it costs no more than a custom one:
-    # with sequential and bitmap scans off, only the walk of the claim index does.
-    assert generic >= 5 and custom <= 5
+    # Left to choose, PostgreSQL plans the first five runs anew and weighs the two kinds
+    # again at each ANALYZE (some tipped a running worker to planning every claim); the
+    # claim session has it run the one generic plan, the walk of the claim index.
+    assert generic >= 10 and custom == 0
 
 
 def test_an_idle_worker_wakes_on_the_enqueue_not_the_poll_even_after_losing_its_backend(
