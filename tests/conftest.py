@@ -4,6 +4,7 @@ file per test. Tests marked with the `db` fixture run once on each backend."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -231,6 +232,20 @@ def wait_until(condition, timeout: float = 60, interval: float = 0.02, what: str
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(interval)
     return time.monotonic() - start
+
+
+def index_scans(conn: Any, sql: str, args: Any, index: str) -> list[dict[str, Any]]:
+    """The plan nodes of `sql` that scan `index`, by EXPLAIN (ANALYZE, BUFFERS) on a
+    psycopg connection, rolled back: what a statement really read, not what it would."""
+    with conn.transaction(force_rollback=True):
+        (plan,), = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, args)
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+
+    def scans(node: dict[str, Any]) -> list[dict[str, Any]]:
+        found = [node] if node.get("Index Name") == index else []
+        return found + [s for child in node.get("Plans", []) for s in scans(child)]
+    return scans(plan[0]["Plan"])
 
 
 _started: list[subprocess.Popen[str]] = []

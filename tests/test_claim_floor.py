@@ -6,7 +6,6 @@ its own duration, so nothing below a floor waits longer than that."""
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ from asyncactions.action import Action
 from asyncactions.claiming import CLAIM_SESSION, ClaimFloor
 from asyncactions.config import WorkerSettings
 
-from .conftest import Db, wait_until, worker_thread
+from .conftest import Db, index_scans, wait_until, worker_thread
 from .conftest import worker_config as config
 
 LEASE = timedelta(minutes=5)
@@ -269,15 +268,7 @@ def _walk_buffers(conn: psycopg.Connection, floors: dict[str, queries.Key] | Non
     """Buffers the claim's index scan touched, by EXPLAIN ANALYZE (rolled back)."""
     sql, args = queries.claim_statement((("p", 3),)).render(
         dialect, queries.claim_params([("p", 3)], 100, "probe", LEASE, floors))
-    with conn.transaction(force_rollback=True):
-        (plan,), = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, args)
-    if isinstance(plan, str):
-        plan = json.loads(plan)
-
-    def scans(node: dict) -> list[dict]:
-        found = [node] if node.get("Index Name") == "async_action_claim_idx" else []
-        return found + [s for child in node.get("Plans", []) for s in scans(child)]
-    (scan,) = scans(plan[0]["Plan"])
+    (scan,) = index_scans(conn, sql, args, "async_action_claim_idx")
     return scan["Shared Hit Blocks"] + scan["Shared Read Blocks"]
 
 

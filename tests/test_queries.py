@@ -3,7 +3,6 @@ release, heartbeat and leadership, rescue, prune, wake), the fence included."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -14,7 +13,7 @@ from asyncactions import admin, init_action, init_actions, queries
 from asyncactions.action import Action, Status
 from asyncactions.outcomes import Kind, Outcome
 
-from .conftest import Db, wait_until
+from .conftest import Db, index_scans, wait_until
 
 LEASE = timedelta(minutes=5)
 
@@ -119,11 +118,14 @@ def test_record_goes_through_after_the_lease_was_renewed_or_ran_out(db: Db) -> N
     for _ in range(2):
         init_action(db.engine, "p", {})
     with db.engine.begin() as conn:
-        (renewed, ran_out), _ = queries.claim(conn, "w", [("p", 3)], 2, timedelta(seconds=1))
+        (ran_out,), _ = queries.claim(conn, "w", [("p", 3)], 1, timedelta(seconds=1))
+    with db.engine.begin() as conn:
+        (renewed,), _ = queries.claim(conn, "w", [("p", 3)], 1, LEASE)
         queries.heartbeat(conn, "w", timedelta(hours=2), [renewed.id])
     # The database's clock is this machine's.
     wait_until(lambda: datetime.now(UTC) > ran_out.lease_expires_at, 10, what="the lease to end")
-    # The batch knows the leases it claimed with, which renewal has since moved on.
+    # The batch knows the leases it claimed with (each claim its own; renewal has since
+    # moved one on): the write must read running rows from the earliest of them.
     assert record(db, [Outcome(renewed, Kind.COMPLETED, 3),
                        Outcome(ran_out, Kind.COMPLETED, 3)]) == {renewed.id, ran_out.id}
 
@@ -133,15 +135,8 @@ def _lease_index_entries_read(conn: psycopg.Connection, outcomes: list[Outcome],
     """Entries of the lease index an outcome write reads, by EXPLAIN ANALYZE (rolled back)."""
     sql, args = queries.RECORD["postgresql"].render(
         dialect, queries.record_params("postgresql", outcomes))
-    with conn.transaction(force_rollback=True):
-        (plan,), = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, args)
-    if isinstance(plan, str):
-        plan = json.loads(plan)
-
-    def scans(node: dict) -> list[dict]:
-        found = [node] if node.get("Index Name") == "async_action_lease_idx" else []
-        return found + [s for child in node.get("Plans", []) for s in scans(child)]
-    return sum(scan["Actual Rows"] for scan in scans(plan[0]["Plan"]))
+    return sum(scan["Actual Rows"] for scan in index_scans(conn, sql, args,
+                                                           "async_action_lease_idx"))
 
 
 def test_an_outcome_write_reads_no_running_row_older_than_its_batch(pg: Db) -> None:
