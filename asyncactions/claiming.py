@@ -201,13 +201,14 @@ class ClaimFloor:
             first = firsts.get(a.processor, key)
             if key[0] > first[0] or key <= first:
                 firsts[a.processor] = key
+        # A processor it took none of keeps its floor. So does one it took only more
+        # urgent actions of, fewer than asked: their priority is empty now, and a floor
+        # moved back to them would step over the dead entries of all the others again
+        # (a full claim may have left more there: the floor moves).
         for processor, key in firsts.items():
             floor = self._keys.get(processor)
-            # A claim that took the last urgent ones left their priority empty: the floor
-            # stays where the others wait (moved back, every walk from it would step over
-            # the dead entries of all they left). A full one may have left more there.
             if floor is None or key[0] >= floor[0] or not short:
-                self._keys[processor] = key  # a processor it took none of keeps its floor
+                self._keys[processor] = key
 
 
 class Claimer:

@@ -380,6 +380,8 @@ def long_transaction(short: bool) -> Figures:
             enqueued = flow.stop()
             run.drained(enqueued, timeout=600)
             told = (run.dir / "worker0.log").read_text()
+            on, off = "claims start at their floor", "claims walk from the front again"
+            switches = [line for line in told.splitlines() if on in line or off in line]
             named = f"transaction of backend pid {pid} " in told and "holds back vacuum" in told
             must_name = hold >= (LONG_TRANSACTION.total_seconds() + HorizonWatch.interval)
             pickups = _pickups_ms(run, measured, pinned_at, pinned_at + hold, flow.urgent)
@@ -408,11 +410,9 @@ def long_transaction(short: bool) -> Figures:
                     "front_walk_ms_end_of_hold": round(front_held, 3), **pickups,
                     "dead_rows_after": dead(), "reclaimed_by_autovacuum": reclaimed,
                     "named_in_worker_log": named,
-                    "floors_turned_on_off": [told.count("claims start at their floor"),
-                                             told.count("claims walk from the front again")],
-                    "floor_switches": [line for line in told.splitlines()
-                                       if "claims start at" in line
-                                       or "claims walk from the front" in line][:12],
+                    "floors_turned_on_off": [sum(on in line for line in switches),
+                                             sum(off in line for line in switches)],
+                    "floor_switches": switches[:12],
                     "worker_log_kept": kept, "ok": ok}
         finally:
             flow.stop()
