@@ -66,6 +66,9 @@ CLAIM_SESSION = (
     # server chooses between the two again at each ANALYZE, so claims slowed down
     # mid-run (from 0.2 to 0.6 ms for an empty claim of one processor).
     "SET plan_cache_mode = force_generic_plan",
+    # Claimed rows' timestamps in UTC, as on SQLite: psycopg reads them ~1 us faster each
+    # than in a named zone (the server's default is often 'Etc/UTC', read as a ZoneInfo).
+    "SET TimeZone = 'UTC'",
 )
 
 

@@ -227,9 +227,8 @@ def claim_statement(processors: tuple[tuple[str, int], ...],
                 lease_expires_at=db_now(bindparam("lease", type_=Float)))
         .returning(*action_columns())
     )
-    if log_starts:
-        return HotStatement(_with_starts_logged(claim))
-    return HotStatement(claim)
+    # In binary: a claimed row holds five timestamps, which psycopg reads faster so.
+    return HotStatement(_with_starts_logged(claim) if log_starts else claim, binary=True)
 
 
 def _with_starts_logged(claim: Any) -> Any:

@@ -247,6 +247,23 @@ def test_claims_reuse_one_cached_plan_instead_of_planning_each_claim(pg: Db) -> 
     assert generic >= 10 and custom == 0
 
 
+def test_a_processor_gets_its_actions_times_in_utc_whatever_zone_the_server_is_in(
+        db: Db, kind: str) -> None:
+    seen: list = []
+    processor_of(kind, "when")(seen.append)
+    stored = init_action(db.engine, "when", {})
+    # Sessions of this worker's engine start in New York (SQLite keeps UTC text).
+    url = db.url + ("?options=-c%20TimeZone%3DAmerica/New_York"
+                    if db.name == "postgresql" else "")
+    Worker(config=Config(database_url=url, worker=config(db).worker)).run(burst=True)
+    (action,) = seen
+    for at in (action.created_at, action.next_eligible_at, action.started_at,
+               action.lease_expires_at):
+        assert at.utcoffset() == timedelta(0)
+    assert action.created_at == stored.created_at
+    assert action.started_at >= action.created_at
+
+
 def test_an_idle_worker_wakes_on_the_enqueue_not_the_poll_even_after_losing_its_backend(
         pg: Db) -> None:
     picked: queue.Queue[int] = queue.Queue()
