@@ -311,8 +311,15 @@ class Claimer:
                     self._poll_interval)
         self._listens = False
 
+    @property
+    def own_session(self) -> bool:
+        """Whether this worker's connections are sessions of their own (not behind a
+        pooler in transaction mode): proved by a notification reaching the claim
+        connection. Until then, and once found behind one, False."""
+        return self._listens and self._session_checked
+
     def _session_settings(self, conn: Connection) -> None:
-        if self._listens and self._session_checked:  # not behind a pooler
+        if self.own_session:
             for statement in CLAIM_SESSION:
                 conn.exec_driver_sql(statement)
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -48,8 +48,7 @@ class Attempt:
     task: asyncio.Task[None] | None = field(default=None)  # an async attempt's, once started
 
 
-@dataclass(frozen=True)
-class Done:
+class Done(NamedTuple):
     """An attempt's outcomes, and the ids already written with them (a transactional
     attempt commits its outcomes with the processor's work), else None: to be written."""
 

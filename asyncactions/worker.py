@@ -137,7 +137,10 @@ class Worker:
                                 live=self._live, async_engine=async_engine,
                                 lease=settings.lease)
             self._hooks = ThreadPoolExecutor(1, thread_name_prefix="asyncactions-hooks")
-            self._completer = completer = Completer(engine, self._written)
+            # Its session settings wait for the claim connection's proof (claims come
+            # first, so outcomes do too).
+            self._completer = completer = Completer(
+                engine, self._written, own_session=lambda: self._claimer.own_session)
             runner = Runner(self.concurrency, executor, self._finished, loop=loop)
             listens = engine.dialect.name == "postgresql" and settings.listen
             self._claimer = claimer = Claimer(

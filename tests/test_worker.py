@@ -28,9 +28,11 @@ from asyncactions import (
     queries,
 )
 from asyncactions.claiming import CLAIM_SESSION
+from asyncactions.completer import Completer
 from asyncactions.config import Config, WorkerSettings
 from asyncactions.database import KeptConnection
 from asyncactions.notifier import LISTEN, Wakeup
+from asyncactions.outcomes import completed
 
 from .conftest import Db, drain, processor_of, wait_until, worker_thread
 from .conftest import worker_config as config
@@ -245,6 +247,23 @@ def test_claims_reuse_one_cached_plan_instead_of_planning_each_claim(pg: Db) -> 
     # again at each ANALYZE (some tipped a running worker to planning every claim); the
     # claim session has it run the one generic plan, the walk of the claim index.
     assert generic >= 10 and custom == 0
+
+
+def test_outcome_writes_reuse_one_cached_plan_on_a_session_of_their_own(pg: Db) -> None:
+    init_actions(pg.engine, "p", [{}] * 30)
+    completer = Completer(pg.engine, lambda *_: None, own_session=lambda: True)
+    conn = completer.connection()
+    for _ in range(20):  # psycopg prepares a statement after 5 runs
+        with pg.engine.begin() as c:
+            (action,), _ = queries.claim(c, "w", [("p", 3)], 1, timedelta(minutes=5))
+        completer.write(conn, [completed(action, None)])
+    with conn.begin() as c:
+        generic, custom = c.exec_driver_sql(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+            "WHERE position('json_to_recordset' in statement) > 0").one()
+    conn.close()
+    assert generic >= 10 and custom == 0  # left to choose, it planned every batch anew
+    assert pg.scalar("SELECT count(*) FROM async_action WHERE status = 'completed'") == 20
 
 
 def test_a_processor_gets_its_actions_times_in_utc_whatever_zone_the_server_is_in(
