@@ -50,7 +50,7 @@ class ClaimProbe:
         self.client_ms: list[float] = []
         self.server_ms: list[float] = []
         # The very statement and arguments queries.claim sends, for EXPLAIN.
-        self._claim_sql = queries.claim_statement((("bench_noop", 3),)).render(
+        self._claim_sql = queries.claim_statement("postgresql", (("bench_noop", 3),)).render(
             self.conn.dialect, queries.claim_params([("bench_noop", 3)], CLAIM_BATCH,
                                                     "bench:scale", LEASE))
 

@@ -266,7 +266,7 @@ def test_a_floor_applies_to_its_own_processor_in_a_shared_claim(db: Db) -> None:
 def _walk_buffers(conn: psycopg.Connection, floors: dict[str, queries.Key] | None,
                   dialect: object) -> int:
     """Buffers the claim's index scan touched, by EXPLAIN ANALYZE (rolled back)."""
-    sql, args = queries.claim_statement((("p", 3),)).render(
+    sql, args = queries.claim_statement("postgresql", (("p", 3),)).render(
         dialect, queries.claim_params([("p", 3)], 100, "probe", LEASE, floors))
     (scan,) = index_scans(conn, sql, args, "async_action_claim_idx")
     return scan["Shared Hit Blocks"] + scan["Shared Read Blocks"]
