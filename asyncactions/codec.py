@@ -108,6 +108,10 @@ def dumps(value: Any, *, what: str = "data", max_bytes: int | None = None) -> st
 def loads(text: str | None) -> Any:
     if text is None:
         return None
+    # Only a key beginning with "$" (or with an escape that could spell one) is a tag:
+    # text without either decodes without the per-object hook.
+    if "$" not in text and "\\u" not in text:
+        return _plain.decode(text)
     return _decoder.decode(text)
 
 
@@ -235,3 +239,4 @@ def _make_encode() -> Callable[[Any], str]:
 # Built once: dumps() and loads() run for every action.
 _encode = _make_encode()
 _decoder = json.JSONDecoder(object_hook=_untag)
+_plain = json.JSONDecoder()
