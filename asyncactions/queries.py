@@ -47,7 +47,7 @@ from . import codec
 from .action import Action, Status, read_action, row_to_action
 from .database import HotStatement
 from .notifier import NOTIFY_CHANNEL, OUTCOME_CHANNEL
-from .outcomes import Outcome
+from .outcomes import Kind, Outcome
 from .processors import PERIODS
 from .schema import (
     NOW,
@@ -401,11 +401,23 @@ RECORD = {dialect: HotStatement(_record_statement(dialect))
 def record_params(dialect: str, outcomes: Sequence[Outcome]) -> dict[str, Any]:
     """RECORD's parameters: the batch as one JSON text, and on PostgreSQL the lease it
     reads running rows from (see _record_statement)."""
-    params: dict[str, Any] = {"batch": json.dumps([{
-        "id": o.action.id, "attempts": o.action.attempts, "worker": o.action.claimed_by,
-        "status": o.status, "retries": o.retries, "result": o.result, "error": o.error,
-        "errors": o.errors, "final": o.is_final, "delay": o.delay.total_seconds(),
-    } for o in outcomes])}
+    rows = []
+    workers: dict[str | None, str] = {}  # each claimer's id, as JSON, once per batch
+    for o in outcomes:
+        a = o.action
+        if o.kind is Kind.COMPLETED and o.result is None:
+            # The commonest outcome, written out directly: the JSON json.dumps would make,
+            # less the null keys (an absent key reads as NULL), in a third of its time.
+            worker = workers.get(a.claimed_by) or workers.setdefault(
+                a.claimed_by, json.dumps(a.claimed_by))
+            rows.append(f'{{"id":{a.id:d},"attempts":{a.attempts:d},"worker":{worker},'
+                        f'"status":"completed","retries":{o.retries:d},"final":true}}')
+            continue
+        rows.append(json.dumps({
+            "id": a.id, "attempts": a.attempts, "worker": a.claimed_by, "status": o.status,
+            "retries": o.retries, "result": o.result, "error": o.error, "errors": o.errors,
+            "final": o.is_final, "delay": o.delay.total_seconds()}))
+    params: dict[str, Any] = {"batch": f"[{','.join(rows)}]"}
     if dialect == "postgresql":
         leases = [o.action.lease_expires_at for o in outcomes]
         params["since"] = LONG_AGO if None in leases else min(leases)  # type: ignore[type-var]

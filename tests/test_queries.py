@@ -111,6 +111,23 @@ def test_record_applies_a_batch_in_one_statement_and_says_which_got_through(db: 
     assert record(db, outcomes) == {ours.id}
 
 
+def test_a_completed_outcome_without_a_result_is_written_and_fenced_like_any_other(
+        db: Db) -> None:
+    # The commonest outcome has a shorter way into the batch: the worker's id is quoted
+    # into it (this one needs escaping), and the fence still holds.
+    init_actions(db.engine, "p", [{}, {}])
+    worker = 'host:1:ns-"a"\\b'
+    ours, theirs = claim(db, worker, [("p", 3)], 2)
+    outcomes = [Outcome(ours, Kind.COMPLETED, 3),
+                Outcome(theirs._replace(claimed_by=worker + "x"), Kind.COMPLETED, 3)]
+    assert record(db, outcomes) == {ours.id}
+    done, untouched = (admin.get_action(db.engine, a.id) for a in (ours, theirs))
+    assert (done.status, done.result, done.retries, done.error, done.claimed_by) == \
+        (Status.COMPLETED, None, 3, None, None)
+    assert done.finished_at is not None and done.next_eligible_at == ours.next_eligible_at
+    assert (untouched.status, untouched.claimed_by) == (Status.RUNNING, worker)
+
+
 # --- release ---------------------------------------------------------------------------
 
 def test_record_goes_through_after_the_lease_was_renewed_or_ran_out(db: Db) -> None:
