@@ -137,7 +137,7 @@ LONG_AGO = datetime(1, 1, 1, tzinfo=UTC)
 FRONT: Key = (-32768, LONG_AGO, 0)  # below every action's key
 
 
-def _row(dialect: str) -> ColumnElement[Any]:
+def _address(dialect: str) -> ColumnElement[Any]:
     """What a claim's update finds its picked rows by: on PostgreSQL the row's physical
     address (a claim of 190 updated them in 3.8 ms so, 4.4 ms through the primary key);
     on SQLite the id, which is the row's address there. A row updated by another
@@ -154,7 +154,7 @@ def _walk(dialect: str, name: str, limit: Any, floor: int = 0) -> Select[Any]:
                    bindparam(f"floor{floor}_at", type_=UtcDateTime),
                    bindparam(f"floor{floor}_id", type_=BigInteger))
     return (
-        select(_row(dialect), t.c.id, t.c.priority, t.c.next_eligible_at)
+        select(_address(dialect), t.c.id, t.c.priority, t.c.next_eligible_at)
         .where(*_runnable([name]), key >= start)
         .order_by(t.c.priority, t.c.next_eligible_at, t.c.id)
         .limit(limit)
@@ -206,7 +206,7 @@ def claim_order(actions: Sequence[Action]) -> list[Action]:
 @functools.cache
 def claim_statement(dialect: str, processors: tuple[tuple[str, int], ...],
                     flow: Flow | None = None, *, log_starts: bool = False) -> HotStatement:
-    """The claim for these (processor, retries) pairs. The worker's processors are
+    """The claim for these (processor, retries) pairs, on `dialect`. The worker's processors are
     fixed: one statement for them, with a bound value each (an expanding IN would be
     re-rendered on every claim). An action enqueued without retries gets its
     processor's here, from the settings of the worker that first claims it. Several
