@@ -17,7 +17,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 
 import psycopg
@@ -112,6 +112,15 @@ def settings_seen_by_another_client(url: str) -> tuple[str, str]:
         engine.dispose()
 
 
+def zone_seen_by_another_client(url: str) -> str:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SHOW TimeZone")).scalar_one()
+    finally:
+        engine.dispose()
+
+
 def test_enqueue_from_many_threads_works_through_the_pooler(pooled: str) -> None:
     engine = make_engine(pooled)
     failures: list[BaseException] = []
@@ -138,10 +147,14 @@ def test_enqueue_from_many_threads_works_through_the_pooler(pooled: str) -> None
 
 def test_a_poll_only_worker_drains_and_wait_for_returns_through_the_pooler(
         pooled: str) -> None:
+    zones = set()
+
     @processor("pooled")
     def pooled_processor(action):
+        zones.update(at.tzinfo for at in (action.created_at, action.started_at))
         return {"n": action.data["n"] * 2}
 
+    zone_before = zone_seen_by_another_client(pooled)
     engine = make_engine(pooled)
     first = init_action(engine, "pooled", {"n": 21})
     poll_only = WorkerSettings(poll_interval=timedelta(milliseconds=50), listen=False)
@@ -159,6 +172,10 @@ def test_a_poll_only_worker_drains_and_wait_for_returns_through_the_pooler(
     assert (done.status, done.result) == (Status.COMPLETED, {"n": 42})
     assert {a.status for a in finals} == {Status.COMPLETED}
     assert settings_seen_by_another_client(pooled) == ("on", "on")
+    # Its claims read UTC through the pooler too (psycopg's zone for a session in 'UTC'),
+    # and the pooler kept that setting the worker's own.
+    assert zones == {UTC}
+    assert zone_seen_by_another_client(pooled) == zone_before != "UTC"
 
 
 def test_a_listening_worker_behind_the_pooler_says_so_and_leaks_no_session_settings(
