@@ -336,7 +336,7 @@ class HotStatement:
     only SQLAlchemy's statement events do not see it.
 
     `binary`: rows come back in PostgreSQL's binary format (psycopg), for a statement that
-    returns many timestamps (a claim: its rows converted in ~3.4 us instead of ~5.5).
+    returns many timestamps (a claim's rows, in UTC: ~3.4 us each instead of ~4.4 as text).
     """
 
     def __init__(self, statement: ClauseElement, *, binary: bool = False) -> None:
