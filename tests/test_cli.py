@@ -170,6 +170,24 @@ def test_postgres_without_schema_says_to_upgrade(pg_database: str) -> None:
         admin.dispose()
 
 
+def test_the_worker_command_keeps_start_up_objects_out_of_the_collector(
+        db: Db, tmp_path: Path) -> None:
+    (tmp_path / "gc_state.py").write_text(textwrap.dedent("""
+        import gc
+        from asyncactions import processor
+
+        @processor("gc_state")
+        def gc_state(action):
+            return {"frozen": gc.get_freeze_count(), "threshold": gc.get_threshold()[0]}
+    """))
+    init_action(db.engine, "gc_state", {})
+    run = cli("worker", "--import", "gc_state", "--burst", cwd=tmp_path, env=env_for(db))
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(db.scalar("SELECT CAST(result AS TEXT) FROM async_action"))
+    assert seen["frozen"] > 10_000  # the modules' objects, at least
+    assert seen["threshold"] == 10_000
+
+
 def test_readme_quickstart_runs_the_example_on_the_embedded_default(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     env = {"ASYNCACTIONS_DATABASE_URL": "", "ASYNCACTIONS_CONFIG": ""}

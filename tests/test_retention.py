@@ -8,7 +8,15 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import text
 
 from asyncactions import Worker, admin, init_action, init_actions, processor, queries
-from asyncactions.maintenance import Heartbeat, Leadership, Maintenance, Pruner
+from asyncactions.maintenance import (
+    FIRST_RUN_WITHIN,
+    Heartbeat,
+    Leadership,
+    Maintenance,
+    Pruner,
+    Rescuer,
+    StartsTrimmer,
+)
 
 from .conftest import Db, wait_until, worker_config
 
@@ -92,3 +100,26 @@ def test_only_the_elected_leader_prunes(db: Db) -> None:
     parts.pop("elder")  # its process is gone
     round_of_maintenance()
     assert pruned == {"elder": 1, "younger": 1}
+
+
+def test_a_starting_worker_claims_before_its_services_run(db: Db) -> None:
+    """The heartbeat and the rescue ran as the worker started: their next runs are an
+    interval away. The others wait a moment too (at most FIRST_RUN_WITHIN), so the
+    claim loop's first claims do not queue behind them."""
+    lease = timedelta(seconds=30)
+    leadership = Leadership("w", lease)
+    heartbeat = Heartbeat(db.engine, "w", lease, list, lambda: None, leadership)
+    rescuer = Rescuer(db.engine, lease, {}, lambda *_: None)
+    trimmer = StartsTrimmer(db.engine, lease)
+    pruner = Pruner(db.engine, {"completed": timedelta(minutes=1)})
+    started = datetime.now(UTC)
+    maintenance = Maintenance(leadership, [heartbeat], [rescuer, trimmer, pruner])
+    maintenance.start()
+    try:
+        first = {job.id: job.next_run_time for job in maintenance._scheduler.get_jobs()}
+    finally:
+        maintenance.stop()
+    assert first["Heartbeat"] >= started + timedelta(seconds=heartbeat.interval)
+    assert first["Rescuer"] >= started + timedelta(seconds=rescuer.interval)
+    for name in ("StartsTrimmer", "Pruner"):  # intervals of a minute and more
+        assert started < first[name] <= started + timedelta(seconds=FIRST_RUN_WITHIN + 0.5)
