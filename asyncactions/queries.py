@@ -369,8 +369,10 @@ def _record_statement(dialect: str) -> Any:
     if dialect == "postgresql":
         # One wake-up per batch (an uncorrelated subquery runs once) for wait_for().
         returning.append(select(func.pg_notify(OUTCOME_CHANNEL, "")).scalar_subquery())
+    # The status as a literal, as in the claim: a generic plan can then use the partial
+    # lease index below (a bound value proves nothing of its predicate).
     fence = [t.c.id == v.c.id, t.c.attempts == v.c.attempts, t.c.claimed_by == v.c.worker,
-             t.c.status == Status.RUNNING.value]
+             t.c.status == _RUNNING]
     if dialect == "postgresql":
         # The planner finds running rows by the lease index (by lease expiry), and every
         # action passes through running: until vacuum, or while a long transaction holds

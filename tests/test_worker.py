@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -266,6 +267,41 @@ def test_outcome_writes_reuse_one_cached_plan_on_a_session_of_their_own(pg: Db) 
     # 20,000 rows, every one).
     assert generic >= 10 and custom == 0
     assert pg.scalar("SELECT count(*) FROM async_action WHERE status = 'completed'") == 20
+
+
+def test_outcome_writes_on_a_session_of_their_own_read_running_rows_by_the_lease_index(
+        pg: Db) -> None:
+    """The completer's session runs the write's one generic plan, which must still find
+    the running rows by the partial lease index: with the status a bound value, the plan
+    could not prove the index's predicate and read the whole table for every batch."""
+    init_actions(pg.engine, "p", [{}] * 2_010)
+    with pg.engine.begin() as c:  # what a drain leaves: many finished, a few running
+        done, _ = queries.claim(c, "w", [("p", 3)], 2_000, timedelta(minutes=5))
+        queries.record(c, [completed(a, None) for a in done])
+    completer = Completer(pg.engine, lambda *_: None, own_session=lambda: True)
+    conn = completer.connection()
+    plans: list[dict[str, object]] = []
+    with conn.begin() as c:  # each statement's plan, as it ran, sent to this client
+        for setting in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
+                        "SET auto_explain.log_analyze = on", "SET auto_explain.log_format = json",
+                        "SET auto_explain.log_level = notice"):
+            c.exec_driver_sql(setting)
+    conn.driver.add_notice_handler(lambda notice: plans.append(
+        json.loads(notice.message_primary.split("plan:", 1)[1])["Plan"]))
+    for _ in range(8):  # psycopg prepares a statement after 5 runs
+        with pg.engine.begin() as c:
+            (action,), _ = queries.claim(c, "w", [("p", 3)], 1, timedelta(minutes=5))
+        completer.write(conn, [completed(action, None)])
+    conn.close()
+
+    def nodes(node: dict[str, object]) -> list[dict[str, object]]:
+        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
+    writes = [[n for n in nodes(plan) if n.get("Relation Name") == "async_action"
+               or n.get("Index Name")] for plan in plans if plan["Node Type"] == "ModifyTable"]
+    assert len(writes) == 8
+    for scans in writes[-3:]:  # the prepared statement's generic plan
+        assert "Seq Scan" not in {n["Node Type"] for n in scans}, scans
+        assert any(n.get("Index Name") == "async_action_lease_idx" for n in scans), scans
 
 
 def test_a_processor_gets_its_actions_times_in_utc_whatever_zone_the_server_is_in(
