@@ -111,6 +111,7 @@ def test_a_worker_busy_with_a_backlog_still_starts_a_fan_out(db: Db) -> None:
     # The built-in fan-out is claimed apart from the worker's other processors: when
     # their claims leave room, or at least every second while they come back full, so
     # a backlog (here about 3 s of work) does not hold a fan-out back until it drains.
+    # A starting worker claims its own backlog first.
     processor("busy")(lambda action: time.sleep(0.004))
     processor("visit")(lambda action: None)
     init_actions(db.engine, "busy", [{}] * 3000)
@@ -122,10 +123,14 @@ def test_a_worker_busy_with_a_backlog_still_starts_a_fan_out(db: Db) -> None:
         wait_until(lambda: fanout_status(db) == Status.COMPLETED, 60, what="the fan-out")
         left = plain_read(db, "SELECT count(*) FROM async_action WHERE processor = 'busy' "
                               "AND status = 'pending'")
+        busy_first = plain_read(
+            db, "SELECT min(started_at) FILTER (WHERE processor = 'busy') < "
+                f"min(started_at) FILTER (WHERE processor = '{FANOUT}') FROM async_action")
     finally:
         worker.stop()
         thread.join(60)
     assert left > 0, "the fan-out waited for the whole backlog"
+    assert busy_first
 
 
 def test_a_rolled_back_background_fan_out_leaves_nothing(db: Db) -> None:

@@ -7,6 +7,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
 from asyncactions import migrate
+from asyncactions.database import has_schema
 from asyncactions.schema import metadata
 
 from .conftest import Db
@@ -29,9 +30,11 @@ def test_migrations_record_their_own_version_table(db: Db) -> None:
 def test_downgrade_to_base_and_back(db: Db) -> None:
     migrate.downgrade(db.engine, "base")
     assert not inspect(db.engine).has_table("async_action")
+    assert not has_schema(db.engine)  # what the worker and the CLI check
     assert migrate.current(db.engine) is None
     migrate.upgrade(db.engine)
     assert inspect(db.engine).has_table("async_action")
+    assert has_schema(db.engine)
 
 
 def test_status_is_text_with_a_check_not_an_enum(db: Db) -> None:
