@@ -74,6 +74,9 @@ t = async_action
 _starts = async_action_start  # rate-limited processors' starts
 
 _earlier = t.alias("earlier")
+# Statuses in conditions are literals: a generic plan (the claim's and the outcome
+# write's sessions force one; others may choose one) can then use the partial indexes
+# on status, where a bound value proves nothing of their predicates.
 _PENDING, _RUNNING = literal_column("'pending'"), literal_column("'running'")
 
 
@@ -369,8 +372,6 @@ def _record_statement(dialect: str) -> Any:
     if dialect == "postgresql":
         # One wake-up per batch (an uncorrelated subquery runs once) for wait_for().
         returning.append(select(func.pg_notify(OUTCOME_CHANNEL, "")).scalar_subquery())
-    # The status as a literal, as in the claim: a generic plan can then use the partial
-    # lease index below (a bound value proves nothing of its predicate).
     fence = [t.c.id == v.c.id, t.c.attempts == v.c.attempts, t.c.claimed_by == v.c.worker,
              t.c.status == _RUNNING]
     if dialect == "postgresql":
@@ -443,7 +444,7 @@ def record(conn: Connection, outcomes: Sequence[Outcome],
 RELEASE = (
     update(t)
     .where(t.c.id == bindparam("b_id"), t.c.attempts == bindparam("b_attempts"),
-           t.c.claimed_by == bindparam("b_worker"), t.c.status == Status.RUNNING.value)
+           t.c.claimed_by == bindparam("b_worker"), t.c.status == _RUNNING)
     .values(status=Status.PENDING.value, attempts=t.c.attempts - 1, claimed_by=None,
             lease_expires_at=None)
 )
@@ -484,7 +485,7 @@ EXTEND_LEASES = (
     .where(t.c.id.in_(
         select(_mine.c.id)
         .where(_mine.c.claimed_by == bindparam("worker"),
-               _mine.c.status == Status.RUNNING.value,
+               _mine.c.status == _RUNNING,
                _mine.c.id.in_(bindparam("held", expanding=True)))
         .with_for_update(skip_locked=True)))
     # Never shortened (should the database's clock step back): an outcome write reads
@@ -545,7 +546,7 @@ FORGET_DEAD_WORKERS = delete(async_action_worker).where(
 # Running actions whose lease ran out, or whose worker is no longer registered.
 LOST = (
     select(*action_columns())
-    .where(t.c.status == Status.RUNNING.value,
+    .where(t.c.status == _RUNNING,
            (t.c.lease_expires_at < NOW)
            | t.c.claimed_by.not_in(select(async_action_worker.c.id)))
     .order_by(t.c.lease_expires_at)
@@ -662,7 +663,7 @@ def horizon_holders(conn: Connection, older_than: timedelta) -> list[HorizonHold
 # Eligible pending actions by processor, for the metrics (sampled, not per action).
 BACKLOG = (
     select(t.c.processor, func.count(), func.min(t.c.next_eligible_at))
-    .where(t.c.status == Status.PENDING.value, t.c.next_eligible_at <= NOW)
+    .where(t.c.status == _PENDING, t.c.next_eligible_at <= NOW)
     .group_by(t.c.processor)
 )
 

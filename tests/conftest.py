@@ -248,6 +248,29 @@ def index_scans(conn: Any, sql: str, args: Any, index: str) -> list[dict[str, An
     return scans(plan[0]["Plan"])
 
 
+def plans_sent_here(conn: Any) -> list[dict[str, Any]]:
+    """From now on, each statement `conn` (a SQLAlchemy Connection on PostgreSQL) runs,
+    with its plan as the server ran it ({"Query Text", "Plan"}): auto_explain, sent to
+    this client as notices. A prepared statement's generic plan shows here, which
+    EXPLAIN cannot show."""
+    for setting in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
+                    "SET auto_explain.log_analyze = on", "SET auto_explain.log_format = json",
+                    "SET auto_explain.log_level = notice"):
+        conn.exec_driver_sql(setting)
+    plans: list[dict[str, Any]] = []
+
+    def on_notice(notice: Any) -> None:
+        if "plan:" in notice.message_primary:
+            plans.append(json.loads(notice.message_primary.split("plan:", 1)[1]))
+    conn.connection.driver_connection.add_notice_handler(on_notice)
+    return plans
+
+
+def plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    """A plan node and every node below it."""
+    return [node, *(n for child in node.get("Plans", []) for n in plan_nodes(child))]
+
+
 _started: list[subprocess.Popen[str]] = []
 
 

@@ -13,7 +13,7 @@ from asyncactions import admin, init_action, init_actions, queries
 from asyncactions.action import Action, Status
 from asyncactions.outcomes import Kind, Outcome
 
-from .conftest import Db, index_scans, wait_until
+from .conftest import Db, index_scans, plan_nodes, plans_sent_here, wait_until
 
 LEASE = timedelta(minutes=5)
 
@@ -166,6 +166,31 @@ def test_an_outcome_write_reads_no_running_row_older_than_its_batch(pg: Db) -> N
     batch = [Outcome(a, Kind.COMPLETED, 3) for a in claim(pg, "w", [("p", 3)], 10)]
     with psycopg.connect(pg.url.replace("+psycopg", "")) as conn:
         assert _lease_index_entries_read(conn, batch, pg.engine.dialect) <= 10
+
+
+def test_status_conditions_use_their_partial_indexes_in_a_generic_plan(pg: Db) -> None:
+    """Statuses in conditions are literals, so a generic plan (which a session may choose,
+    or force) still finds the rows by the partial indexes on status: the rescue's read of
+    running rows by the lease index, the backlog's of pending ones by an index on
+    pending. With the status bound as a value, each read the whole table."""
+    init_actions(pg.engine, "p", [{}] * 2_010)
+    done = claim(pg, "w", [("p", 3)], 2_000)
+    record(pg, [Outcome(a, Kind.COMPLETED, 3) for a in done])
+    claim(pg, "w", [("p", 3)], 5)
+    with pg.engine.connect() as conn:
+        conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        plans = plans_sent_here(conn)
+        conn.commit()
+        for _ in range(8):  # psycopg prepares a statement after 5 runs
+            with conn.begin():
+                conn.execute(queries.LOST, {"limit": 500}).all()
+                queries.backlog(conn)
+    for name in ("ORDER BY async_action.lease_expires_at", "GROUP BY async_action.processor"):
+        scans = [[n for n in plan_nodes(ran["Plan"]) if n.get("Relation Name") == "async_action"]
+                 for ran in plans if name in ran["Query Text"]]
+        assert len(scans) == 8, name
+        for nodes in scans[-3:]:  # the prepared statement's generic plan
+            assert nodes and all(n["Node Type"] != "Seq Scan" for n in nodes), (name, nodes)
 
 
 def test_release_hands_back_an_unstarted_claim_as_if_never_claimed(db: Db) -> None:

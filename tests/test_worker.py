@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -35,7 +34,15 @@ from asyncactions.database import KeptConnection
 from asyncactions.notifier import LISTEN, Wakeup
 from asyncactions.outcomes import completed
 
-from .conftest import Db, drain, processor_of, wait_until, worker_thread
+from .conftest import (
+    Db,
+    drain,
+    plan_nodes,
+    plans_sent_here,
+    processor_of,
+    wait_until,
+    worker_thread,
+)
 from .conftest import worker_config as config
 
 
@@ -280,24 +287,15 @@ def test_outcome_writes_on_a_session_of_their_own_read_running_rows_by_the_lease
         queries.record(c, [completed(a, None) for a in done])
     completer = Completer(pg.engine, lambda *_: None, own_session=lambda: True)
     conn = completer.connection()
-    plans: list[dict[str, object]] = []
-    with conn.begin() as c:  # each statement's plan, as it ran, sent to this client
-        for setting in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
-                        "SET auto_explain.log_analyze = on", "SET auto_explain.log_format = json",
-                        "SET auto_explain.log_level = notice"):
-            c.exec_driver_sql(setting)
-    conn.driver.add_notice_handler(lambda notice: plans.append(
-        json.loads(notice.message_primary.split("plan:", 1)[1])["Plan"]))
+    with conn.begin() as c:
+        plans = plans_sent_here(c)
     for _ in range(8):  # psycopg prepares a statement after 5 runs
         with pg.engine.begin() as c:
             (action,), _ = queries.claim(c, "w", [("p", 3)], 1, timedelta(minutes=5))
         completer.write(conn, [completed(action, None)])
     conn.close()
-
-    def nodes(node: dict[str, object]) -> list[dict[str, object]]:
-        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
-    writes = [[n for n in nodes(plan) if n.get("Relation Name") == "async_action"
-               or n.get("Index Name")] for plan in plans if plan["Node Type"] == "ModifyTable"]
+    writes = [[n for n in plan_nodes(ran["Plan"]) if n.get("Relation Name") == "async_action"
+               or n.get("Index Name")] for ran in plans if "json_to_recordset" in ran["Query Text"]]
     assert len(writes) == 8
     for scans in writes[-3:]:  # the prepared statement's generic plan
         assert "Seq Scan" not in {n["Node Type"] for n in scans}, scans
