@@ -113,9 +113,8 @@ PENDING_ONLY = text("status = 'pending'")
 Index("async_action_claim_idx", async_action.c.processor, async_action.c.priority,
       async_action.c.next_eligible_at, async_action.c.id,
       postgresql_where=PENDING_ONLY, sqlite_where=PENDING_ONLY)
-# The leader's wake-up finds actions that just became eligible by time alone.
-Index("async_action_eligible_idx", async_action.c.next_eligible_at,
-      postgresql_where=PENDING_ONLY, sqlite_where=PENDING_ONLY)
+# The leader's wake-up for actions that became eligible by time alone reads this index
+# too (queries.WAKE): an index of its own cost every enqueue an entry (migration 0010).
 # The id column's sequence, for statements that draw ids before inserting.
 ID_SEQUENCE = literal_column("'async_action_id_seq'::regclass")
 # unique_key is unique among live actions only; finished ones keep theirs for audit.

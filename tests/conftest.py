@@ -250,11 +250,13 @@ def index_scans(conn: Any, sql: str, args: Any, index: str) -> list[dict[str, An
 
 def plans_sent_here(conn: Any) -> list[dict[str, Any]]:
     """From now on, each statement `conn` (a SQLAlchemy Connection on PostgreSQL) runs,
-    with its plan as the server ran it ({"Query Text", "Plan"}): auto_explain, sent to
+    with its plan as the server ran it, buffers read included ({"Query Text", "Plan"}):
+    auto_explain, sent to
     this client as notices. A prepared statement's generic plan shows here, which
     EXPLAIN cannot show."""
     for setting in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
-                    "SET auto_explain.log_analyze = on", "SET auto_explain.log_format = json",
+                    "SET auto_explain.log_analyze = on", "SET auto_explain.log_buffers = on",
+                    "SET auto_explain.log_format = json",
                     "SET auto_explain.log_level = notice"):
         conn.exec_driver_sql(setting)
     plans: list[dict[str, Any]] = []

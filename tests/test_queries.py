@@ -317,3 +317,32 @@ def test_wake_notifies_the_processors_whose_actions_just_became_eligible(pg: Db)
             assert queries.wake_eligible(conn, timedelta(minutes=5)) == 1
         woken = {n.payload for n in listener.notifies(timeout=5, stop_after=1)}
     assert woken == {"due"}
+
+
+def test_wake_probes_each_processor_and_priority_instead_of_reading_the_backlog(pg: Db) -> None:
+    """The wake-up has no index of its own (every enqueue would pay for it): it finds each
+    (processor, priority) with pending actions in the claim index and probes its recent
+    window, so what it reads grows with those parts, not with the actions waiting."""
+    long_ago = datetime.now(UTC) - timedelta(hours=1)
+    init_actions(pg.engine, "backlog", [{}] * 20_000, eligible_at=long_ago)
+    init_actions(pg.engine, "backlog", [{}] * 1000, eligible_at=long_ago, priority=2)
+    init_actions(pg.engine, "later", [{}] * 1000, delay=timedelta(hours=1))
+    init_action(pg.engine, "due", {}, priority=7)
+    init_action(pg.engine, "due_too", {}, priority=-3)
+    with pg.engine.begin() as conn:
+        conn.execute(text("ANALYZE async_action"))  # as autovacuum would
+    url = pg.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as listener, pg.engine.connect() as conn:
+        listener.execute("LISTEN asyncactions")
+        plans = plans_sent_here(conn)
+        conn.commit()
+        with conn.begin():
+            assert queries.wake_eligible(conn, timedelta(minutes=5)) == 2
+        woken = {n.payload for n in listener.notifies(timeout=5, stop_after=2)}
+    assert woken == {"due", "due_too"}
+    (wake,) = [p for p in plans if "pg_notify" in p["Query Text"]]
+    scans = [n for n in plan_nodes(wake["Plan"]) if n.get("Relation Name") == "async_action"]
+    assert scans and {n["Index Name"] for n in scans} == {"async_action_claim_idx"}
+    # The claim index of these 22,002 actions has over 100 leaf pages; a probe reads 2-3.
+    pages = sum(n["Shared Hit Blocks"] + n["Shared Read Blocks"] for n in scans)
+    assert pages <= 40, scans
