@@ -92,10 +92,15 @@ class InFlight:
         with self._lock:
             self._actions.update((a.id, a) for a in actions)
 
-    def remove(self, ids: Iterable[int]) -> None:
+    def remove(self, attempts: Iterable[Action]) -> None:
+        """These attempts were written. By attempt, not by id: a retry due at once can be
+        claimed again between its outcome's commit and this call, and that next attempt
+        is still held (its lease renewed, its slot taken)."""
         with self._lock:
-            for action_id in ids:
-                self._actions.pop(action_id, None)
+            for action in attempts:
+                held = self._actions.get(action.id)
+                if held is not None and held.attempts == action.attempts:
+                    del self._actions[action.id]
 
     def ids(self) -> list[int]:
         with self._lock:

@@ -292,7 +292,7 @@ class Worker:
 
     def _written(self, written: Sequence[Outcome], applied: set[int]) -> None:
         """Outcomes written (or fenced out, or given up on): their capacity is free."""
-        self._in_flight.remove(o.action.id for o in written)
+        self._in_flight.remove(o.action for o in written)
         for outcome in written:
             if outcome.action.id not in applied:
                 continue

@@ -27,7 +27,7 @@ from asyncactions import (
     processor,
     queries,
 )
-from asyncactions.claiming import CLAIM_SESSION
+from asyncactions.claiming import CLAIM_SESSION, InFlight
 from asyncactions.completer import Completer
 from asyncactions.config import Config, WorkerSettings
 from asyncactions.database import KeptConnection
@@ -156,6 +156,21 @@ def test_defer_with_a_delay_leaves_it_pending_until_then(db: Db, kind: str) -> N
     snoozed = admin.get_action(db.engine, action.id)
     assert (snoozed.status, snoozed.retries) == (Status.PENDING, 3)
     assert snoozed.next_eligible_at > datetime.now(UTC) + timedelta(minutes=59)
+
+
+def test_a_written_attempt_releases_itself_not_the_retry_claimed_since(sqlite: Db) -> None:
+    """A retry due at once can be claimed again between its outcome's commit and the
+    worker's note that it was written: that next attempt stays held (its lease renewed by
+    the heartbeat, its slot counted, a burst worker not done while it runs)."""
+    action = init_action(sqlite.engine, "p", {})
+    first, retry = action._replace(attempts=1), action._replace(attempts=2)
+    held = InFlight()
+    held.add([first])
+    held.add([retry])  # claimed again before the first attempt's write was noted
+    held.remove([first])
+    assert held.ids() == [action.id] and len(held) == 1
+    held.remove([retry])
+    assert held.ids() == [] and len(held) == 0
 
 
 def test_delayed_actions_are_not_claimed_before_they_are_eligible(db: Db) -> None:
