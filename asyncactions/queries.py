@@ -611,9 +611,9 @@ ENDS_IF_ABANDONED = HotStatement(select(_ends_if_abandoned()))
 # Run by the leader each poll interval, so that listening workers need not poll. It
 # reads the claim index, which every enqueue writes anyway (an index of its own on the
 # eligibility time cost a bulk enqueue 11 %): a skip scan finds each (processor,
-# priority) with pending actions, then one probe of each one's recent window (LIMIT 1:
-# an EXISTS, the planner turns into a scan of the table). Its cost grows with those
-# pairs, not with the backlog.
+# priority) with pending actions, then one probe of each one's recent window (a LATERAL
+# with LIMIT 1: an EXISTS there, the planner turned into a scan of the whole table). Its
+# cost grows with those pairs, not with the backlog.
 WAKE = text(f"""
     WITH RECURSIVE parts(processor, priority) AS (
         (SELECT processor, priority FROM async_action
