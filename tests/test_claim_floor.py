@@ -315,25 +315,37 @@ def spinning(db: Db, **settings: Any) -> Iterator[tuple[threading.Event, list[in
         yield done, spins
 
 
-def floors_always_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+def floors_always_in_use(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """As while a long transaction pins the horizon: floors in use from the start, and
-    kept whatever the walks from the front measure."""
+    kept whatever the walks from the front measure. Returns, claim by claim, whether it
+    started at a floor (the first two walk from the front: one takes actions, so there
+    is a floor; the next measures)."""
     monkeypatch.setattr(ClaimFloor, "CHEAPER", -1.0)
-    init = ClaimFloor.__init__
+    init, claimed = ClaimFloor.__init__, ClaimFloor.claimed
+    starts: list[bool] = []
 
     def in_use_from_the_start(self: ClaimFloor, enabled: bool) -> None:
         init(self, enabled)
         self.in_use = True
 
+    def noted(self: ClaimFloor, actions: Any, started: float, ended: float,
+              floored: bool, short: bool) -> float | None:
+        starts.append(floored)
+        return claimed(self, actions, started, ended, floored=floored, short=short)
+
     monkeypatch.setattr(ClaimFloor, "__init__", in_use_from_the_start)
+    monkeypatch.setattr(ClaimFloor, "claimed", noted)
+    return starts
 
 
 @pytest.mark.parametrize("settings", [{}, {"concurrency": 8}], ids=["plain", "capped"])
 def test_a_worker_whose_floors_are_in_use_claims_from_its_last_claim(
         pg: Db, monkeypatch: pytest.MonkeyPatch, settings: dict[str, Any]) -> None:
-    floors_always_in_use(monkeypatch)
+    floored = floors_always_in_use(monkeypatch)
     monkeypatch.setattr(ClaimFloor, "EVERY", 10**9)  # no walk from the front comes due
     with spinning(pg, **settings) as (done, spins):
+        # The first claim may have taken every spin: wait for one from its floor.
+        wait_until(lambda: True in floored, 30, what="a claim from a floor")
         # Lower priority runs first: below the floor of every claim from now on.
         urgent = init_action(pg.engine, "spin", priority=-1)
         seen = len(spins)
