@@ -3,6 +3,7 @@ one run on a fresh database and returns that run's figures."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -51,6 +52,9 @@ def s1(system: System, admin_url: str, n: int, workers: int,
         **{key: float(value) for key, value in diagnostics.items()},
         "worker_cpu_s": worker_cpu,
         "machine_cpu_busy_pct": 100 * busy / total if total else None,
+        # The whole machine's CPU (workers, server, harness) per action: what bounds a
+        # drain once every core is busy, as with two processes on two cores.
+        "machine_cpu_us_per_action": busy / os.sysconf("SC_CLK_TCK") / n * 1e6,
         "wal_syncs_per_action": (wal_after["wal_sync"] - wal_before["wal_sync"]) / n,
         "wal_bytes_per_action": (wal_after["wal_bytes"] - wal_before["wal_bytes"]) / n,
     }
