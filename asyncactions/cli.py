@@ -134,7 +134,8 @@ def _format_option(fn: Any) -> Any:
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="asyncactions", message="%(prog)s %(version)s")
 @click.option("--config", "config_path", metavar="PATH",
-              help="TOML config (default ./asyncactions.toml, then config/asyncactions.toml).")
+              help="TOML config (env ASYNCACTIONS_CONFIG; default ./asyncactions.toml, then "
+                   "config/asyncactions.toml).")
 @click.option("--database-url", metavar="URL",
               help="Database URL (env ASYNCACTIONS_DATABASE_URL; default sqlite:///asyncactions.db).")
 @click.pass_context

@@ -249,12 +249,15 @@ _HAS_TABLE = {
 }
 
 
+def has_table(conn: Connection, name: str) -> bool:
+    return bool(conn.execute(_HAS_TABLE[conn.dialect.name], {"name": name}).scalar())
+
+
 def has_schema(engine: Engine) -> bool:
     if missing_sqlite_file(engine) is not None:
         return False
     with translated_errors(engine), engine.connect() as conn:
-        return bool(conn.execute(_HAS_TABLE[conn.dialect.name],
-                                 {"name": "async_action"}).scalar())
+        return has_table(conn, "async_action")
 
 
 def require_schema(engine: Engine) -> None:

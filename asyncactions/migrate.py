@@ -19,12 +19,16 @@ from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, Engine, MetaData, Table
+from sqlalchemy import Connection, Engine, MetaData, Table, text
 
-from .database import translated_errors
-from .errors import AsyncActionsError
+from .database import describe, has_table, translated_errors
+from .errors import AsyncActionsError, DatabaseError
 
 VERSION_TABLE = "asyncactions_alembic_version"
+# The schema this version's code needs: its newest migration (test_alembic keeps the two
+# the same). Written down because reading the migrations to find it costs ~4 ms, on
+# every worker's start.
+HEAD = "0010"
 
 # What to run, given the revisions the database is at (Alembic's `fn` of a migration context).
 Steps = Callable[[ScriptDirectory, Any], list[Any]]
@@ -101,6 +105,24 @@ def current(engine: Engine) -> str | None:
 
 def head() -> str | None:
     return script_directory().get_current_head()
+
+
+def require_current(engine: Engine) -> None:
+    """Refuse, in one line, a database whose asyncactions schema is older than this
+    version's: its statements would fail on missing tables and columns for ever (a
+    worker would retry its claims without end). A revision this version does not know
+    (a newer release migrated first, in a rolling upgrade) passes, as does a schema
+    without our version table (made some other way: nothing to tell by)."""
+    with translated_errors(engine), engine.connect() as conn:
+        at = (conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+              if has_table(conn, VERSION_TABLE) else None)
+    if at is None or at == HEAD:
+        return
+    if any(s.revision == at for s in script_directory().walk_revisions()):
+        raise DatabaseError(
+            f"the database {describe(engine)} is at asyncactions schema revision {at}; this "
+            f"version needs {HEAD}: run `asyncactions db upgrade`, or the application's "
+            f'migration that calls asyncactions.alembic.upgrade(op, "{HEAD}")')
 
 
 def is_current(engine: Engine) -> bool:

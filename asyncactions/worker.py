@@ -228,6 +228,7 @@ class Worker:
             migrate.upgrade(engine)  # the embedded default works with zero setup
         else:
             require_schema(engine)
+            migrate.require_current(engine)
 
     def _add_rules(self, engine: Engine) -> None:
         """The rules of the processors this worker serves (@processor(on=[...])), so

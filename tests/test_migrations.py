@@ -7,10 +7,10 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
 from asyncactions import migrate
-from asyncactions.database import has_schema
+from asyncactions.database import describe, has_schema
 from asyncactions.schema import metadata
 
-from .conftest import Db
+from .conftest import Db, cli
 
 
 def test_migrated_schema_matches_the_code(db: Db) -> None:
@@ -58,3 +58,39 @@ def test_claim_index_is_partial_on_pending(db: Db) -> None:
     assert where is not None and "pending" in str(where)
     assert {"async_action_related_idx", "async_action_status_finished_idx",
             "async_action_unique_key_idx"} <= set(indexes)
+
+
+def test_head_is_the_newest_migration() -> None:
+    assert migrate.head() == migrate.HEAD
+
+
+def test_a_worker_refuses_a_schema_older_than_its_own_in_one_line(pg: Db) -> None:
+    migrate.downgrade(pg.engine, "0004")
+    try:
+        run = cli("--database-url", pg.url, "worker", "--import", "examples.shop", "--burst",
+                  timeout=60)
+        workers = pg.scalar("SELECT count(*) FROM async_action_worker")
+    finally:
+        migrate.upgrade(pg.engine)
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines() == [
+        f"error: DatabaseError: the database {describe(pg.engine)} is at asyncactions schema "
+        f"revision 0004; this version needs {migrate.HEAD}: run `asyncactions db upgrade`, or "
+        f'the application\'s migration that calls asyncactions.alembic.upgrade(op, '
+        f'"{migrate.HEAD}")']
+    assert workers == 0  # refused before it registered
+
+
+def test_a_schema_newer_than_this_version_or_without_our_version_table_passes(pg: Db) -> None:
+    with pg.engine.begin() as conn:
+        conn.execute(text("UPDATE asyncactions_alembic_version SET version_num = '0099'"))
+    try:
+        migrate.require_current(pg.engine)  # a newer release migrated first: no refusal
+        with pg.engine.begin() as conn:
+            conn.execute(text("ALTER TABLE asyncactions_alembic_version RENAME TO kept"))
+        migrate.require_current(pg.engine)  # nothing to tell by
+    finally:
+        with pg.engine.begin() as conn:
+            conn.execute(text("ALTER TABLE IF EXISTS kept RENAME TO asyncactions_alembic_version"))
+            conn.execute(text(f"UPDATE asyncactions_alembic_version "
+                              f"SET version_num = '{migrate.HEAD}'"))
