@@ -28,6 +28,7 @@ from asyncactions import (
 from asyncactions.action import Action
 from asyncactions.claiming import CLAIM_SESSION, ClaimFloor
 from asyncactions.config import WorkerSettings
+from asyncactions.maintenance import Waker
 
 from .conftest import Db, index_scans, wait_until, worker_thread
 from .conftest import worker_config as config
@@ -376,15 +377,29 @@ def test_an_action_below_the_floor_runs_when_a_walk_from_the_front_is_due(
 def test_a_short_floored_claim_claims_again_from_the_front_though_nothing_wakes_it(
         pg: Db, monkeypatch: pytest.MonkeyPatch) -> None:
     floors_always_in_use(monkeypatch)
-    monkeypatch.setattr(ClaimFloor, "EVERY", 500)  # a walk from the front due in a second
+    monkeypatch.setattr(ClaimFloor, "EVERY", 500)  # the next walk from the front: ~0.5 s on
     ran = []
 
     @processor("p")
     def p(action):
         ran.append(action.priority)
 
+    # The leader's wake-up for due actions runs a moment after the start, then every
+    # poll interval (ten minutes): after its first run, nothing else wakes the loop
+    # but the enqueues' notifications.
+    woke = threading.Event()
+    wake_once = Waker.run_once
+
+    def waking(self: Waker) -> int:
+        try:
+            return wake_once(self)
+        finally:
+            woke.set()
+
+    monkeypatch.setattr(Waker, "run_once", waking)
     slow_poll = WorkerSettings(poll_interval=timedelta(minutes=10))
     with worker_thread(Worker(config=config(pg, worker=slow_poll), concurrency=1)):
+        wait_until(woke.is_set, 30, what="the leader's first wake-up")
         for n in (1, 2):  # two walks from the front: the second measures, floors stay
             init_action(pg.engine, "p")
             wait_until(lambda n=n: ran == [0] * n, 30, what="an action")

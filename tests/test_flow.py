@@ -146,7 +146,10 @@ def test_two_claimers_never_run_two_actions_of_one_key_at_once(pg: Db) -> None:
 
         thread = threading.Thread(target=claim_second)
         thread.start()
-        thread.join(0.5)
+        # Its insert into the unique index waits for the first claim's transaction.
+        wait_until(lambda: not thread.is_alive() or pg.scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'"), 30, what="the second claim to wait on a lock")
         assert thread.is_alive(), "the second claim waits on the first one's key"
         first_claimer.commit()
         thread.join(10)

@@ -162,9 +162,11 @@ def test_caps_keys_pause_and_cancel_hold_across_three_worker_processes(
     assert last_keyless < max(s for _, k, s, _ in ordered if k is not None)
 
     # Pause and resume, from the table: no start between a poll interval after the
-    # pause and the resume; starts again after it.
+    # pause and the resume; starts again after it. (A claim under way at the pause,
+    # its snapshot taken before it, may still start its actions: a second of room for
+    # a loaded machine to finish it.)
     pause_starts = [s for _, _, s, _ in intervals(db, "pausable")]
-    window = timedelta(seconds=POLL)
+    window = timedelta(seconds=POLL + 1.0)
     assert not [s for s in pause_starts if paused_at + window < s < resumed_at]
     # (Promptly: 2-18 ms here; the bound leaves a loaded machine's claims room to lag.)
     assert min(s for s in pause_starts if s >= resumed_at) < resumed_at + timedelta(seconds=5)

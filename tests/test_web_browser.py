@@ -107,6 +107,10 @@ def test_an_operator_finds_and_fixes_failed_work_in_the_browser(
         page.on("console", lambda m: problems.append(m.text) if m.type == "error"
                 and "Failed to load resource" not in m.text else None)
         expect = playwright.expect
+        # Chromium, the server and a worker share a loaded CI machine's two cores: each
+        # expectation polls for up to 30 s, not Playwright's default 5.
+        expect.set_options(timeout=30_000)
+        page.set_default_timeout(30_000)
 
         # Sign in.
         page.goto(server.url + "/")
@@ -127,7 +131,7 @@ def test_an_operator_finds_and_fixes_failed_work_in_the_browser(
 
         # A live count: enqueue elsewhere, the open page follows without a reload.
         init_action(make_engine(db.url), "send_welcome_email", {"user_id": 99})
-        expect(page.locator("#count-pending")).to_have_text("3", timeout=15_000)
+        expect(page.locator("#count-pending")).to_have_text("3")
 
         # Filter the list from the failed count.
         page.click("a.stat.failed")
