@@ -346,6 +346,24 @@ def test_an_attempt_that_ends_while_the_cancel_watch_looks_is_not_taken_for_canc
     assert (attempts[0].cancel_requested, attempts[1].cancel_requested) == (False, True)
 
 
+def test_an_attempt_whose_action_was_claimed_again_by_its_own_worker_is_told_to_stop(
+        db: Db) -> None:
+    """Lost (its lease ran out while it hung) and claimed again by the same worker: the
+    row says running, by this worker, but for the next attempt, not this one."""
+    init_action(db.engine, "p", {})
+    with db.engine.begin() as conn:
+        (action,), _ = queries.claim(conn, "w", [("p", 3)], 1, timedelta(minutes=5))
+    live = LiveAttempts()
+    attempt = LiveAttempt([action], db.engine)
+    live.begin(attempt)
+    assert CancelWatch(db.engine, live).run_once() == 0
+    with db.engine.begin() as conn:  # the rescue, then this worker's next claim of it
+        conn.execute(text("UPDATE async_action SET attempts = attempts + 1 WHERE id = :id"),
+                     {"id": action.id})
+    assert CancelWatch(db.engine, live).run_once() == 1
+    assert attempt.cancel_requested
+
+
 def test_current_attempt_outside_a_processor_is_an_error() -> None:
     with pytest.raises(AsyncActionsError, match="only available inside a processor"):
         asyncactions.current_attempt()

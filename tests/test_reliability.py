@@ -21,7 +21,16 @@ from asyncactions import Status, Worker, admin, init_action, init_actions, migra
 from asyncactions.config import Config, WorkerSettings
 from asyncactions.database import make_engine
 
-from .conftest import Cluster, Db, drain, start_worker, wait_until, worker_log
+from .conftest import (
+    Cluster,
+    Db,
+    drain,
+    start_worker,
+    wait_until,
+    worker_config,
+    worker_log,
+    worker_thread,
+)
 
 FAULTS = textwrap.dedent("""
     import asyncio, os, time
@@ -134,14 +143,15 @@ def test_a_lost_remote_workers_actions_return_when_its_lease_expires(db: Db) -> 
     resumable_id = init_action(db.engine, "resumable", {}).id
     last_id = init_action(db.engine, "last_chance", {}).id
     lease = 1.0
-    # It stopped heartbeating: its last beat gave the actions below their last second.
-    # (Timed from here: its staleness, like the lease, counts from this beat.)
+    # It stopped heartbeating just after its last beat: still registered for a minute
+    # (the workers' lease), so only its actions' lease of a second can bring them back.
+    # It started after the worker below (which so leads, and rescues).
     claimed_at = time.monotonic()
-    last_beat = datetime.now(UTC) - timedelta(seconds=60 - lease)
+    last_beat = datetime.now(UTC)
     with db.engine.begin() as conn:
         conn.execute(text("INSERT INTO async_action_worker VALUES ('elsewhere:99:0-dead', "
-                          "'elsewhere', 99, 'resumable,last_chance', :t, :t)"),
-                     {"t": last_beat})
+                          "'elsewhere', 99, 'resumable,last_chance', :started, :beat)"),
+                     {"started": last_beat + timedelta(hours=1), "beat": last_beat})
     from asyncactions import queries
     with db.engine.begin() as conn:
         claimed, _ = queries.claim(conn, "elsewhere:99:0-dead",
@@ -154,13 +164,13 @@ def test_a_lost_remote_workers_actions_return_when_its_lease_expires(db: Db) -> 
     thread = threading.Thread(target=worker.run)
     thread.start()
     try:
-        assert done.wait(30)
+        assert done.wait(45)
         waited = time.monotonic() - claimed_at
         wait_until(lambda: admin.get_action(db.engine, last_id).status == Status.FAILED)
     finally:
         worker.stop()
         thread.join(30)
-    assert waited >= lease, "recovered before the lease ran out"
+    assert lease <= waited < 45, "recovered by the lease, before the worker was forgotten"
     again = admin.get_action(db.engine, resumable_id)
     assert (again.status, again.attempts, again.retries, again.result) == (
         Status.COMPLETED, 2, 0, "second try")
@@ -260,6 +270,29 @@ def test_hung_attempts_time_out_and_the_worker_keeps_working(db: Db) -> None:
         detected.append((timed_out.finished_at - timed_out.started_at).total_seconds())
     assert all(d >= 1.0 for d in detected), detected  # never before the timeout
     print(f"\n[{db.name}] timeout=1s detected after {max(detected):.2f}s at most")
+
+
+def test_a_timed_out_attempt_frees_its_slot_for_the_one_waiting_behind_it(db: Db) -> None:
+    """One slot, two attempts claimed together: the one waiting starts when the first is
+    abandoned at its timeout, though no claim follows (nothing else is pending)."""
+    release, ran = threading.Event(), threading.Event()
+
+    @processor("hangs", timeout=timedelta(seconds=1), retries=0)
+    def hangs(action):
+        release.wait(60)
+
+    @processor("quick")
+    def quick(action):
+        ran.set()
+
+    hung = init_action(db.engine, "hangs")  # first in claim order: it takes the slot
+    init_action(db.engine, "quick")
+    try:
+        with worker_thread(Worker(config=worker_config(db), concurrency=1)):
+            wait_until(ran.is_set, 30, what="the attempt waiting behind the hung one")
+    finally:
+        release.set()
+    assert admin.get_action(db.engine, hung.id).status == Status.FAILED  # timed out
 
 
 def test_a_poison_action_fails_once_its_retries_are_spent(db: Db, tmp_path: Path) -> None:

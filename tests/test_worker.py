@@ -27,7 +27,7 @@ from asyncactions import (
     processor,
     queries,
 )
-from asyncactions.claiming import CLAIM_SESSION, InFlight
+from asyncactions.claiming import CLAIM_SESSION, MAX_UNWRITTEN, PREFETCH, Claimer, InFlight
 from asyncactions.completer import Completer
 from asyncactions.config import Config, WorkerSettings
 from asyncactions.database import KeptConnection
@@ -526,3 +526,59 @@ def test_an_attempt_longer_than_the_lease_keeps_it_while_the_worker_beats(db: Db
     assert beats_seen.is_set()
     done = admin.get_action(db.engine, action.id)
     assert (done.status, done.attempts, started) == (Status.COMPLETED, 1, [action.id]), done.error
+
+
+def test_a_listening_worker_runs_a_delayed_action_when_the_leader_wakes_it(pg: Db) -> None:
+    """A listening worker polls only as a safety net (every 30 s with the default lease):
+    the leader's wake-up, every poll interval, notifies it once the delay has run out."""
+    ran = threading.Event()
+
+    @processor("later")
+    def later(action):
+        ran.set()
+
+    with worker_thread(Worker(config=config(pg), concurrency=1)):
+        init_action(pg.engine, "later", delay=timedelta(seconds=1))
+        wait_until(ran.is_set, 15, what="the delayed action, woken once due")
+
+
+def test_claims_stop_while_the_outcomes_not_yet_written_reach_their_bound(
+        pg: Db, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a crash can make run twice is bounded: while the outcome writes are held up,
+    a worker holds at most its slots' attempts plus MAX_UNWRITTEN outcomes."""
+    written = threading.Event()  # the completer's writes wait for this
+    write = Completer.write
+
+    def held_up(self: Completer, conn: KeptConnection, batch: list) -> None:
+        written.wait(60)
+        write(self, conn, batch)
+
+    monkeypatch.setattr(Completer, "write", held_up)
+    rounds: list[int] = []
+    claim_round = Claimer.claim_round
+
+    def counted(self: Claimer, conn: KeptConnection) -> tuple[int, bool]:
+        claimed = claim_round(self, conn)
+        rounds.append(claimed[0])
+        return claimed
+
+    monkeypatch.setattr(Claimer, "claim_round", counted)
+
+    @processor("quick")
+    def quick(action):
+        pass
+
+    init_actions(pg.engine, "quick", [{}] * (MAX_UNWRITTEN + 500))
+    slots = PREFETCH * 2  # concurrency 2
+    running = "SELECT count(*) FROM async_action WHERE status = 'running'"
+    with worker_thread(Worker(config=config(pg), concurrency=2)):
+        try:
+            wait_until(lambda: pg.scalar(running) >= MAX_UNWRITTEN, 60,
+                       what="claims up to the bound")
+            for _ in range(10):  # each enqueue's notification wakes a claim round
+                seen = len(rounds)
+                init_action(pg.engine, "quick")
+                wait_until(lambda seen=seen: len(rounds) > seen, 30, what="a claim round")
+            assert pg.scalar(running) <= slots + MAX_UNWRITTEN
+        finally:
+            written.set()
