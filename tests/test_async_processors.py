@@ -158,12 +158,16 @@ def test_canceling_a_running_async_attempt_keeps_it_canceled(db: Db) -> None:
         return "late result"
 
     action = init_action(db.engine, "slow", {})
-    thread = threading.Thread(target=Worker(config=worker_config(db)).run,
-                              kwargs={"burst": True})
+    worker = Worker(config=worker_config(db))
+    # A daemon, stopped in any case: a failure must not leave pytest waiting on it.
+    thread = threading.Thread(target=worker.run, kwargs={"burst": True}, daemon=True)
     thread.start()
-    assert entered.wait(10)
-    assert admin.cancel(db.engine, action.id).status == Status.CANCELED
-    thread.join(30)
+    try:
+        assert entered.wait(10)
+        assert admin.cancel(db.engine, action.id).status == Status.CANCELED
+        thread.join(30)
+    finally:
+        worker.stop()
     final = admin.get_action(db.engine, action.id)
     assert (final.status, final.result) == (Status.CANCELED, None)
 
@@ -187,14 +191,18 @@ def test_a_cancel_of_a_running_async_attempt_cancels_its_task(db: Db) -> None:
             cleaned_up.set()
 
     action = init_action(db.engine, "endless", {})
-    thread = threading.Thread(target=Worker(config=worker_config(db)).run,
-                              kwargs={"burst": True})
+    worker = Worker(config=worker_config(db))
+    # A daemon, stopped in any case: a failure must not leave pytest waiting on it.
+    thread = threading.Thread(target=worker.run, kwargs={"burst": True}, daemon=True)
     thread.start()
-    assert entered.wait(10)
-    admin.cancel(db.engine, action.id)
-    assert cleaned_up.wait(30), "the task was not cancelled"
-    thread.join(30)  # the burst worker ends: nothing is left running
-    assert not thread.is_alive()
+    try:
+        assert entered.wait(10)
+        admin.cancel(db.engine, action.id)
+        assert cleaned_up.wait(30), "the task was not cancelled"
+        thread.join(30)  # the burst worker ends: nothing is left running
+        assert not thread.is_alive()
+    finally:
+        worker.stop()
     assert outcome == ["cancelled"]
     assert admin.get_action(db.engine, action.id).status == Status.CANCELED
 
