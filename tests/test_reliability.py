@@ -7,6 +7,9 @@ time, duplicates, timeout detection) are printed: run with `-s` to see them.
 from __future__ import annotations
 
 import signal
+import socket
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -15,11 +18,22 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import insert, text, update
 
-from asyncactions import Status, Worker, admin, init_action, init_actions, migrate, processor
+from asyncactions import (
+    Status,
+    Worker,
+    admin,
+    init_action,
+    init_actions,
+    migrate,
+    processor,
+    queries,
+)
 from asyncactions.config import Config, WorkerSettings
 from asyncactions.database import make_engine
+from asyncactions.maintenance import pid_namespace
+from asyncactions.schema import async_action_worker
 
 from .conftest import (
     Cluster,
@@ -152,7 +166,6 @@ def test_a_lost_remote_workers_actions_return_when_its_lease_expires(db: Db) -> 
         conn.execute(text("INSERT INTO async_action_worker VALUES ('elsewhere:99:0-dead', "
                           "'elsewhere', 99, 'resumable,last_chance', :started, :beat)"),
                      {"started": last_beat + timedelta(hours=1), "beat": last_beat})
-    from asyncactions import queries
     with db.engine.begin() as conn:
         claimed, _ = queries.claim(conn, "elsewhere:99:0-dead",
                                    [("resumable", 1), ("last_chance", 0)], 2,
@@ -180,6 +193,43 @@ def test_a_lost_remote_workers_actions_return_when_its_lease_expires(db: Db) -> 
     assert lost.attempts == 1 and lost.error.startswith("WorkerLost: ")
     print(f"\n[{db.name}] remote worker lost: its action ran again {waited:.2f}s after the "
           f"claim (lease {lease}s)")
+
+
+def test_a_starting_worker_recovers_its_hosts_crashed_workers_actions_leader_or_not(
+        db: Db) -> None:
+    """A worker restarted after a crash on this host takes its predecessor's actions back
+    as it starts, though another worker leads (and would, by the leases, only later)."""
+    done = threading.Event()
+
+    @processor("resumable", retries=1, retry_interval=timedelta(0))
+    def resumable(action):
+        done.set()
+
+    action = init_action(db.engine, "resumable", {})
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()  # a pid whose process is gone
+    host, now = socket.gethostname(), datetime.now(UTC)
+    crashed = f"{host}:{exited.pid}:{pid_namespace()}-crashed"
+    leader = "elsewhere:1:0-leader"
+
+    def beat() -> None:  # the leader lives on, and leads: it started first
+        with db.engine.begin() as conn:
+            conn.execute(update(async_action_worker).where(async_action_worker.c.id == leader)
+                         .values(heartbeat_at=datetime.now(UTC)))
+
+    with db.engine.begin() as conn:
+        conn.execute(insert(async_action_worker), [
+            {"id": leader, "hostname": "elsewhere", "pid": 1, "processors": "resumable",
+             "started_at": now - timedelta(hours=1), "heartbeat_at": now},
+            {"id": crashed, "hostname": host, "pid": exited.pid, "processors": "resumable",
+             "started_at": now - timedelta(minutes=1), "heartbeat_at": now}])
+        (claimed,), _ = queries.claim(conn, crashed, [("resumable", 1)], 1,
+                                      timedelta(minutes=10))
+    assert claimed.id == action.id
+    with worker_thread(Worker(config=worker_config(db))):
+        wait_until(lambda: beat() or done.is_set(), 30, what="the crashed worker's action")
+    errors = admin.get_action(db.engine, action.id).errors
+    assert f"worker {crashed} was lost while running attempt 1" in errors[0]["error"]
 
 
 @pytest.mark.parametrize("slow", ["slow", "slow_async"])
