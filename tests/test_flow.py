@@ -400,3 +400,41 @@ def test_a_processor_sees_its_attempt_its_cancel_and_reports_progress(db: Db) ->
         thread.join(30)
     assert seen["action"] == action.id
     assert admin.get_action(db.engine, action.id).status == Status.CANCELED
+
+
+def test_a_capped_action_is_claimed_while_the_worker_is_busy_and_starts_next(
+        db: Db) -> None:
+    """Every slot taken and one attempt waiting: the claim loop still claims for a capped
+    processor, and its attempt goes ahead of the one waiting (it holds a slot of the
+    cluster's cap from its claim on)."""
+    gate, started = threading.Event(), []
+
+    @processor("plain")
+    def plain(action):
+        started.append(("plain", action.id))
+        gate.wait(30)
+
+    @processor("capped", concurrency=1)
+    def capped(action):
+        started.append(("capped", action.id))
+
+    plains = init_actions(db.engine, "plain", [{}] * 3)
+    worker = asyncactions.Worker(config=worker_config(db), concurrency=1)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        # One running, one claimed ahead and waiting for the slot.
+        wait_until(lambda: db.scalar("SELECT count(*) FROM async_action "
+                                     "WHERE status = 'running'") == 2, 30,
+                   what="the slot taken and one attempt waiting")
+        urgent = init_action(db.engine, "capped")
+        wait_until(lambda: admin.get_action(db.engine, urgent.id).status != Status.PENDING,
+                   30, what="the capped action claimed while the worker is busy")
+        gate.set()
+        wait_until(lambda: len(started) == 4, 30, what="every attempt")
+    finally:
+        gate.set()
+        worker.stop()
+        thread.join(30)
+    assert started == [("plain", plains[0].id), ("capped", urgent.id),
+                       ("plain", plains[1].id), ("plain", plains[2].id)]
