@@ -355,13 +355,16 @@ def test_an_attempt_whose_action_was_claimed_again_by_its_own_worker_is_told_to_
         (action,), _ = queries.claim(conn, "w", [("p", 3)], 1, timedelta(minutes=5))
     live = LiveAttempts()
     attempt = LiveAttempt([action], db.engine)
-    live.begin(attempt)
-    assert CancelWatch(db.engine, live).run_once() == 0
-    with db.engine.begin() as conn:  # the rescue, then this worker's next claim of it
-        conn.execute(text("UPDATE async_action SET attempts = attempts + 1 WHERE id = :id"),
-                     {"id": action.id})
-    assert CancelWatch(db.engine, live).run_once() == 1
-    assert attempt.cancel_requested
+    token = live.begin(attempt)
+    try:
+        assert CancelWatch(db.engine, live).run_once() == 0
+        with db.engine.begin() as conn:  # the rescue, then this worker's next claim of it
+            conn.execute(text("UPDATE async_action SET attempts = attempts + 1 "
+                              "WHERE id = :id"), {"id": action.id})
+        assert CancelWatch(db.engine, live).run_once() == 1
+        assert attempt.cancel_requested
+    finally:
+        live.end(attempt, token)  # current_attempt() is this thread's: leave it as found
 
 
 def test_current_attempt_outside_a_processor_is_an_error() -> None:
