@@ -87,19 +87,23 @@ def test_record_puts_a_retry_back_to_pending_after_its_delay(db: Db) -> None:
     assert retried.finished_at is None
 
 
-@pytest.mark.parametrize("stale", ["attempts", "claimed_by", "status"])
+@pytest.mark.parametrize("stale", ["attempts", "claimed_by", "canceled", "status"])
 def test_record_is_fenced_on_the_attempt_it_claimed(db: Db, stale: str) -> None:
     init_action(db.engine, "p", {})
     (action,) = claim(db, "w", [("p", 3)], 1)
     late = {"attempts": action._replace(attempts=action.attempts - 1),
-            "claimed_by": action._replace(claimed_by="another-worker"),
-            "status": action}[stale]
-    if stale == "status":
+            "claimed_by": action._replace(claimed_by="another-worker")}.get(stale, action)
+    if stale == "canceled":
         admin.cancel(db.engine, action.id)
+    if stale == "status":  # by hand: the claim's worker and attempt still on the row
+        with db.engine.begin() as conn:
+            conn.execute(text("UPDATE async_action SET status = 'canceled' WHERE id = :id"),
+                         {"id": action.id})
     assert record(db, [Outcome(late, Kind.COMPLETED, 3, result="1")]) == set()
     unchanged = admin.get_action(db.engine, action.id)
     assert unchanged.result is None
-    assert unchanged.status == (Status.CANCELED if stale == "status" else Status.RUNNING)
+    assert unchanged.status == (Status.RUNNING if stale in ("attempts", "claimed_by")
+                                else Status.CANCELED)
 
 
 def test_record_applies_a_batch_in_one_statement_and_says_which_got_through(db: Db) -> None:
