@@ -25,8 +25,8 @@ from .database import describe, has_table, translated_errors
 from .errors import AsyncActionsError, DatabaseError
 
 VERSION_TABLE = "asyncactions_alembic_version"
-# The schema this version's code needs: its newest migration (test_alembic keeps the two
-# the same). Written down because reading the migrations to find it costs ~4 ms, on
+# The schema this version's code needs: its newest migration (test_migrations keeps the
+# two the same). Written down because reading the migrations to find it costs ~4 ms, on
 # every worker's start.
 HEAD = "0010"
 

@@ -12,6 +12,7 @@ from typing import Any
 
 Line = dict[str, Any]
 
+
 def _drain(m: dict[str, Any]) -> str:
     """The drain rate, and the machine's CPU per action where the run measured it."""
     cpu = m.get("machine_cpu_us_per_action")
@@ -24,10 +25,10 @@ ROWS: list[tuple[str, Callable[[Line], bool], Callable[[dict[str, Any]], str]]] 
      lambda m: f"{m['enqueue_per_s']:,.0f}"),
     ("S1 drain, 1 worker process, actions/s",
      lambda d: d["scenario"] == "s1_drain" and d["settings"]["worker_processes"] == 1,
-     lambda m: _drain(m)),
+     _drain),
     ("S1 drain, 2 worker processes, actions/s",
      lambda d: d["scenario"] == "s1_drain" and d["settings"]["worker_processes"] == 2,
-     lambda m: _drain(m)),
+     _drain),
     ("S2 outbox, tx/s with ÷ without enqueue", lambda d: d["scenario"] == "s2_outbox",
      lambda m: f"{m['ratio']:.2f} ({m['tx_per_s_with']:,.0f} / {m['tx_per_s_without']:,.0f})"),
     ("S3 pickup p50 / p95 / p99, ms", lambda d: d["scenario"] == "s3_pickup",

@@ -251,9 +251,8 @@ def index_scans(conn: Any, sql: str, args: Any, index: str) -> list[dict[str, An
 def plans_sent_here(conn: Any) -> list[dict[str, Any]]:
     """From now on, each statement `conn` (a SQLAlchemy Connection on PostgreSQL) runs,
     with its plan as the server ran it, buffers read included ({"Query Text", "Plan"}):
-    auto_explain, sent to
-    this client as notices. A prepared statement's generic plan shows here, which
-    EXPLAIN cannot show."""
+    auto_explain, sent to this client as notices. A prepared statement's generic plan
+    shows here, which EXPLAIN cannot show."""
     for setting in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
                     "SET auto_explain.log_analyze = on", "SET auto_explain.log_buffers = on",
                     "SET auto_explain.log_format = json",

@@ -183,7 +183,7 @@ def test_a_lost_remote_workers_actions_return_when_its_lease_expires(db: Db) -> 
     finally:
         worker.stop()
         thread.join(30)
-    assert lease <= waited < 45, "recovered by the lease, before the worker was forgotten"
+    assert waited >= lease, "recovered before the lease ran out"
     again = admin.get_action(db.engine, resumable_id)
     assert (again.status, again.attempts, again.retries, again.result) == (
         Status.COMPLETED, 2, 0, "second try")
