@@ -16,7 +16,7 @@ import psycopg
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy import exc as sa_exc
 
-from . import queries
+from . import queries, tracing
 from .action import Action
 from .completer import MAX_BATCH
 from .database import KeptConnection, first_line
@@ -458,11 +458,12 @@ class Claimer:
             units = [[a] for a in actions] if batch_size is None else [actions]
             free -= len(units)
             attempts = []
+            tracer = tracing.consumer_tracer()
             for unit in units:
                 name = unit[0].processor
                 if self._metrics is not None:
                     self._metrics.claimed_actions(name, len(unit))
-                attempts.append(Attempt(unit, name, self._timeouts[name]))
+                attempts.append(Attempt(unit, name, self._timeouts[name], tracer=tracer))
             # A capped attempt goes first in the queue: it holds a slot of its cap (or a
             # start of its rate) from its claim on.
             self._runner.submit(*attempts, first=flow is not None)

@@ -46,6 +46,7 @@ class Attempt:
     finished: bool = field(default=False)  # its outcome was reported (or it timed out)
     live: LiveAttempt | None = field(default=None)  # while it runs: current_attempt()
     task: asyncio.Task[None] | None = field(default=None)  # an async attempt's, once started
+    tracer: Any = field(default=None)  # its consumer span's (tracing.consumer_tracer); None: off
 
 
 class Done(NamedTuple):
@@ -84,7 +85,7 @@ class Executor:
         proc = self._processors[attempt.processor]
         # The hook an asyncio runner needs to cancel a task: attempt.live.on_cancel().
         attempt.live = LiveAttempt(attempt.actions, self._engine)
-        with tracing.consuming(proc.name, attempt.actions) as span:
+        with tracing.consuming(attempt.tracer, proc.name, attempt.actions) as span:
             token = self.live.begin(attempt.live)
             try:
                 if proc.settings.transactional:
@@ -109,7 +110,7 @@ class Executor:
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
         if task is not None:
             attempt.live.on_cancel(lambda: loop.call_soon_threadsafe(task.cancel))
-        with tracing.consuming(proc.name, attempt.actions) as span:
+        with tracing.consuming(attempt.tracer, proc.name, attempt.actions) as span:
             token = self.live.begin(attempt.live)
             try:
                 if proc.settings.transactional:

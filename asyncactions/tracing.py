@@ -86,11 +86,19 @@ def _link(value: str | None) -> Any:
 _OFF = nullcontext()  # the consumer "span" when nothing records: enters as None
 
 
-def consuming(processor: str, actions: Sequence[Any]) -> AbstractContextManager[Any]:
-    """The consumer span of one attempt (of one action, or of a batch), linked to the
-    spans that enqueued its actions, as a context manager whose value is the span, or
-    None when nothing records (then a shared one that costs nothing to enter)."""
-    tracer = _tracer()
+def consumer_tracer() -> Any:
+    """The tracer for consumer spans, or None when nothing records: looked up once per
+    claim, not per attempt (the API's lookup cost a no-op attempt a sixth of its
+    executor's time), so a provider set meanwhile is used from the next claim on."""
+    return _tracer()
+
+
+def consuming(tracer: Any, processor: str,
+              actions: Sequence[Any]) -> AbstractContextManager[Any]:
+    """The consumer span of one attempt (of one action, or of a batch), made with
+    `tracer` (consumer_tracer's), linked to the spans that enqueued its actions, as a
+    context manager whose value is the span, or None when nothing records (then a
+    shared one that costs nothing to enter)."""
     return _OFF if tracer is None else _consuming(tracer, processor, actions)
 
 

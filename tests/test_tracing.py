@@ -15,9 +15,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from asyncactions import admin, init_action, init_actions, processor
+from asyncactions import Worker, admin, init_action, init_actions, processor
 
-from .conftest import Db, drain
+from .conftest import Db, drain, wait_until, worker_config, worker_thread
 
 _exporter = InMemorySpanExporter()
 _provider = TracerProvider()
@@ -80,3 +80,26 @@ def test_without_a_recording_provider_nothing_is_stored(
     monkeypatch.setattr(trace, "get_tracer_provider", trace.ProxyTracerProvider)
     action = init_action(db.engine, "untraced", {})
     assert admin.get_action(db.engine, action.id).trace_context is None
+
+
+def test_a_provider_set_while_a_worker_runs_is_used_from_its_next_claim(
+        db: Db, spans, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker looks the tracer up once per claim, not per attempt: an application
+    that sets its provider after the worker started gets spans for what it claims next."""
+    ran: list[int] = []
+
+    @processor("late_traced")
+    def late_traced(action):
+        ran.append(action.id)
+
+    monkeypatch.setattr(trace, "get_tracer_provider", trace.ProxyTracerProvider)  # none yet
+    with worker_thread(Worker(config=worker_config(db), concurrency=2)) as thread:
+        before = init_action(db.engine, "late_traced", {})
+        wait_until(lambda: before.id in ran, what="the action enqueued before the provider")
+        monkeypatch.undo()  # the application sets its provider
+        after = init_action(db.engine, "late_traced", {})
+        wait_until(lambda: after.id in ran, what="the action enqueued after it")
+    assert not thread.is_alive()
+    consumed = [s.attributes["asyncactions.action_id"] for s in spans.get_finished_spans()
+                if s.kind == SpanKind.CONSUMER]
+    assert consumed == [after.id]
