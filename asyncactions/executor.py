@@ -9,12 +9,12 @@ exception is its action's failure, never the worker's.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from types import CoroutineType
 from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import Engine
@@ -96,7 +96,8 @@ class Executor:
                 done = self._broken(attempt, exc)
             finally:
                 self.live.end(attempt.live, token)
-            tracing.outcome(span, done.outcomes)
+            if span is not None:
+                tracing.outcome(span, done.outcomes)
         return self._measured(proc, started, done)
 
     async def run_async(self, attempt: Attempt) -> Done:
@@ -170,7 +171,7 @@ class Executor:
             value = proc.fn(*self._args(proc, actions, session))
             if proc.is_async:
                 value = await_only(value)
-            elif inspect.iscoroutine(value):  # a sync wrapper around an async def
+            elif isinstance(value, CoroutineType):  # a sync wrapper around an async def
                 value.close()
                 raise TypeError(f"processor {proc.name!r} returned a coroutine: register the "
                                 "async def itself (or a wrapper that is an async def too)")
@@ -230,12 +231,13 @@ class Executor:
 
     def _outcome(self, action: Action, end: Any) -> Outcome:
         """The one decision: a Defer, an exception (a failed attempt) or a result."""
-        settings = self._processors[action.processor].settings
         try:
             if isinstance(end, Defer):
-                return deferred(action, end, worker=self._worker, settings=settings)
+                return deferred(action, end, worker=self._worker,
+                                settings=self._processors[action.processor].settings)
             if isinstance(end, BaseException):
-                return failed_attempt(action, end, worker=self._worker, settings=settings)
+                return failed_attempt(action, end, worker=self._worker,
+                                      settings=self._processors[action.processor].settings)
             return completed(action, end, max_bytes=self._max_bytes, worker=self._worker)
         except BaseException as exc:
             return self._last_resort(action, exc)

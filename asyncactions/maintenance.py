@@ -121,6 +121,14 @@ class Rescuer:
         # Often enough that a lost action returns within about 1.1 leases of its loss.
         self.interval = max(min(lease.total_seconds() / 10, 1.0), 0.1)
 
+    def run_for_this_host(self) -> int:
+        """A rescue only if a worker on this host has exited (a restart after a crash,
+        leader or not); otherwise nothing: the leader's runs bring back the rest."""
+        hostname = socket.gethostname()
+        with self._engine.connect() as conn:
+            gone = dead_local_workers(queries.workers_on(conn, hostname), hostname)
+        return self.run_once() if gone else 0
+
     def run_once(self) -> int:
         hostname = socket.gethostname()
         with self._engine.begin() as conn:
@@ -288,10 +296,11 @@ class Maintenance:
         self._scheduler = BackgroundScheduler(daemon=True)
         for service, leader_only in [*((s, False) for s in everywhere),
                                      *((s, True) for s in leading)]:
-            # The worker beat and rescued as it started, so those first run an interval
-            # away; the others within a second, after the claim loop's first claims (run
-            # at once, they held a starting worker's first claim back by a third, 100 ->
-            # 67 ms). (None would add the job paused.)
+            # The worker registered (learning who leads, as a beat does) and rescued for
+            # its host as it started, so those first run an interval away; the others
+            # within a second, after the claim loop's first claims (run at once, they
+            # held a starting worker's first claim back by a third, 100 -> 67 ms).
+            # (None would add the job paused.)
             first = {} if isinstance(service, Heartbeat | Rescuer) else {
                 "next_run_time": datetime.now(UTC) + timedelta(seconds=min(service.interval,
                                                                            FIRST_RUN_WITHIN))}

@@ -459,12 +459,18 @@ def release(conn: Connection, actions: Sequence[Action]) -> None:
 # --- workers and leases -------------------------------------------------------------
 
 def register_worker(conn: Connection, worker: str, hostname: str, pid: int,
-                    processors: Sequence[str]) -> None:
+                    processors: Sequence[str], *, lease: timedelta) -> str:
+    """Register this worker (again, if it was declared dead); returns the leader's id, as
+    a heartbeat does, so a starting worker need not beat to learn it. (The statement
+    does not see the row it inserts: no earlier live worker means this one.)"""
     values = {"id": worker, "hostname": hostname, "pid": pid,
               "processors": ",".join(processors), "started_at": NOW, "heartbeat_at": NOW}
     stmt = upsert(conn.dialect.name, async_action_worker).values(values)
-    conn.execute(stmt.on_conflict_do_update(index_elements=["id"],
-                                            set_={"heartbeat_at": NOW}))
+    leader = func.coalesce(_leader(), bindparam("me", type_=Text))
+    return conn.execute(stmt.on_conflict_do_update(index_elements=["id"],
+                                                   set_={"heartbeat_at": NOW})
+                        .returning(leader),
+                        {"me": worker, "neg_recent": -lease.total_seconds() / 3}).scalar_one()
 
 
 def unregister_worker(conn: Connection, worker: str) -> None:
@@ -502,16 +508,21 @@ EXTEND_LEASES = (
 # strand, and passes on about half a lease after the leader's loss, before its
 # actions' leases run out.
 _live = async_action_worker.alias("live")
+
+
+def _leader() -> ColumnElement[Any]:
+    return (select(_live.c.id)
+            .where(_live.c.heartbeat_at > db_now(bindparam("neg_recent", type_=Float)))
+            .order_by(_live.c.started_at, _live.c.id)
+            .limit(1)
+            .scalar_subquery())
+
+
 HEARTBEAT = (
     update(async_action_worker)
     .where(async_action_worker.c.id == bindparam("worker"))
     .values(heartbeat_at=NOW)
-    .returning(
-        select(_live.c.id)
-        .where(_live.c.heartbeat_at > db_now(bindparam("neg_recent", type_=Float)))
-        .order_by(_live.c.started_at, _live.c.id)
-        .limit(1)
-        .scalar_subquery())
+    .returning(_leader())
 )
 
 

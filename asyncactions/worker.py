@@ -152,7 +152,7 @@ class Worker:
                 runner=runner, executor=executor, in_flight=self._in_flight,
                 report=completer.add, wake=self._wake, alive=self._check_alive,
                 metrics=self.metrics, background=frozenset({fanout.FANOUT}))
-            leadership = Leadership(self.id, settings.lease)
+            self._leadership = leadership = Leadership(self.id, settings.lease)
             heartbeat = Heartbeat(engine, self.id, settings.lease, self._in_flight.ids,
                                   lambda: self._register(engine), leadership, self.metrics)
             rescuer = Rescuer(engine, settings.lease, self.processors, self._written)
@@ -160,9 +160,8 @@ class Worker:
                                                                   listens))
             if self.metrics is not None and self._metrics_port:
                 self.metrics.serve(self._metrics_port)
-            self._starting(answered, lambda: self._register(engine))
+            self._starting(answered, lambda: self._register(engine))  # and learn who leads
             self._starting(answered, lambda: self._add_rules(engine))
-            self._starting(answered, heartbeat.run_once)  # learn whether this worker leads
             self._rescue_now(rescuer)
             restore_signals = self._install_signal_handlers()
             for part in (completer, runner, maintenance, *([loop] if loop else [])):
@@ -241,14 +240,17 @@ class Worker:
 
     def _register(self, engine: Engine) -> None:
         with engine.begin() as conn:
-            queries.register_worker(conn, self.id, socket.gethostname(), os.getpid(),
-                                    sorted(self.processors))
+            leader = queries.register_worker(conn, self.id, socket.gethostname(), os.getpid(),
+                                             sorted(self.processors),
+                                             lease=self.config.worker.lease)
+        self._leadership.saw(leader)
 
     def _rescue_now(self, rescuer: Rescuer) -> None:
-        """A restart after a crash on this host: recover its actions now, leader or not.
-        Whatever the table holds, the worker starts."""
+        """A restart after a crash on this host: recover its actions now, leader or not
+        (the rest of a rescue is the leader's). Whatever the table holds, the worker
+        starts."""
         try:
-            rescuer.run_once()
+            rescuer.run_for_this_host()
         except Exception as exc:
             log.warning("recovering lost actions at start failed (%s); the leader will "
                         "retry", first_line(exc))

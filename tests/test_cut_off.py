@@ -74,7 +74,7 @@ def test_a_heartbeat_cut_off_at_its_commit_lets_the_rescue_through_after_a_lease
     """The beat locks the worker's row and extends its actions' leases: the new leader's
     rescue waits on both."""
     with pg.engine.begin() as conn:
-        queries.register_worker(conn, "gone", "elsewhere", 1, ["p"])
+        queries.register_worker(conn, "gone", "elsewhere", 1, ["p"], lease=LEASE)
     init_actions(pg.engine, "p", [1])
     with pg.engine.begin() as conn:
         (held,), _ = queries.claim(conn, "gone", [("p", 3)], 1, LEASE)
@@ -100,7 +100,7 @@ def test_a_transactional_attempt_cut_off_at_its_commit_is_rescued_after_a_lease(
         bookings: Db) -> None:
     pg = bookings
     with pg.engine.begin() as conn:
-        queries.register_worker(conn, "gone", "elsewhere", 1, ["book"])
+        queries.register_worker(conn, "gone", "elsewhere", 1, ["book"], lease=LEASE)
 
     @processor("book", transactional=True)
     def book(action, session):

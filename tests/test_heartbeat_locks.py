@@ -19,7 +19,7 @@ LEASE = timedelta(minutes=5)
 def test_heartbeat_skips_a_row_whose_outcome_is_being_written_and_extends_the_rest(
         pg: Db) -> None:
     with pg.engine.begin() as conn:
-        queries.register_worker(conn, "w", "host", 1, ["p"])
+        queries.register_worker(conn, "w", "host", 1, ["p"], lease=LEASE)
     init_actions(pg.engine, "p", [1, 2])
     with pg.engine.begin() as conn:
         writing, other = queries.claim(conn, "w", [("p", 3)], 2, LEASE)[0]

@@ -33,7 +33,7 @@ def record(db: Db, outcomes: list[Outcome]) -> set[int]:
 def register(db: Db, *workers: str) -> None:
     with db.engine.begin() as conn:
         for worker in workers:
-            queries.register_worker(conn, worker, "host", 1, ["p"])
+            queries.register_worker(conn, worker, "host", 1, ["p"], lease=LEASE)
 
 
 # --- claim ---------------------------------------------------------------------------
@@ -250,6 +250,18 @@ def test_heartbeat_names_the_longest_running_live_worker_as_leader(db: Db) -> No
                      {"t": datetime.now(UTC) - 2 * LEASE})
         assert queries.heartbeat(conn, "second", LEASE, []) == (True, "second")
         assert queries.heartbeat(conn, "unregistered", LEASE, []) == (False, None)
+
+
+def test_a_registration_names_the_leader_as_a_heartbeat_does(db: Db) -> None:
+    """A starting worker learns who leads from its registration, with no beat of its
+    own: itself when no live worker started before it."""
+    with db.engine.begin() as conn:
+        assert queries.register_worker(conn, "first", "host", 1, ["p"], lease=LEASE) == "first"
+    with db.engine.begin() as conn:
+        assert queries.register_worker(conn, "second", "host", 2, ["p"], lease=LEASE) == "first"
+        conn.execute(text("UPDATE async_action_worker SET heartbeat_at = :t WHERE id = 'first'"),
+                     {"t": datetime.now(UTC) - 2 * LEASE})
+        assert queries.register_worker(conn, "third", "host", 3, ["p"], lease=LEASE) == "second"
 
 
 # --- rescue -------------------------------------------------------------------------------

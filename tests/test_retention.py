@@ -60,10 +60,10 @@ def test_only_the_elected_leader_prunes(db: Db) -> None:
     the other's pruner does not run, until the leader's heartbeat ages past a lease."""
     lease = timedelta(minutes=1)
     with db.engine.begin() as conn:
-        queries.register_worker(conn, "elder", "h", 1, ["p"])
+        queries.register_worker(conn, "elder", "h", 1, ["p"], lease=lease)
         conn.execute(text("UPDATE async_action_worker SET started_at = :t"),
                      {"t": datetime.now(UTC) - timedelta(minutes=1)})
-        queries.register_worker(conn, "younger", "h", 2, ["p"])
+        assert queries.register_worker(conn, "younger", "h", 2, ["p"], lease=lease) == "elder"
     pruned: dict[str, int] = {}
 
     class CountingPruner(Pruner):
