@@ -44,8 +44,10 @@ def test_a_worker_with_short_retention_keeps_the_table_bounded(db: Db) -> None:
             wait_until(lambda wave=wave: db.scalar(
                 "SELECT count(*) FROM async_action WHERE related_id = :r",
                 r=f"wave:{wave - 2}") == 0, timeout=15, what="pruning")
-        wait_until(lambda: db.scalar("SELECT count(*) FROM async_action WHERE status = "
-                                     "'completed'") == 0, timeout=15, what="the last pruning")
+        # Not "no completed row": outcomes still on their way to the table read as
+        # running (400 of them once, on SQLite, in a whole-suite run).
+        wait_until(lambda: db.scalar("SELECT count(*) FROM async_action WHERE status <> "
+                                     "'failed'") == 0, timeout=15, what="the last pruning")
     finally:
         worker.stop()
         thread.join(30)
