@@ -61,6 +61,11 @@ class Interrupted(Exception):
     """Recorded for an attempt still running when shutdown_grace ran out."""
 
 
+# An attempt is quick when it ends within this on average (seconds): then a worker holds
+# more attempts waiting (see claiming.PREFETCH_QUICK).
+QUICK = 0.001
+
+
 class Executor:
     def __init__(self, processors: dict[str, Processor], worker_id: str, engine: Engine, *,
                  max_bytes: int, metrics: Metrics | None = None,
@@ -75,6 +80,14 @@ class Executor:
         self._max_bytes = max_bytes
         self._metrics = metrics
         self.live = live or LiveAttempts()
+        # Seconds an attempt took, smoothed over the last few dozen (None: none yet).
+        # Updated by every runner thread without a lock: a lost update changes nothing.
+        self._typical: float | None = None
+
+    @property
+    def quick(self) -> bool:
+        """Whether this worker's attempts have lately ended within QUICK on average."""
+        return self._typical is not None and self._typical < QUICK
 
     def is_async(self, attempt: Attempt) -> bool:
         return self._processors[attempt.processor].is_async
@@ -145,8 +158,11 @@ class Executor:
         return Done(self.failed(attempt, exc))
 
     def _measured(self, proc: Processor, started: float, done: Done) -> Done:
+        seconds = time.perf_counter() - started
+        typical = self._typical
+        self._typical = seconds if typical is None else typical + 0.05 * (seconds - typical)
         if self._metrics is not None:
-            self._metrics.attempt(proc.name, time.perf_counter() - started)
+            self._metrics.attempt(proc.name, seconds)
         return done
 
     @staticmethod

@@ -27,7 +27,14 @@ from asyncactions import (
     processor,
     queries,
 )
-from asyncactions.claiming import CLAIM_SESSION, MAX_UNWRITTEN, PREFETCH, Claimer, InFlight
+from asyncactions.claiming import (
+    CLAIM_SESSION,
+    MAX_UNWRITTEN,
+    PREFETCH,
+    PREFETCH_QUICK,
+    Claimer,
+    InFlight,
+)
 from asyncactions.completer import Completer
 from asyncactions.config import Config, WorkerSettings
 from asyncactions.database import KeptConnection
@@ -542,6 +549,52 @@ def test_a_listening_worker_runs_a_delayed_action_when_the_leader_wakes_it(pg: D
         wait_until(ran.is_set, 15, what="the delayed action, woken once due")
 
 
+def asked_claims(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """How many actions each claim of processor `name` asks for, as it is made."""
+    asked: list[int] = []
+    claim = queries.claim
+
+    def recorded(conn, worker, processors, free, *args, **kwargs):
+        if name in dict(processors):
+            asked.append(free)
+        return claim(conn, worker, processors, free, *args, **kwargs)
+
+    monkeypatch.setattr(queries, "claim", recorded)
+    return asked
+
+
+def test_a_worker_holds_a_second_waiting_attempt_per_thread_once_its_attempts_are_quick(
+        db: Db, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quick attempts: claims of up to three attempts per thread (one running, two
+    waiting), which cost less per action."""
+    asked = asked_claims(monkeypatch, "instant")
+
+    @processor("instant")
+    def instant(action):
+        pass
+
+    init_actions(db.engine, "instant", [{}] * 300)
+    drain(db, concurrency=2)
+    assert max(asked) > PREFETCH * 2
+    assert max(asked) <= PREFETCH_QUICK * 2
+
+
+def test_a_worker_holds_one_waiting_attempt_per_thread_while_its_attempts_are_slow(
+        db: Db, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slow attempts: never more than one waiting per thread, so a backlog is not held by
+    one worker while another has threads free."""
+    asked = asked_claims(monkeypatch, "slow")
+
+    @processor("slow")
+    def slow(action):
+        time.sleep(0.02)
+
+    init_actions(db.engine, "slow", [{}] * 12)
+    drain(db, concurrency=2)
+    assert asked  # the slow actions were claimed
+    assert max(asked) <= PREFETCH * 2
+
+
 def test_claims_stop_while_the_outcomes_not_yet_written_reach_their_bound(
         pg: Db, monkeypatch: pytest.MonkeyPatch) -> None:
     """What a crash can make run twice is bounded: while the outcome writes are held up,
@@ -568,7 +621,7 @@ def test_claims_stop_while_the_outcomes_not_yet_written_reach_their_bound(
         pass
 
     init_actions(pg.engine, "quick", [{}] * (MAX_UNWRITTEN + 500))
-    slots = PREFETCH * 2  # concurrency 2
+    slots = PREFETCH_QUICK * 2  # concurrency 2, attempts quick
     running = "SELECT count(*) FROM async_action WHERE status = 'running'"
     with worker_thread(Worker(config=config(pg), concurrency=2)):
         try:
