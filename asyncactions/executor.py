@@ -109,8 +109,7 @@ class Executor:
                 done = self._broken(attempt, exc)
             finally:
                 self.live.end(attempt.live, token)
-            if span is not None:
-                tracing.outcome(span, done.outcomes)
+            tracing.outcome(span, done.outcomes)
         return self._measured(proc, started, done)
 
     async def run_async(self, attempt: Attempt) -> Done:

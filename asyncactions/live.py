@@ -135,7 +135,7 @@ class LiveAttempts:
         return _current.set(attempt)
 
     def end(self, attempt: LiveAttempt, token: Token[LiveAttempt | None]) -> None:
-        self._running.discard(attempt)  # as retire does
+        self.retire(attempt)
         _current.reset(token)
 
     def retire(self, attempt: LiveAttempt) -> None:
