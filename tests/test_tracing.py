@@ -5,8 +5,12 @@ in-memory exporter; without a provider that records, nothing is stored."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from opentelemetry import trace
@@ -80,6 +84,29 @@ def test_without_a_recording_provider_nothing_is_stored(
     monkeypatch.setattr(trace, "get_tracer_provider", trace.ProxyTracerProvider)
     action = init_action(db.engine, "untraced", {})
     assert admin.get_action(db.engine, action.id).trace_context is None
+
+
+def test_a_provider_named_in_the_environment_a_process_starts_with_is_used(
+        tmp_path: Path) -> None:
+    """OpenTelemetry's OTEL_PYTHON_TRACER_PROVIDER names a provider to load when the
+    application sets none in code: a process started with it stores traceparents, one
+    started without it stores none (read once, as the process starts)."""
+    enqueue = ("from sqlalchemy import create_engine\n"
+               "from asyncactions import admin, init_action, migrate\n"
+               "engine = create_engine('sqlite:///' + __import__('sys').argv[1])\n"
+               "migrate.upgrade(engine)\n"
+               "action = init_action(engine, 'p', {})\n"
+               "print(admin.get_action(engine, action.id).trace_context)\n")
+
+    def stored(**env: str) -> str:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        return subprocess.run([sys.executable, "-c", enqueue, str(tmp_path / "queue.db")],
+                              env={**environment, **env}, capture_output=True, text=True,
+                              check=True, timeout=120).stdout.strip()
+
+    assert stored() == "None"
+    traceparent = stored(OTEL_PYTHON_TRACER_PROVIDER="sdk_tracer_provider")
+    assert traceparent.startswith("00-") and len(traceparent.split("-")) == 4
 
 
 def test_a_provider_set_while_a_worker_runs_is_used_from_its_next_claim(
