@@ -27,7 +27,6 @@ from sqlalchemy import (
     cast,
     func,
     insert,
-    literal,
     literal_column,
     select,
 )
@@ -76,11 +75,13 @@ def _options(processor: str, delay: timedelta | None, eligible_at: datetime | No
             "delay": (delay or timedelta(0)).total_seconds(), "eligible_at": eligible_at}
 
 
-def _insert_values(explicit_time: bool, data: Any) -> dict[str, Any]:
-    """Column values shared by single and bulk inserts; `data` is the data expression."""
-    return {
+def _insert_values(explicit_time: bool, data: Any,
+                   given: Iterable[str] | None = None) -> dict[str, Any]:
+    """Column values shared by single and bulk inserts; `data` is the data expression.
+    With `given`, the optional columns not in it are left out (see _OPTIONAL)."""
+    values = {
         "processor": bindparam("processor", type_=Text),
-        "status": literal(Status.PENDING.value, Text),
+        "status": literal_column(f"'{Status.PENDING.value}'", Text),  # a constant, not bound
         "data": data,
         "related_id": bindparam("related_id", type_=Text),
         "priority": bindparam("priority"),
@@ -93,6 +94,28 @@ def _insert_values(explicit_time: bool, data: Any) -> dict[str, Any]:
                              if explicit_time else db_now(bindparam("delay", type_=Float))),
         "created_at": NOW,
     }
+    if given is not None:
+        left_out = {name for name, _ in _OPTIONAL} - set(given)
+        for name in left_out & values.keys():
+            del values[name]
+        if not explicit_time and "delay" in left_out:
+            values["next_eligible_at"] = NOW
+    return values
+
+
+# The options of a single enqueue, each with the value that means "not given": a column
+# not given is left out of the statement and takes its default (NULL, priority 0,
+# eligible now). The common enqueue then binds 2 parameters, not 13, which saves the
+# client and the server ~7 us of a ~200 us statement (issue 17's S2 kept).
+_OPTIONAL = (("related_id", None), ("priority", 0), ("retries", None), ("unique_key", None),
+             ("ordering_key", None), ("trace_context", None), ("event", None),
+             ("delay", 0.0), ("eligible_at", None))
+
+
+def _insert_for(dialect: str, params: dict[str, Any]) -> HotStatement:
+    """The single-row insert of `params`: one statement per set of options given."""
+    return _insert_stmt(dialect, tuple([name for name, unset in _OPTIONAL
+                                        if params[name] != unset]))
 
 
 def _returning(dialect: str) -> list[Any]:
@@ -101,7 +124,8 @@ def _returning(dialect: str) -> list[Any]:
     if dialect == "postgresql":
         # Delivered at commit, never on rollback; an uncorrelated subquery runs once,
         # so a bulk insert sends one notification.
-        cols.append(select(func.pg_notify(NOTIFY_CHANNEL, bindparam("processor", type_=Text)))
+        cols.append(select(func.pg_notify(literal_column(f"'{NOTIFY_CHANNEL}'", Text),
+                                          bindparam("processor", type_=Text)))
                     .scalar_subquery())
     return cols
 
@@ -144,8 +168,7 @@ def init_action(db: Database, processor: str, data: Any = None, *,
     try:
         conn = db.connection() if isinstance(db, Session) else db
         if type(conn) is Connection:  # the common case, without a generator's set-up
-            stmt = _insert_stmt(conn.dialect.name, eligible_at is not None,
-                                unique_key is not None)
+            stmt = _insert_for(conn.dialect.name, params)
             if wait or not pipelined.usable(conn):
                 action = _insert_one(conn, stmt, data, params)
             else:
@@ -153,9 +176,8 @@ def init_action(db: Database, processor: str, data: Any = None, *,
                                          _new_action((None, None, None), data, params))
         else:
             with connection(db, one_statement=True) as conn:
-                stmt = _insert_stmt(conn.dialect.name, eligible_at is not None,
-                                    unique_key is not None)
-                action = _insert_one(conn, stmt, data, params)
+                action = _insert_one(conn, _insert_for(conn.dialect.name, params), data,
+                                     params)
     finally:
         if span is not None:
             tracing.end_producer(span, [action.id] if action else [])
@@ -236,11 +258,11 @@ def _insert_many(db: Database, data: Sequence[Any], encode: Encode,
                 return _copy_in(conn, data, encode, params, okeys)
         if conn.dialect.name != "postgresql":
             # SQLite has no round trips to save: the single-row statement, many times.
-            stmt = _insert_stmt(conn.dialect.name, explicit_time, keys is not None)
-            return [_insert_one(conn, stmt, d, {**params, "data": t, "unique_key": k,
-                                                "ordering_key": o})
-                    for d, t, k, o in zip(data, texts, keys or [None] * len(texts),
-                                          okeys or [None] * len(texts), strict=True)]
+            items = ({**params, "data": t, "unique_key": k, "ordering_key": o}
+                     for t, k, o in zip(texts, keys or [None] * len(texts),
+                                        okeys or [None] * len(texts), strict=True))
+            return [_insert_one(conn, _insert_for(conn.dialect.name, item), d, item)
+                    for d, item in zip(data, items, strict=True)]
         if keys is None:
             rows = conn.execute(_bulk_insert_pg(conn.dialect.name, explicit_time, ordered),
                                 {**params, "datas": _json_array(texts),
@@ -251,7 +273,7 @@ def _insert_many(db: Database, data: Sequence[Any], encode: Encode,
         rows = conn.execute(_bulk_insert_unique_pg(conn.dialect.name, explicit_time, ordered),
                             {**params, "datas": texts, "keys": keys,
                              "okeys": okeys or [None] * len(texts)}).all()
-        return _resolve_unique(conn, explicit_time, rows, data, texts, keys, params, okeys)
+        return _resolve_unique(conn, rows, data, texts, keys, params, okeys)
 
 
 def _unique_keys(unique_key: UniqueKeys | None, data: Sequence[Any]) -> list[str | None] | None:
@@ -300,7 +322,7 @@ def _ordering_keys(ordering_key: OrderingKeys | None,
     return keys if any(k is not None for k in keys) else None
 
 
-def _resolve_unique(conn: Connection, explicit_time: bool, rows: Sequence[Row[Any]],
+def _resolve_unique(conn: Connection, rows: Sequence[Row[Any]],
                     data: Sequence[Any], texts: list[str | None], keys: list[str | None],
                     params: dict[str, Any],
                     okeys: list[str | None] | None = None) -> list[Action]:
@@ -320,8 +342,8 @@ def _resolve_unique(conn: Connection, explicit_time: bool, rows: Sequence[Row[An
         else:
             # The key's holder committed while the statement ran, after its snapshot was
             # taken: look again with a statement of its own.
-            action = _insert_one(conn, _insert_stmt(conn.dialect.name, explicit_time, True), d,
-                                 {**item, "data": text})
+            item = {**item, "data": text}
+            action = _insert_one(conn, _insert_for(conn.dialect.name, item), d, item)
         if key is not None:
             by_key.setdefault(key, action)
         actions.append(action)
@@ -343,10 +365,11 @@ def _insert_one(conn: Connection, stmt: HotStatement, data: Any, params: dict[st
 
 # The statements are built once per shape: building one costs more than running it.
 @functools.cache
-def _insert_stmt(dialect: str, explicit_time: bool, unique: bool) -> HotStatement:
+def _insert_stmt(dialect: str, given: tuple[str, ...]) -> HotStatement:
     stmt = upsert(dialect, async_action).values(
-        _insert_values(explicit_time, as_payload(bindparam("data", type_=Text))))
-    if unique:
+        _insert_values("eligible_at" in given, as_payload(bindparam("data", type_=Text)),
+                       given))
+    if "unique_key" in given:
         stmt = stmt.on_conflict_do_nothing(index_elements=["unique_key"],
                                            index_where=LIVE_KEY)
     return HotStatement(stmt.returning(*_returning(dialect)))
