@@ -7,7 +7,7 @@ In the application's env.py::
 and in one of its migrations::
 
     def upgrade():
-        asyncactions.alembic.upgrade(op, "0010")
+        asyncactions.alembic.upgrade(op, "0011")
 
     def downgrade():
         asyncactions.alembic.downgrade(op, "base")
@@ -44,7 +44,7 @@ def include_name(name: str | None, type_: str, parent_names: Mapping[str, Any]) 
 def upgrade(op: Operations | ModuleType, revision: str = "head") -> None:
     """Bring asyncactions' schema up to `revision` inside the application migration that
     calls this, in its transaction, recorded in asyncactions_alembic_version. Prefer a
-    fixed revision (as "0010") to "head": the migration then does the same thing forever."""
+    fixed revision (as "0011") to "head": the migration then does the same thing forever."""
     migrate.check_revision(revision)
     migrate.upgrade_on(_connection(op), revision)
 
