@@ -6,11 +6,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from asyncactions import migrate
+from asyncactions import init_action, migrate, processor
 from asyncactions.database import describe, has_schema
 from asyncactions.schema import metadata
 
-from .conftest import Db, cli
+from .conftest import Db, cli, drain
 
 
 def test_migrated_schema_matches_the_code(db: Db) -> None:
@@ -48,6 +48,48 @@ def test_status_is_text_with_a_check_not_an_enum(db: Db) -> None:
         assert "async_action_status_check" in str(exc) or "CHECK" in str(exc)
     else:
         raise AssertionError("a status outside the spec's five was accepted")
+
+
+def test_the_status_domain_migration_keeps_every_row_and_still_refuses_a_bad_status(
+        db: Db) -> None:
+    """0011 moves PostgreSQL's status rule from a table CHECK to a domain (SQLite keeps
+    its CHECK): rows of every status survive the upgrade and the downgrade, pending rows
+    are still claimed, and a status outside the five is refused before and after."""
+    from sqlalchemy.exc import IntegrityError
+
+    from asyncactions.schema import STATUSES
+
+    def refuses_a_bad_status() -> bool:
+        try:
+            with db.engine.begin() as conn:
+                conn.execute(text("INSERT INTO async_action (processor, status) "
+                                  "VALUES ('p', 'exploded')"))
+        except IntegrityError:
+            return True
+        return False
+
+    migrate.downgrade(db.engine, "0010")
+    with db.engine.begin() as conn:
+        for status in STATUSES:
+            conn.execute(text("INSERT INTO async_action (processor, status) "
+                              "VALUES ('kept', :s)"), {"s": status})
+    assert refuses_a_bad_status()
+    migrate.upgrade(db.engine)
+    assert refuses_a_bad_status()
+    assert sorted(s for (s,) in db.rows("SELECT status FROM async_action")) == sorted(STATUSES)
+
+    @processor("after_0011")
+    def after_0011(action) -> None:
+        pass
+
+    action = init_action(db.engine, "after_0011", {})
+    drain(db)
+    assert db.scalar("SELECT status FROM async_action WHERE id = :i", i=action.id) == \
+        "completed"
+    migrate.downgrade(db.engine, "0010")
+    assert refuses_a_bad_status()
+    assert db.scalar("SELECT count(*) FROM async_action") == len(STATUSES) + 1
+    migrate.upgrade(db.engine)
 
 
 def test_claim_index_is_partial_on_pending(db: Db) -> None:
