@@ -470,7 +470,7 @@ def register_worker(conn: Connection, worker: str, hostname: str, pid: int,
     return conn.execute(stmt.on_conflict_do_update(index_elements=["id"],
                                                    set_={"heartbeat_at": NOW})
                         .returning(leader),
-                        {"me": worker, "neg_recent": -lease.total_seconds() / 3}).scalar_one()
+                        {"me": worker, **_lately(lease)}).scalar_one()
 
 
 def unregister_worker(conn: Connection, worker: str) -> None:
@@ -511,11 +511,17 @@ _live = async_action_worker.alias("live")
 
 
 def _leader() -> ColumnElement[Any]:
+    """The leader's id; bind its parameter with _lately(lease)."""
     return (select(_live.c.id)
             .where(_live.c.heartbeat_at > db_now(bindparam("neg_recent", type_=Float)))
             .order_by(_live.c.started_at, _live.c.id)
             .limit(1)
             .scalar_subquery())
+
+
+def _lately(lease: timedelta) -> dict[str, float]:
+    """_leader()'s parameter: a worker that beat within a third of a lease is live."""
+    return {"neg_recent": -lease.total_seconds() / 3}
 
 
 HEARTBEAT = (
@@ -532,8 +538,7 @@ def heartbeat(conn: Connection, worker: str, lease: timedelta,
     registration row still existed (false: another worker declared it dead) and the
     leader's id."""
     ends_if_abandoned(conn, lease)  # it locks this worker's row and its running actions
-    row = conn.execute(HEARTBEAT, {"worker": worker,
-                                   "neg_recent": -lease.total_seconds() / 3}).first()
+    row = conn.execute(HEARTBEAT, {"worker": worker, **_lately(lease)}).first()
     if held:
         conn.execute(EXTEND_LEASES, {"worker": worker, "lease": lease.total_seconds(),
                                      "held": list(held)})
