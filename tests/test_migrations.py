@@ -58,8 +58,9 @@ def test_status_is_text_with_a_check_not_an_enum(db: Db) -> None:
 def test_the_status_domain_migration_keeps_every_row_and_still_refuses_a_bad_status(
         db: Db) -> None:
     """0011 moves PostgreSQL's status rule from a table CHECK to a domain (SQLite keeps
-    its CHECK): rows of every status survive the upgrade and the downgrade, pending rows
-    are still claimed, and a status outside the five is refused before and after."""
+    its CHECK): rows of every status survive the upgrade and the downgrade, an action
+    enqueued after it is claimed and completed, and a status outside the five is refused
+    before and after."""
     migrate.downgrade(db.engine, "0010")
     with db.engine.begin() as conn:
         for status in STATUSES:
