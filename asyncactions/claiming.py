@@ -336,9 +336,8 @@ class Claimer:
         return self._listens and self._session_checked
 
     def _session_settings(self, conn: Connection) -> None:
-        if self.own_session:
-            for statement in CLAIM_SESSION:
-                conn.exec_driver_sql(statement)
+        if self.own_session:  # in one round trip
+            conn.exec_driver_sql("; ".join(CLAIM_SESSION))
 
     def _notify(self, channel: str, payload: str) -> None:
         with self._engine.begin() as other:
