@@ -36,13 +36,21 @@ PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 
 
 @pytest.fixture(scope="module")
-def bouncer() -> Iterator[int]:
+def bouncer_log() -> Iterator[Path]:
+    """Where the module's PgBouncer logs (in a directory of its own)."""
+    home = Path(tempfile.mkdtemp(prefix="pgbouncer-"))
+    yield home / "pgbouncer.log"
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def bouncer(bouncer_log: Path) -> Iterator[int]:
     """A PgBouncer in transaction mode with one server connection; its port."""
     if not os.path.exists(PGBOUNCER):
         pytest.fail("pgbouncer is not installed: apt-get install pgbouncer (.ci/run does)")
     server = make_url(ADMIN_URL)
     port = free_port()
-    home = Path(tempfile.mkdtemp(prefix="pgbouncer-"))
+    home = bouncer_log.parent
     (home / "users.txt").write_text(f'"{server.username}" ""\n')
     (home / "pgbouncer.ini").write_text(f"""
 [databases]
@@ -58,7 +66,7 @@ pool_mode = transaction
 default_pool_size = 1
 max_client_conn = 100
 ignore_startup_parameters = extra_float_digits,options
-logfile = {home / "pgbouncer.log"}
+logfile = {bouncer_log}
 """)
     as_user = []
     if os.geteuid() == 0:  # pgbouncer will not run as root
@@ -80,7 +88,28 @@ logfile = {home / "pgbouncer.log"}
     yield port
     proc.terminate()
     proc.wait(10)
-    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def pooler_log_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test here that fails shows what the pooler logged while it ran (a stalled or
+    refused server login, a dropped client): the evidence is gone with the pooler."""
+    if "bouncer" not in request.fixturenames:
+        yield
+        return
+    log: Path = request.getfixturevalue("bouncer_log")
+    start = log.stat().st_size if log.exists() else 0
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed and log.exists():
+        with log.open(errors="replace") as f:
+            f.seek(start)
+            lines = f.read().splitlines()[-60:]
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        reporter.write_line(f"\n--- pgbouncer's log while {request.node.name} ran (last "
+                            f"{len(lines)} lines) ---")
+        for line in lines:
+            reporter.write_line(line)
 
 
 @pytest.fixture
