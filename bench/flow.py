@@ -20,7 +20,7 @@ from datetime import timedelta
 from sqlalchemy import Connection, create_engine, text
 
 from asyncactions import queries
-from asyncactions.claiming import CLAIM_SESSION
+from asyncactions.claiming import set_claim_session
 
 from . import pg
 from .scale import INSERT_FINISHED, PENDING
@@ -43,8 +43,7 @@ def measure(admin_url: str, rows: int) -> dict[str, float]:
         pg.analyze(url, system.queue_table)
         engine = create_engine(pg.sqlalchemy_url(url))
         with engine.connect() as conn:
-            for setting in CLAIM_SESSION:
-                conn.exec_driver_sql(setting)
+            set_claim_session(conn)
             conn.commit()
             times = _rounds(conn, {"plain": None, "capped": CAPPED})
             # The same pending actions, now keyed: 100 keys of 10, one claimable each.

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import create_engine
 
 from asyncactions import init_actions, queries
-from asyncactions.claiming import CLAIM_SESSION
+from asyncactions.claiming import set_claim_session
 
 from . import pg
 from .procs import Workers, log, wait_until
@@ -44,8 +44,7 @@ class ClaimProbe:
     def __init__(self, url: str) -> None:
         self.engine = create_engine(pg.sqlalchemy_url(url))
         self.conn = self.engine.connect()
-        for setting in CLAIM_SESSION:  # the worker's claim session, as the worker sets it
-            self.conn.exec_driver_sql(setting)
+        set_claim_session(self.conn)  # the worker's claim session, as the worker sets it
         self.conn.commit()
         self.client_ms: list[float] = []
         self.server_ms: list[float] = []

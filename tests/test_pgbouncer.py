@@ -101,15 +101,10 @@ def pooler_log_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
     start = log.stat().st_size if log.exists() else 0
     failed = request.session.testsfailed
     yield
-    if request.session.testsfailed > failed and log.exists():
-        with log.open(errors="replace") as f:
-            f.seek(start)
-            lines = f.read().splitlines()[-60:]
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        reporter.write_line(f"\n--- pgbouncer's log while {request.node.name} ran (last "
-                            f"{len(lines)} lines) ---")
-        for line in lines:
-            reporter.write_line(line)
+    if request.session.testsfailed > failed and log.exists():  # shown with the failure
+        lines = log.read_bytes()[start:].decode(errors="replace").splitlines()[-60:]
+        print(f"--- pgbouncer's log while the test ran (last {len(lines)} lines) ---",
+              *lines, sep="\n")
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from asyncactions.claiming import (
     PREFETCH_QUICK,
     Claimer,
     InFlight,
+    set_claim_session,
 )
 from asyncactions.completer import Completer
 from asyncactions.config import Config, WorkerSettings
@@ -261,9 +262,19 @@ def test_processors_option_limits_what_the_worker_claims(db: Db) -> None:
         Worker(config=config(db), processors=["c"])
 
 
+def test_the_claim_session_gets_every_one_of_its_settings(pg: Db) -> None:
+    """All sent in one round trip: each is in force on the connection afterwards."""
+    wanted = dict(setting.removeprefix("SET ").split(" = ") for setting in CLAIM_SESSION)
+    conn = KeptConnection(pg.engine, single_statements=True, on_connect=set_claim_session)
+    with conn.begin() as c:
+        seen = {name: c.exec_driver_sql(f"SHOW {name}").scalar_one() for name in wanted}
+    conn.close()
+    assert seen == wanted and wanted["synchronous_commit"] == "off"
+
+
 def test_claims_reuse_one_cached_plan_instead_of_planning_each_claim(pg: Db) -> None:
     init_actions(pg.engine, "p", [{}] * 30)
-    conn = KeptConnection(pg.engine, *CLAIM_SESSION, single_statements=True)
+    conn = KeptConnection(pg.engine, single_statements=True, on_connect=set_claim_session)
     for _ in range(20):  # psycopg prepares a statement after 5 runs
         with conn.begin() as c:
             claimed, _ = queries.claim(c, "w", [("p", 3)], 1, timedelta(minutes=5))

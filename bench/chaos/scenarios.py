@@ -24,7 +24,7 @@ from typing import Any
 
 import psycopg
 
-from asyncactions.claiming import CLAIM_SESSION, PREFETCH
+from asyncactions.claiming import PREFETCH, set_claim_session
 
 from .harness import Run, cluster, free_port, host, log, verdict, wait_until
 
@@ -536,8 +536,7 @@ def _claim_ms(engine: Any, times: int) -> float:
 
     samples = []
     with engine.connect() as conn:
-        for setting in CLAIM_SESSION:  # the plan a worker's claim gets
-            conn.exec_driver_sql(setting)
+        set_claim_session(conn)  # the plan a worker's claim gets
         conn.commit()
         for _ in range(times):
             with conn.begin() as tx:
